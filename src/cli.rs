@@ -1,0 +1,322 @@
+//! The command line: clap definitions, and the rewrite that lets the seed's Go-style flags
+//! (`sentry -action=watch -config=x.yaml`) mean exactly what the subcommand form means.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0  success
+  1  the job failed: invalid configuration (validate), a failed deployment (trigger, watch --once)
+  2  Sentry could not do its job: usage error, unreadable or missing config file, I/O failure
+
+Go-style flags work too: `sentry -action=watch -config=sentry.yaml` is `sentry --config=sentry.yaml watch`.";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sentry",
+    version = crate::build_info::VERSION_LINE,
+    about = "Watches Git repositories and deploys QA pipelines for whole groups of them when a watched branch moves.",
+    after_help = EXIT_CODES_HELP,
+    propagate_version = true
+)]
+pub struct Cli {
+    /// Configuration file.
+    #[arg(
+        short,
+        long,
+        global = true,
+        env = "SENTRY_CONFIG",
+        default_value = "sentry.yaml"
+    )]
+    pub config: PathBuf,
+
+    /// File of KEY=value lines loaded into the environment (default: `.env` when it exists).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub env_file: Option<PathBuf>,
+
+    /// Log level; RUST_LOG directives are honoured on top of it.
+    #[arg(long, global = true, env = "SENTRY_LOG_LEVEL", value_enum, default_value_t = LogLevel::Info)]
+    pub log_level: LogLevel,
+
+    /// Log format on stderr: `text` for people, `json` (one object per line) for log pipelines.
+    #[arg(long, global = true, env = "SENTRY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check the configuration and report every problem at once.
+    Validate(ValidateArgs),
+    /// Deploy repositories now, by hand, under their group's strategy.
+    Trigger(TriggerArgs),
+    /// Poll the watched branches and deploy their groups when they move.
+    Watch(WatchArgs),
+    /// Show the last handled SHA and deployment of every watched branch (reads the state file).
+    Status(StatusArgs),
+    /// Print the JSON Schema of the configuration file.
+    ConfigSchema,
+}
+
+impl Command {
+    /// The names `-action=` accepts.
+    pub fn names() -> Vec<String> {
+        Cli::command()
+            .get_subcommands()
+            .map(|c| c.get_name().to_owned())
+            .filter(|n| n != "help")
+            .collect()
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// `json` prints the diagnostics as JSON (path, line, column, severity, message).
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub format: OutputFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct TriggerArgs {
+    /// Repository to deploy (repeatable).
+    #[arg(long = "repo", value_name = "NAME", required_unless_present = "group")]
+    pub repos: Vec<String>,
+    /// Deploy every repository of this group.
+    #[arg(long, value_name = "NAME", conflicts_with = "repos")]
+    pub group: Option<String>,
+    /// Branch to deploy (default: the repository's first exact branch).
+    #[arg(long)]
+    pub branch: Option<String>,
+    /// Commit to deploy (default: the branch's current head, asked from the forge).
+    #[arg(long)]
+    pub sha: Option<String>,
+    /// Print the plan and run nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Keep QA checkouts in work_dir for debugging.
+    #[arg(long)]
+    pub keep_workdir: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Run one cycle and the deployments it causes, then exit.
+    #[arg(long)]
+    pub once: bool,
+    /// Address of the HTTP server (overrides server.listen).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Keep QA checkouts in work_dir for debugging.
+    #[arg(long)]
+    pub keep_workdir: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub format: OutputFormat,
+}
+
+/// A usage error found before clap sees the arguments.
+#[derive(Debug, thiserror::Error)]
+pub enum UsageError {
+    #[error("-action needs a value; valid actions: {}", .valid.join(", "))]
+    MissingAction { valid: Vec<String> },
+    #[error("unknown action \"{action}\"; valid actions: {}", .valid.join(", "))]
+    UnknownAction { action: String, valid: Vec<String> },
+}
+
+/// Rewrites Go-style arguments into clap's form:
+/// `-action=X`/`-action X`/`--action=X` becomes the subcommand `X`, placed first, and a
+/// single-dash long option (`-config=x`, `-repo x`) becomes `--config=x`.
+pub fn normalize_args<I>(args: I) -> Result<Vec<OsString>, UsageError>
+where
+    I: IntoIterator<Item = OsString>,
+{
+    let mut args = args.into_iter();
+    let program = args.next().unwrap_or_else(|| OsString::from("sentry"));
+    let long_names = long_option_names();
+    let valid = Command::names();
+    let mut action = None;
+    let mut rest = Vec::new();
+    let mut pending_action = false;
+    for arg in args {
+        if pending_action {
+            action = Some(arg.to_string_lossy().into_owned());
+            pending_action = false;
+            continue;
+        }
+        let Some(text) = arg.to_str() else {
+            rest.push(arg);
+            continue;
+        };
+        let (name, value) = match text.split_once('=') {
+            Some((n, v)) => (n, Some(v)),
+            None => (text, None),
+        };
+        if name == "-action" || name == "--action" {
+            match value {
+                Some(v) => action = Some(v.to_owned()),
+                None => pending_action = true,
+            }
+        } else if let Some(long) = name
+            .strip_prefix('-')
+            .filter(|n| !n.starts_with('-') && n.len() > 1)
+        {
+            if long_names.iter().any(|n| n == long) {
+                rest.push(OsString::from(format!("-{text}")));
+            } else {
+                rest.push(arg);
+            }
+        } else {
+            rest.push(arg);
+        }
+    }
+    if pending_action {
+        return Err(UsageError::MissingAction { valid });
+    }
+    let mut out = vec![program];
+    if let Some(action) = action {
+        if !valid.contains(&action) {
+            return Err(UsageError::UnknownAction { action, valid });
+        }
+        out.push(OsString::from(action));
+    }
+    out.extend(rest);
+    Ok(out)
+}
+
+/// Every `--long` option name of the program and its subcommands.
+fn long_option_names() -> Vec<String> {
+    let root = Cli::command();
+    let mut names: Vec<String> = Vec::new();
+    let mut collect = |cmd: &clap::Command| {
+        names.extend(
+            cmd.get_arguments()
+                .filter_map(|a| a.get_long())
+                .map(str::to_owned),
+        );
+    };
+    collect(&root);
+    for sub in root.get_subcommands() {
+        collect(sub);
+    }
+    names.extend(["help".to_owned(), "version".to_owned()]);
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn norm(args: &[&str]) -> Vec<String> {
+        normalize_args(args.iter().map(OsString::from))
+            .unwrap()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn verify_cli() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn action_forms_become_the_subcommand() {
+        for args in [
+            &["sentry", "-action=watch"][..],
+            &["sentry", "-action", "watch"],
+            &["sentry", "--action=watch"],
+            &["sentry", "--action", "watch"],
+        ] {
+            assert_eq!(norm(args), ["sentry", "watch"]);
+        }
+    }
+
+    #[test]
+    fn single_dash_long_options_become_double_dash() {
+        assert_eq!(
+            norm(&[
+                "sentry",
+                "-config=x.yaml",
+                "-action=trigger",
+                "-repo=rag",
+                "-sha",
+                "abc"
+            ]),
+            [
+                "sentry",
+                "trigger",
+                "--config=x.yaml",
+                "--repo=rag",
+                "--sha",
+                "abc"
+            ]
+        );
+        assert_eq!(
+            norm(&["sentry", "-c", "x.yaml", "validate"]),
+            ["sentry", "-c", "x.yaml", "validate"]
+        );
+    }
+
+    #[test]
+    fn go_style_parses_like_subcommand_style() {
+        let go = Cli::try_parse_from(norm(&[
+            "sentry",
+            "-config=x.yaml",
+            "-action=trigger",
+            "-repo=a",
+            "-repo",
+            "b",
+            "-dry-run",
+        ]))
+        .unwrap();
+        let Command::Trigger(t) = go.command else {
+            panic!("not trigger")
+        };
+        assert_eq!(go.config, PathBuf::from("x.yaml"));
+        assert_eq!(t.repos, ["a", "b"]);
+        assert!(t.dry_run);
+    }
+
+    #[test]
+    fn unknown_or_missing_action_lists_valid_ones() {
+        let err = normalize_args(["sentry", "-action=deploy"].map(OsString::from)).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("\"deploy\"") && text.contains("watch") && text.contains("validate"),
+            "{text}"
+        );
+        assert!(matches!(
+            normalize_args(["sentry", "-action"].map(OsString::from)),
+            Err(UsageError::MissingAction { .. })
+        ));
+    }
+}

@@ -1,0 +1,160 @@
+//! The subcommands: each turns parsed arguments into calls on the library and an [`Exit`].
+//!
+//! This is the edge of the program, where `anyhow` errors become messages on stderr and
+//! exit codes. Sync work (loading the env file and the config) happens before the tokio
+//! runtime starts.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::Exit;
+use crate::cli::{Cli, Command, OutputFormat, ValidateArgs};
+use crate::config::{self, Config, Diagnostic, Env, LoadError};
+
+pub fn run(cli: Cli) -> Exit {
+    let env = match load_env(cli.env_file.as_deref()) {
+        Ok(env) => env,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return Exit::CannotRun;
+        }
+    };
+    match &cli.command {
+        Command::Validate(args) => validate(&cli.config, &env, args),
+        Command::ConfigSchema => config_schema(),
+        Command::Trigger(_) | Command::Watch(_) | Command::Status(_) => {
+            eprintln!("error: this command arrives with the monitor and deploy work");
+            Exit::CannotRun
+        }
+    }
+}
+
+/// Reads `--env-file` (which must exist) or `.env` (when it exists) without touching the
+/// process environment; the real environment wins over the file.
+fn load_env(env_file: Option<&Path>) -> Result<Env, String> {
+    let path = match env_file {
+        Some(path) if !path.exists() => {
+            return Err(format!("env file {} does not exist", path.display()));
+        }
+        Some(path) => path,
+        None if Path::new(".env").is_file() => Path::new(".env"),
+        None => return Ok(Env::default()),
+    };
+    let iter = dotenvy::from_path_iter(path)
+        .map_err(|e| format!("cannot read env file {}: {e}", path.display()))?;
+    let mut vars = BTreeMap::new();
+    for item in iter {
+        // dotenvy's parse errors quote the offending line, which may hold a secret.
+        let (key, value) = item.map_err(|e| match e {
+            dotenvy::Error::LineParse(_, _) => format!(
+                "env file {}: a line is not of the form KEY=value",
+                path.display()
+            ),
+            other => format!("cannot read env file {}: {other}", path.display()),
+        })?;
+        vars.insert(key, value);
+    }
+    Ok(Env::with_file_vars(vars))
+}
+
+/// Loads the configuration for commands that need a valid one; prints why not otherwise.
+pub fn load_config(path: &Path, env: &Env) -> Result<Config, Exit> {
+    match config::load_file(path, env) {
+        Ok((config, warnings)) => {
+            for w in warnings {
+                tracing::warn!(target: "sentry::config", "{w}");
+            }
+            Ok(config)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Err(if e.is_invalid() {
+                Exit::JobFailed
+            } else {
+                Exit::CannotRun
+            })
+        }
+    }
+}
+
+fn validate(path: &Path, env: &Env, args: &ValidateArgs) -> Exit {
+    let text = match config::read_file(path) {
+        Ok(text) => text,
+        Err(e @ LoadError::Read { .. }) | Err(e @ LoadError::Invalid { .. }) => {
+            eprintln!("error: {e}");
+            return Exit::CannotRun;
+        }
+    };
+    let loaded = config::load_str(&text, env);
+    let errors = loaded.diagnostics.iter().filter(|d| d.is_error()).count();
+    let warnings = loaded.diagnostics.len() - errors;
+    match args.format {
+        OutputFormat::Json => {
+            let report = serde_json::json!({
+                "file": path.display().to_string(),
+                "valid": loaded.config.is_some(),
+                "errors": errors,
+                "warnings": warnings,
+                "diagnostics": loaded.diagnostics,
+            });
+            println!("{report:#}");
+        }
+        OutputFormat::Text => {
+            for diag in &loaded.diagnostics {
+                println!("{}", located(path, diag));
+            }
+            match &loaded.config {
+                Some(config) => println!("config OK: {}", summary(config)),
+                None => println!(
+                    "config invalid: {}, {}",
+                    plural(errors, "error"),
+                    plural(warnings, "warning")
+                ),
+            }
+        }
+    }
+    if loaded.config.is_some() {
+        Exit::Success
+    } else {
+        Exit::JobFailed
+    }
+}
+
+/// `sentry.yaml:12:5: error: path: message`, the form editors and CI annotate from.
+fn located(path: &Path, diag: &Diagnostic) -> String {
+    match diag.line {
+        Some(_) => format!("{}:{diag}", path.display()),
+        None => format!("{}: {diag}", path.display()),
+    }
+}
+
+pub fn summary(config: &Config) -> String {
+    format!(
+        "{}, {}, {} watched",
+        plural(config.groups.len(), "group"),
+        plural(config.repositories.len(), "repository"),
+        plural(config.watched_branch_count(), "branch"),
+    )
+}
+
+pub fn plural(n: usize, noun: &str) -> String {
+    match (n, noun) {
+        (1, _) => format!("1 {noun}"),
+        (_, "repository") => format!("{n} repositories"),
+        (_, "branch") => format!("{n} branches"),
+        _ => format!("{n} {noun}s"),
+    }
+}
+
+fn config_schema() -> Exit {
+    match serde_json::to_string_pretty(&config::json_schema()) {
+        Ok(text) => {
+            println!("{text}");
+            Exit::Success
+        }
+        Err(e) => {
+            eprintln!("error: cannot print the schema: {e}");
+            Exit::CannotRun
+        }
+    }
+}

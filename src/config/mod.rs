@@ -1,0 +1,435 @@
+//! The configuration model: loading `sentry.yaml`, expanding `${VAR}`, and validating it
+//! into checked types that the rest of Sentry can trust.
+//!
+//! Loading is two-phase. [`raw`] mirrors the file; [`validate`] checks it and resolves
+//! durations, URLs, secrets and group references, gathering *every* problem with its path
+//! (`repositories[1].group`) instead of stopping at the first. All YAML parsing lives in
+//! [`parse_yaml`], the one place that knows about `serde_yaml`.
+
+pub mod expand;
+mod locate;
+pub mod raw;
+mod schema_keys;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde::Serialize;
+
+pub use expand::Env;
+
+/// A validated configuration. Every field holds a checked value.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub polling_interval: Duration,
+    pub state_file: PathBuf,
+    pub work_dir: PathBuf,
+    pub shutdown_grace: Duration,
+    pub audit_log: Option<PathBuf>,
+    pub request_timeout: Duration,
+    pub max_requests_per_host: usize,
+    pub server: ServerConfig,
+    pub webhooks: WebhookConfig,
+    /// In the order of the file.
+    pub groups: Vec<Group>,
+    /// In the order of the file.
+    pub repositories: Vec<Repository>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct WebhookConfig {
+    pub github_secret: Option<SecretString>,
+    pub gitlab_token: Option<SecretString>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    Parallel,
+    Sequential,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeployScope {
+    Changed,
+    All,
+}
+
+#[derive(Debug, Clone)]
+pub struct Group {
+    pub name: String,
+    pub execution_strategy: Strategy,
+    /// `None`: no limit.
+    pub max_parallel: Option<usize>,
+    pub continue_on_error: bool,
+    pub global_timeout: Duration,
+    pub deploy_scope: DeployScope,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RepoType {
+    Github,
+    Gitlab,
+    Git,
+}
+
+impl RepoType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RepoType::Github => "github",
+            RepoType::Gitlab => "gitlab",
+            RepoType::Git => "git",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Repository {
+    pub name: String,
+    pub group: String,
+    pub monitor: Monitor,
+    pub deploy: Deploy,
+}
+
+#[derive(Debug, Clone)]
+pub struct Monitor {
+    /// As configured (after expansion).
+    pub repo_url: String,
+    pub repo_type: RepoType,
+    /// API root for `github`/`gitlab`; `None` for `git`.
+    pub api_url: Option<url::Url>,
+    /// `owner/repo` (GitHub) or `group/sub/project` (GitLab); empty for `git`.
+    pub project_path: String,
+    pub branches: Vec<BranchSpec>,
+    pub auth: Auth,
+}
+
+impl Monitor {
+    pub fn exact_branches(&self) -> impl Iterator<Item = &str> {
+        self.branches.iter().filter_map(|b| match b {
+            BranchSpec::Exact(name) => Some(name.as_str()),
+            BranchSpec::Pattern(_) => None,
+        })
+    }
+
+    pub fn patterns(&self) -> impl Iterator<Item = &BranchPattern> {
+        self.branches.iter().filter_map(|b| match b {
+            BranchSpec::Pattern(p) => Some(p),
+            BranchSpec::Exact(_) => None,
+        })
+    }
+
+    /// Whether `branch` is watched, exactly or through a pattern.
+    pub fn watches(&self, branch: &str) -> bool {
+        self.branches.iter().any(|b| b.matches(branch))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum BranchSpec {
+    Exact(String),
+    Pattern(BranchPattern),
+}
+
+impl BranchSpec {
+    pub fn matches(&self, branch: &str) -> bool {
+        match self {
+            BranchSpec::Exact(name) => name == branch,
+            BranchSpec::Pattern(p) => p.matches(branch),
+        }
+    }
+}
+
+/// A glob over branch names: `*` stays within one `/` segment, `**` crosses them.
+#[derive(Debug, Clone)]
+pub struct BranchPattern {
+    pub glob: String,
+    matcher: globset::GlobMatcher,
+}
+
+impl BranchPattern {
+    pub fn new(glob: &str) -> Result<Self, globset::Error> {
+        let matcher = globset::GlobBuilder::new(glob)
+            .literal_separator(true)
+            .backslash_escape(true)
+            .build()?
+            .compile_matcher();
+        Ok(BranchPattern {
+            glob: glob.to_owned(),
+            matcher,
+        })
+    }
+
+    pub fn matches(&self, branch: &str) -> bool {
+        self.matcher.is_match(branch)
+    }
+
+    /// The literal text before the first glob character, for server-side filtering.
+    pub fn literal_prefix(&self) -> &str {
+        let end = self
+            .glob
+            .find(['*', '?', '[', '{', '\\'])
+            .unwrap_or(self.glob.len());
+        &self.glob[..end]
+    }
+
+    pub fn is_pattern(text: &str) -> bool {
+        text.contains(['*', '?', '['])
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Auth {
+    pub username: Option<String>,
+    pub token: Option<SecretString>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Deploy {
+    pub qa_repo_url: String,
+    pub qa_repo_branch: String,
+    pub repo_type: RepoType,
+    pub auth: Auth,
+    pub project_name: String,
+    pub commands: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub timeout: Option<Duration>,
+    pub retries: u32,
+    pub shell: String,
+}
+
+impl Config {
+    pub fn group(&self, name: &str) -> Option<&Group> {
+        self.groups.iter().find(|g| g.name == name)
+    }
+
+    pub fn repository(&self, name: &str) -> Option<&Repository> {
+        self.repositories.iter().find(|r| r.name == name)
+    }
+
+    pub fn repositories_in<'a>(&'a self, group: &'a str) -> impl Iterator<Item = &'a Repository> {
+        self.repositories.iter().filter(move |r| r.group == group)
+    }
+
+    /// Every secret value in the configuration, for masking command output.
+    pub fn secrets(&self) -> Vec<SecretString> {
+        let auths = self
+            .repositories
+            .iter()
+            .flat_map(|r| [&r.monitor.auth, &r.deploy.auth]);
+        auths
+            .filter_map(|a| a.token.clone())
+            .chain(self.webhooks.github_secret.clone())
+            .chain(self.webhooks.gitlab_token.clone())
+            .collect()
+    }
+
+    pub fn watched_branch_count(&self) -> usize {
+        self.repositories
+            .iter()
+            .map(|r| r.monitor.branches.len())
+            .sum()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Warning,
+    Error,
+}
+
+/// One finding about the configuration, with the path of the field it concerns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Diagnostic {
+    pub severity: Severity,
+    /// Like `repositories[2].deploy.commands`; empty for the document as a whole.
+    pub path: String,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub message: String,
+}
+
+impl Diagnostic {
+    pub fn error(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Diagnostic {
+            severity: Severity::Error,
+            path: path.into(),
+            line: None,
+            column: None,
+            message: message.into(),
+        }
+    }
+
+    pub fn warning(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Diagnostic {
+            severity: Severity::Warning,
+            ..Diagnostic::error(path, message)
+        }
+    }
+
+    pub fn is_error(&self) -> bool {
+        self.severity == Severity::Error
+    }
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let severity = match self.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        if let (Some(line), Some(column)) = (self.line, self.column) {
+            write!(f, "{line}:{column}: ")?;
+        }
+        write!(f, "{severity}: ")?;
+        if !self.path.is_empty() {
+            write!(f, "{}: ", self.path)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// The outcome of loading: a configuration when there were no errors, and every
+/// diagnostic (errors and warnings) either way.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Option<Config>,
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+/// Why a configuration could not be used at all.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: configuration is invalid ({count} error(s)):\n{list}")]
+    Invalid {
+        path: PathBuf,
+        count: usize,
+        list: String,
+    },
+}
+
+impl LoadError {
+    /// Unreadable files are a failure to run (exit 2); invalid content is a failed job (exit 1).
+    pub fn is_invalid(&self) -> bool {
+        matches!(self, LoadError::Invalid { .. })
+    }
+}
+
+/// Parses and validates configuration text. Never panics, whatever the input.
+pub fn load_str(text: &str, env: &Env) -> Loaded {
+    let mut diagnostics = Vec::new();
+    let config = match parse_yaml(text) {
+        Ok(value) => validate::validate(&value, env, &mut diagnostics),
+        Err(diag) => {
+            diagnostics.push(diag);
+            None
+        }
+    };
+    locate::add_locations(text, &mut diagnostics);
+    diagnostics.sort_by_key(|d| std::cmp::Reverse(d.severity));
+    let config = config.filter(|_| !diagnostics.iter().any(Diagnostic::is_error));
+    Loaded {
+        config,
+        diagnostics,
+    }
+}
+
+/// Reads, parses and validates a config file; invalid content becomes [`LoadError::Invalid`].
+pub fn load_file(path: &Path, env: &Env) -> Result<(Config, Vec<Diagnostic>), LoadError> {
+    let text = read_file(path)?;
+    let loaded = load_str(&text, env);
+    match loaded.config {
+        Some(config) => Ok((config, loaded.diagnostics)),
+        None => {
+            let errors: Vec<String> = loaded
+                .diagnostics
+                .iter()
+                .filter(|d| d.is_error())
+                .map(|d| format!("  {d}"))
+                .collect();
+            Err(LoadError::Invalid {
+                path: path.to_owned(),
+                count: errors.len(),
+                list: errors.join("\n"),
+            })
+        }
+    }
+}
+
+/// The largest config file Sentry reads; anything bigger is a mistake, not a config.
+const MAX_CONFIG_BYTES: u64 = 16 * 1024 * 1024;
+
+pub fn read_file(path: &Path) -> Result<String, LoadError> {
+    let read_error = |source| LoadError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let len = std::fs::metadata(path).map_err(read_error)?.len();
+    if len > MAX_CONFIG_BYTES {
+        return Err(read_error(std::io::Error::other(format!(
+            "file is {len} bytes; the limit is {MAX_CONFIG_BYTES}"
+        ))));
+    }
+    let bytes = std::fs::read(path).map_err(read_error)?;
+    String::from_utf8(bytes).map_err(|_| {
+        read_error(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "file is not valid UTF-8",
+        ))
+    })
+}
+
+/// The one place that parses YAML (serde_yaml is deprecated upstream; swapping it out
+/// should touch only this function and [`from_value`]).
+pub fn parse_yaml(text: &str) -> Result<serde_yaml::Value, Diagnostic> {
+    serde_yaml::from_str::<serde_yaml::Value>(text).map_err(|e| {
+        let location = e.location();
+        let message = e.to_string();
+        // serde_yaml appends " at line L column C"; we report those separately.
+        let message = match message.find(" at line ") {
+            Some(i) if location.is_some() => message[..i].to_owned(),
+            _ => message,
+        };
+        Diagnostic {
+            line: location.as_ref().map(|l| l.line()),
+            column: location.as_ref().map(|l| l.column()),
+            ..Diagnostic::error("", format!("YAML syntax: {message}"))
+        }
+    })
+}
+
+/// Typed extraction from a parsed value; on failure, the path inside the value and a message.
+fn from_value<T: serde::de::DeserializeOwned>(
+    value: serde_yaml::Value,
+) -> Result<T, (String, String)> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        (path, e.into_inner().to_string())
+    })
+}
+
+/// The JSON Schema of the configuration file, as shipped in `sentry.schema.json`.
+pub fn json_schema() -> serde_json::Value {
+    let schema = schemars::schema_for!(raw::RawConfig);
+    schema.to_value()
+}

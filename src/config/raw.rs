@@ -1,0 +1,171 @@
+//! The configuration file as written: serde types that mirror the YAML one to one.
+//!
+//! Nothing here is trusted yet: strings still hold `${VAR}` references, durations are
+//! still numbers or text, URLs are unparsed. `validate` turns these into the checked
+//! types of the parent module. The JSON Schema shipped as `sentry.schema.json` is derived
+//! from these types, so schema and parser cannot drift apart. Unknown keys are denied by
+//! the schema and reported by `schema_keys`, not by serde, so that one typo does not hide
+//! the other problems of an item.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::Deserialize;
+
+/// Top level of `sentry.yaml`.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+#[schemars(title = "Sentry configuration")]
+pub struct RawConfig {
+    /// How often every watched branch is checked. Default `60s`.
+    pub polling_interval: Option<RawDuration>,
+    /// Where the last handled SHA of every branch is kept. Default `.sentry/state.json`.
+    pub state_file: Option<String>,
+    /// Directory for in-flight QA checkouts. Default `<system temp dir>/sentry`.
+    pub work_dir: Option<String>,
+    /// How long running commands get to stop after SIGTERM before they are killed. Default `20s`.
+    pub shutdown_grace: Option<RawDuration>,
+    /// Optional path of an append-only JSON-lines audit log of every deployment.
+    pub audit_log: Option<String>,
+    /// Timeout of one HTTP request to a forge API. Default `30s`.
+    pub request_timeout: Option<RawDuration>,
+    /// At most this many requests in flight to one API host. Default 8.
+    pub max_requests_per_host: Option<u32>,
+    /// The HTTP server for health, metrics and webhooks.
+    pub server: Option<RawServer>,
+    /// Webhook secrets; an endpoint whose secret is unset or empty answers 404.
+    pub webhooks: Option<RawWebhooks>,
+    /// Groups of repositories that are deployed together, by name.
+    pub groups: Option<BTreeMap<String, RawGroup>>,
+    /// The watched repositories.
+    pub repositories: Option<Vec<RawRepository>>,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct RawServer {
+    /// `false` turns the HTTP server off. Default `true`.
+    pub enabled: Option<bool>,
+    /// Socket address to listen on. Default `0.0.0.0:8080`.
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct RawWebhooks {
+    /// Secret GitHub signs webhook bodies with (`X-Hub-Signature-256`).
+    pub github_secret: Option<String>,
+    /// Token GitLab sends in `X-Gitlab-Token`.
+    pub gitlab_token: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct RawGroup {
+    /// `parallel` (default) or `sequential`.
+    pub execution_strategy: Option<String>,
+    /// With `parallel`: at most this many units at once. Default: no limit.
+    pub max_parallel: Option<i64>,
+    /// Keep starting units after one failed. Default `false`.
+    pub continue_on_error: Option<bool>,
+    /// Bound on a whole group run (integer seconds or `15m`). Default `1h`.
+    pub global_timeout: Option<RawDuration>,
+    /// `changed` (default): deploy the repositories that changed; `all`: every repository of the group.
+    pub deploy_scope: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct RawRepository {
+    /// Unique name; letters, digits, `.`, `_` and `-`.
+    #[schemars(required)]
+    pub name: Option<String>,
+    /// Name of a group under `groups:`.
+    #[schemars(required)]
+    pub group: Option<String>,
+    #[schemars(required)]
+    pub monitor: Option<RawMonitor>,
+    #[schemars(required)]
+    pub deploy: Option<RawDeploy>,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct RawMonitor {
+    /// Web or clone URL of the watched repository (`file://` and local paths with `repo_type: git`).
+    #[schemars(required)]
+    pub repo_url: Option<String>,
+    /// Exact branch names and glob patterns (`release/*`; `*` stays within one `/` segment, `**` crosses them).
+    #[schemars(required)]
+    pub branches: Option<Vec<String>>,
+    /// `github`, `gitlab` or `git` (any Git host, checked with ls-remote).
+    #[schemars(required)]
+    pub repo_type: Option<String>,
+    /// API root; derived from `repo_url` when absent.
+    pub api_url: Option<String>,
+    pub auth: Option<RawAuth>,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct RawDeploy {
+    /// URL of the QA repository that is cloned for every deployment.
+    #[schemars(required)]
+    pub qa_repo_url: Option<String>,
+    /// Branch of the QA repository to check out.
+    #[schemars(required)]
+    pub qa_repo_branch: Option<String>,
+    /// `github`, `gitlab` or `git`.
+    pub repo_type: Option<String>,
+    pub auth: Option<RawAuth>,
+    /// Free-form project name, passed to commands as `SENTRY_PROJECT_NAME`.
+    pub project_name: Option<String>,
+    /// Shell commands run in order in the QA checkout. `$VAR` here belongs to the shell.
+    #[schemars(required)]
+    pub commands: Option<Vec<String>>,
+    /// Extra environment variables for the commands.
+    pub env: Option<BTreeMap<String, String>>,
+    /// Bound on each command (integer seconds or `10m`). Default: only the group's `global_timeout`.
+    pub timeout: Option<RawDuration>,
+    /// Retries of a failed unit. Default 0: commands may not be idempotent.
+    pub retries: Option<i64>,
+    /// Shell that runs each command with `-c`. Default `/bin/sh`.
+    pub shell: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct RawAuth {
+    pub username: Option<String>,
+    pub token: Option<String>,
+}
+
+/// A duration as written: integer seconds (`900`) or text (`90s`, `15m`, `1h30m`).
+#[derive(Debug, Clone, PartialEq, JsonSchema)]
+#[schemars(untagged)]
+pub enum RawDuration {
+    Seconds(i64),
+    Text(String),
+}
+
+impl<'de> Deserialize<'de> for RawDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = RawDuration;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a duration: integer seconds or text such as \"90s\", \"15m\", \"1h\"")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<RawDuration, E> {
+                Ok(RawDuration::Seconds(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<RawDuration, E> {
+                Ok(RawDuration::Seconds(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawDuration, E> {
+                Ok(RawDuration::Text(v.to_owned()))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}

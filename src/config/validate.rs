@@ -1,0 +1,866 @@
+//! From the parsed document to a checked [`Config`], gathering every problem on the way.
+//!
+//! Each section (the top level, each group, each repository) is extracted on its own, so
+//! a wrong type in one repository still lets every other one be checked. Each string is
+//! expanded (`${VAR}`) here, field by field, except `deploy.commands`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde_yaml::Value as Yaml;
+
+use super::expand::{self, Env, ExpandError};
+use super::raw::{RawAuth, RawConfig, RawDeploy, RawDuration, RawGroup, RawMonitor, RawRepository};
+use super::schema_keys::{check_unknown_keys, suggest};
+use super::{
+    Auth, BranchPattern, BranchSpec, Config, Deploy, DeployScope, Diagnostic, Group, Monitor,
+    RepoType, Repository, ServerConfig, Strategy, WebhookConfig, from_value,
+};
+
+/// Durations beyond this are a typo (an hour count written as seconds, say), not a plan.
+const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+const MAX_RETRIES: i64 = 10;
+
+pub(super) fn validate(doc: &Yaml, env: &Env, out: &mut Vec<Diagnostic>) -> Option<Config> {
+    let Some(top) = doc.as_mapping() else {
+        let what = if doc.is_null() {
+            "the file is empty"
+        } else {
+            "the top level must be a mapping"
+        };
+        out.push(Diagnostic::error(
+            "",
+            format!("{what}; expected keys such as `groups:` and `repositories:`"),
+        ));
+        return None;
+    };
+    check_unknown_keys(doc, out);
+    let mut cx = Checker {
+        env,
+        out,
+        referenced_groups: Vec::new(),
+    };
+
+    let mut rest = top.clone();
+    let groups_value = rest.remove("groups");
+    let repos_value = rest.remove("repositories");
+    let raw: RawConfig = cx.extract("", Yaml::Mapping(rest)).unwrap_or_default();
+
+    let (groups, group_names) = cx.groups(groups_value);
+    let repositories = cx.repositories(repos_value, &group_names);
+
+    for name in &group_names {
+        if !cx.referenced_groups.contains(name) {
+            cx.warn(format!("groups.{name}"), "no repository uses this group");
+        }
+    }
+    cx.top_level(raw, groups, repositories)
+}
+
+struct Checker<'a> {
+    env: &'a Env,
+    out: &'a mut Vec<Diagnostic>,
+    /// Groups named by repositories, valid or not, so that a broken repository does not
+    /// also make its group look unused.
+    referenced_groups: Vec<String>,
+}
+
+impl Checker<'_> {
+    fn error(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.out.push(Diagnostic::error(path, message));
+    }
+
+    fn warn(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.out.push(Diagnostic::warning(path, message));
+    }
+
+    fn errors(&self) -> usize {
+        self.out.iter().filter(|d| d.is_error()).count()
+    }
+
+    fn extract<T: serde::de::DeserializeOwned>(&mut self, path: &str, value: Yaml) -> Option<T> {
+        match from_value::<T>(value) {
+            Ok(v) => Some(v),
+            Err((inner, message)) => {
+                let full = match (path.is_empty(), inner.is_empty()) {
+                    (_, true) => path.to_owned(),
+                    (true, false) => inner,
+                    (false, false) => format!("{path}.{inner}"),
+                };
+                self.error(full, message);
+                None
+            }
+        }
+    }
+
+    /// Expands `${VAR}` in one field; an unset variable is reported with the field's path.
+    fn expand(&mut self, path: &str, value: &str) -> Option<String> {
+        match expand::expand(value, self.env) {
+            Ok(v) => Some(v),
+            Err(errors) => {
+                for e in errors {
+                    let hint = match &e {
+                        ExpandError::Unset(_) => {
+                            " (set it, put it in the env file, or write `${NAME:-default}`)"
+                        }
+                        _ => "",
+                    };
+                    self.error(path, format!("{e}{hint}"));
+                }
+                None
+            }
+        }
+    }
+
+    fn required<T>(&mut self, path: &str, value: Option<T>) -> Option<T> {
+        if value.is_none() {
+            self.error(path, "required field is missing");
+        }
+        value
+    }
+
+    /// A required, expanded, non-empty string.
+    fn required_text(&mut self, path: &str, value: Option<String>) -> Option<String> {
+        let value = self.required(path, value)?;
+        let value = self.expand(path, &value)?;
+        if value.trim().is_empty() {
+            self.error(path, "must not be empty");
+            return None;
+        }
+        Some(value)
+    }
+
+    fn optional_text(&mut self, path: &str, value: Option<String>) -> Option<String> {
+        value.and_then(|v| self.expand(path, &v))
+    }
+
+    fn duration(&mut self, path: &str, value: Option<RawDuration>, default: Duration) -> Duration {
+        value
+            .and_then(|v| self.parse_duration(path, v))
+            .unwrap_or(default)
+    }
+
+    fn parse_duration(&mut self, path: &str, value: RawDuration) -> Option<Duration> {
+        let parsed = match value {
+            RawDuration::Seconds(s) if s < 0 => {
+                Err(format!("{s} is negative; durations must be positive"))
+            }
+            RawDuration::Seconds(s) => Ok(Duration::from_secs(s.unsigned_abs())),
+            RawDuration::Text(text) => {
+                let text = self.expand(path, &text)?;
+                let trimmed = text.trim();
+                if trimmed.starts_with('-') {
+                    Err(format!(
+                        "\"{trimmed}\" is negative; durations must be positive"
+                    ))
+                } else if let Ok(secs) = trimmed.parse::<u64>() {
+                    Ok(Duration::from_secs(secs))
+                } else {
+                    humantime::parse_duration(trimmed)
+                        .map_err(|e| format!("\"{trimmed}\" is not a duration ({e}); write integer seconds or text such as \"90s\", \"15m\", \"1h\""))
+                }
+            }
+        };
+        match parsed {
+            Ok(d) if d.is_zero() => self.error(path, "must be greater than zero"),
+            Ok(d) if d > MAX_DURATION => self.error(
+                path,
+                format!(
+                    "{} is longer than the limit of 7 days",
+                    humantime::format_duration(d)
+                ),
+            ),
+            Ok(d) => return Some(d),
+            Err(message) => self.error(path, message),
+        }
+        None
+    }
+
+    fn groups(&mut self, value: Option<Yaml>) -> (Vec<Group>, Vec<String>) {
+        let mut groups = Vec::new();
+        let mut names = Vec::new();
+        let map = match value {
+            None | Some(Yaml::Null) => {
+                self.error(
+                    "groups",
+                    "no groups are defined; every repository needs a `group` from here",
+                );
+                return (groups, names);
+            }
+            Some(Yaml::Mapping(map)) => map,
+            Some(_) => {
+                self.error("groups", "must be a mapping of group name to its settings");
+                return (groups, names);
+            }
+        };
+        for (key, value) in map {
+            let Some(name) = key.as_str().map(str::to_owned) else {
+                self.error("groups", "group names must be strings");
+                continue;
+            };
+            let path = format!("groups.{name}");
+            check_name(self, &path, &name, "group");
+            names.push(name.clone());
+            let raw: Option<RawGroup> = if value.is_null() {
+                Some(RawGroup::default())
+            } else {
+                self.extract(&path, value)
+            };
+            if let Some(raw) = raw {
+                if let Some(group) = self.group(&path, name, raw) {
+                    groups.push(group);
+                }
+            }
+        }
+        (groups, names)
+    }
+
+    fn group(&mut self, path: &str, name: String, raw: RawGroup) -> Option<Group> {
+        let before = self.errors();
+        let strategy_path = format!("{path}.execution_strategy");
+        let execution_strategy = match self
+            .optional_text(&strategy_path, raw.execution_strategy)
+            .as_deref()
+        {
+            None | Some("parallel") => Strategy::Parallel,
+            Some("sequential") => Strategy::Sequential,
+            Some(other) => {
+                self.error(
+                    strategy_path,
+                    format!("\"{other}\" is not a strategy; use \"parallel\" or \"sequential\""),
+                );
+                Strategy::Parallel
+            }
+        };
+        let max_parallel = match raw.max_parallel {
+            Some(n) if n < 1 => {
+                self.error(
+                    format!("{path}.max_parallel"),
+                    format!("{n} is less than 1"),
+                );
+                None
+            }
+            Some(n) => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+            None => None,
+        };
+        if max_parallel.is_some() && execution_strategy == Strategy::Sequential {
+            self.warn(
+                format!("{path}.max_parallel"),
+                "ignored with execution_strategy \"sequential\"",
+            );
+        }
+        let scope_path = format!("{path}.deploy_scope");
+        let deploy_scope = match self.optional_text(&scope_path, raw.deploy_scope).as_deref() {
+            None | Some("changed") => DeployScope::Changed,
+            Some("all") => DeployScope::All,
+            Some(other) => {
+                self.error(
+                    scope_path,
+                    format!("\"{other}\" is not a deploy scope; use \"changed\" or \"all\""),
+                );
+                DeployScope::Changed
+            }
+        };
+        let global_timeout = self.duration(
+            &format!("{path}.global_timeout"),
+            raw.global_timeout,
+            Duration::from_secs(3600),
+        );
+        (self.errors() == before).then_some(Group {
+            name,
+            execution_strategy,
+            max_parallel,
+            continue_on_error: raw.continue_on_error.unwrap_or(false),
+            global_timeout,
+            deploy_scope,
+        })
+    }
+
+    fn repositories(&mut self, value: Option<Yaml>, group_names: &[String]) -> Vec<Repository> {
+        let items = match value {
+            None | Some(Yaml::Null) => {
+                self.error(
+                    "repositories",
+                    "no repositories are configured; add at least one",
+                );
+                return Vec::new();
+            }
+            Some(Yaml::Sequence(items)) => items,
+            Some(_) => {
+                self.error(
+                    "repositories",
+                    "must be a list of repositories (each item starting with `- name:`)",
+                );
+                return Vec::new();
+            }
+        };
+        if items.is_empty() {
+            self.error(
+                "repositories",
+                "no repositories are configured; add at least one",
+            );
+        }
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        let mut repositories = Vec::new();
+        for (i, item) in items.into_iter().enumerate() {
+            let path = format!("repositories[{i}]");
+            let Some(raw) = self.extract::<RawRepository>(&path, item) else {
+                continue;
+            };
+            if let Some(name) = &raw.name {
+                if let Some(first) = seen.insert(name.clone(), i) {
+                    self.error(
+                        format!("{path}.name"),
+                        format!("duplicate repository name \"{name}\" (first used by repositories[{first}])"),
+                    );
+                }
+            }
+            if let Some(repo) = self.repository(&path, raw, group_names) {
+                repositories.push(repo);
+            }
+        }
+        repositories
+    }
+
+    fn repository(
+        &mut self,
+        path: &str,
+        raw: RawRepository,
+        group_names: &[String],
+    ) -> Option<Repository> {
+        let before = self.errors();
+        let name = self.required_text(&format!("{path}.name"), raw.name);
+        if let Some(name) = &name {
+            check_name(self, &format!("{path}.name"), name, "repository");
+        }
+        let group_path = format!("{path}.group");
+        let group = self.required_text(&group_path, raw.group);
+        if let Some(group) = &group {
+            self.referenced_groups.push(group.clone());
+            if !group_names.iter().any(|g| g == group) {
+                let hint = match suggest(group, group_names.iter().map(String::as_str)) {
+                    Some(best) => format!("; did you mean \"{best}\"?"),
+                    None if group_names.is_empty() => "; define it under `groups:`".to_owned(),
+                    None => format!("; defined groups: {}", group_names.join(", ")),
+                };
+                self.error(group_path, format!("no group named \"{group}\"{hint}"));
+            }
+        }
+        let monitor_path = format!("{path}.monitor");
+        let monitor = self
+            .required(&monitor_path, raw.monitor)
+            .and_then(|m| self.monitor(&monitor_path, m));
+        let deploy_path = format!("{path}.deploy");
+        let deploy = self
+            .required(&deploy_path, raw.deploy)
+            .and_then(|d| self.deploy(&deploy_path, d, name.as_deref().unwrap_or_default()));
+        if self.errors() != before {
+            return None;
+        }
+        Some(Repository {
+            name: name?,
+            group: group?,
+            monitor: monitor?,
+            deploy: deploy?,
+        })
+    }
+
+    fn repo_type(&mut self, path: &str, value: Option<String>) -> Option<RepoType> {
+        match self.optional_text(path, value)?.as_str() {
+            "github" => Some(RepoType::Github),
+            "gitlab" => Some(RepoType::Gitlab),
+            "git" => Some(RepoType::Git),
+            other => {
+                self.error(
+                    path,
+                    format!("unknown repo_type \"{other}\"; use \"github\", \"gitlab\" or \"git\""),
+                );
+                None
+            }
+        }
+    }
+
+    fn monitor(&mut self, path: &str, raw: RawMonitor) -> Option<Monitor> {
+        let before = self.errors();
+        let type_path = format!("{path}.repo_type");
+        let repo_type = self
+            .required(&type_path, raw.repo_type.clone())
+            .and_then(|_| self.repo_type(&type_path, raw.repo_type));
+        let url_path = format!("{path}.repo_url");
+        let repo_url = self.required_text(&url_path, raw.repo_url);
+        let auth = self.auth(&format!("{path}.auth"), raw.auth);
+        let branches = self.branches(&format!("{path}.branches"), raw.branches);
+        let (repo_type, repo_url) = (repo_type?, repo_url?);
+
+        let remote = match parse_remote(&repo_url) {
+            Ok(remote) => remote,
+            Err(message) => {
+                self.error(url_path, message);
+                return None;
+            }
+        };
+        let (api_url, project_path) = match repo_type {
+            RepoType::Git => {
+                self.warn_plain_http(&url_path, &remote, &auth);
+                (None, String::new())
+            }
+            RepoType::Github | RepoType::Gitlab => {
+                let Remote::Http(web) = &remote else {
+                    self.error(&url_path, format!("a {} repo_url must be an https:// (or http://) URL; use repo_type \"git\" for file:// and local paths", repo_type.as_str()));
+                    return None;
+                };
+                let project = project_path(web);
+                let enough = match repo_type {
+                    RepoType::Github => project.split('/').count() == 2,
+                    _ => project.split('/').count() >= 2,
+                };
+                if !enough {
+                    self.error(&url_path, match repo_type {
+                        RepoType::Github => "must name the owner and the repository, like https://github.com/OWNER/REPO",
+                        _ => "must name the group and the project, like https://gitlab.com/GROUP/PROJECT",
+                    });
+                }
+                let api_path = format!("{path}.api_url");
+                let api = match self.optional_text(&api_path, raw.api_url) {
+                    Some(text) => match parse_remote(&text) {
+                        Ok(Remote::Http(u)) => Some(u),
+                        Ok(_) => {
+                            self.error(&api_path, "must be an https:// (or http://) URL");
+                            None
+                        }
+                        Err(message) => {
+                            self.error(&api_path, message);
+                            None
+                        }
+                    },
+                    None => default_api_url(repo_type, web),
+                };
+                if let Some(api) = &api {
+                    self.warn_plain_http(&api_path, &Remote::Http(api.clone()), &auth);
+                }
+                (api, project)
+            }
+        };
+        if self.errors() != before {
+            return None;
+        }
+        Some(Monitor {
+            repo_url,
+            repo_type,
+            api_url,
+            project_path,
+            branches: branches?,
+            auth,
+        })
+    }
+
+    fn branches(&mut self, path: &str, value: Option<Vec<String>>) -> Option<Vec<BranchSpec>> {
+        let value = self.required(path, value)?;
+        if value.is_empty() {
+            self.error(path, "must list at least one branch or pattern");
+            return None;
+        }
+        let before = self.errors();
+        let mut specs = Vec::new();
+        let mut seen = BTreeMap::new();
+        for (i, raw) in value.into_iter().enumerate() {
+            let item_path = format!("{path}[{i}]");
+            let Some(text) = self.expand(&item_path, &raw) else {
+                continue;
+            };
+            if let Some(first) = seen.insert(text.clone(), i) {
+                self.error(
+                    &item_path,
+                    format!("duplicate branch \"{text}\" (also at {path}[{first}])"),
+                );
+                continue;
+            }
+            if BranchPattern::is_pattern(&text) {
+                match BranchPattern::new(&text) {
+                    Ok(p) => specs.push(BranchSpec::Pattern(p)),
+                    Err(e) => self.error(
+                        &item_path,
+                        format!("invalid pattern \"{text}\": {}", e.kind()),
+                    ),
+                }
+            } else if let Err(why) = check_branch_name(&text) {
+                self.error(
+                    &item_path,
+                    format!("\"{text}\" is not a valid branch name: {why}"),
+                );
+            } else {
+                specs.push(BranchSpec::Exact(text));
+            }
+        }
+        (self.errors() == before).then_some(specs)
+    }
+
+    fn auth(&mut self, path: &str, raw: Option<RawAuth>) -> Auth {
+        let raw = raw.unwrap_or_default();
+        let username = self
+            .optional_text(&format!("{path}.username"), raw.username)
+            .filter(|u| !u.is_empty());
+        let token = self
+            .optional_text(&format!("{path}.token"), raw.token)
+            .filter(|t| !t.is_empty())
+            .map(SecretString::from);
+        Auth { username, token }
+    }
+
+    fn warn_plain_http(&mut self, path: &str, remote: &Remote, auth: &Auth) {
+        if let Remote::Http(url) = remote {
+            if url.scheme() == "http" && auth.token.is_some() && !is_loopback(url) {
+                self.warn(path, "a token would travel unencrypted over plain http to a host that is not loopback; use https");
+            }
+        }
+    }
+
+    fn deploy(&mut self, path: &str, raw: RawDeploy, repo_name: &str) -> Option<Deploy> {
+        let before = self.errors();
+        let url_path = format!("{path}.qa_repo_url");
+        let qa_repo_url = self.required_text(&url_path, raw.qa_repo_url);
+        let qa_repo_branch =
+            self.required_text(&format!("{path}.qa_repo_branch"), raw.qa_repo_branch);
+        if let Some(branch) = &qa_repo_branch {
+            if let Err(why) = check_branch_name(branch) {
+                self.error(
+                    format!("{path}.qa_repo_branch"),
+                    format!("\"{branch}\" is not a valid branch name: {why}"),
+                );
+            }
+        }
+        let explicit_type = self.repo_type(&format!("{path}.repo_type"), raw.repo_type);
+        let auth = self.auth(&format!("{path}.auth"), raw.auth);
+        let mut repo_type = RepoType::Git;
+        if let Some(url) = &qa_repo_url {
+            match parse_remote(url) {
+                Ok(remote) => {
+                    self.warn_plain_http(&url_path, &remote, &auth);
+                    repo_type = explicit_type.unwrap_or_else(|| infer_repo_type(&remote));
+                }
+                Err(message) => self.error(&url_path, message),
+            }
+        }
+        let commands = self.commands(&format!("{path}.commands"), raw.commands);
+        let env = self.command_env(&format!("{path}.env"), raw.env.unwrap_or_default());
+        let timeout = raw
+            .timeout
+            .and_then(|t| self.parse_duration(&format!("{path}.timeout"), t));
+        let retries = match raw.retries {
+            Some(n) if !(0..=MAX_RETRIES).contains(&n) => {
+                self.error(
+                    format!("{path}.retries"),
+                    format!("{n} is out of range; use 0 to {MAX_RETRIES}"),
+                );
+                0
+            }
+            Some(n) => u32::try_from(n).unwrap_or(0),
+            None => 0,
+        };
+        let shell = match raw.shell {
+            Some(s) => self.required_text(&format!("{path}.shell"), Some(s)),
+            None => Some("/bin/sh".to_owned()),
+        };
+        let project_name = self
+            .optional_text(&format!("{path}.project_name"), raw.project_name)
+            .filter(|p| !p.is_empty())
+            .unwrap_or_else(|| repo_name.to_owned());
+        if self.errors() != before {
+            return None;
+        }
+        Some(Deploy {
+            qa_repo_url: qa_repo_url?,
+            qa_repo_branch: qa_repo_branch?,
+            repo_type,
+            auth,
+            project_name,
+            commands: commands?,
+            env,
+            timeout,
+            retries,
+            shell: shell?,
+        })
+    }
+
+    /// Commands are kept verbatim: `$VAR` in them is the shell's business.
+    fn commands(&mut self, path: &str, value: Option<Vec<String>>) -> Option<Vec<String>> {
+        let commands = self.required(path, value)?;
+        if commands.is_empty() {
+            self.error(path, "must list at least one command");
+            return None;
+        }
+        let blank: Vec<usize> = (0..commands.len())
+            .filter(|&i| commands[i].trim().is_empty())
+            .collect();
+        for i in &blank {
+            self.error(format!("{path}[{i}]"), "command is empty");
+        }
+        blank.is_empty().then_some(commands)
+    }
+
+    fn command_env(
+        &mut self,
+        path: &str,
+        raw: BTreeMap<String, String>,
+    ) -> BTreeMap<String, String> {
+        let mut env = BTreeMap::new();
+        for (key, value) in raw {
+            let key_path = format!("{path}.{key}");
+            if !expand::is_var_name(&key) {
+                self.error(&key_path, "not a valid environment variable name (letters, digits and `_`, not starting with a digit)");
+            } else if key.starts_with("SENTRY_") {
+                self.error(
+                    &key_path,
+                    "names starting with SENTRY_ are reserved for the variables Sentry sets",
+                );
+            } else if let Some(value) = self.expand(&key_path, &value) {
+                env.insert(key, value);
+            }
+        }
+        env
+    }
+
+    fn top_level(
+        &mut self,
+        raw: RawConfig,
+        groups: Vec<Group>,
+        repositories: Vec<Repository>,
+    ) -> Option<Config> {
+        let polling_interval = self.duration(
+            "polling_interval",
+            raw.polling_interval,
+            Duration::from_secs(60),
+        );
+        let shutdown_grace = self.duration(
+            "shutdown_grace",
+            raw.shutdown_grace,
+            Duration::from_secs(20),
+        );
+        let request_timeout = self.duration(
+            "request_timeout",
+            raw.request_timeout,
+            Duration::from_secs(30),
+        );
+        let state_file = self.path_or("state_file", raw.state_file, || {
+            PathBuf::from(".sentry/state.json")
+        });
+        let work_dir = self.path_or("work_dir", raw.work_dir, || {
+            std::env::temp_dir().join("sentry")
+        });
+        let audit_log = self
+            .optional_text("audit_log", raw.audit_log)
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from);
+        let max_requests_per_host = match raw.max_requests_per_host {
+            Some(0) => {
+                self.error("max_requests_per_host", "must be at least 1");
+                1
+            }
+            Some(n) if n > 1024 => {
+                self.error(
+                    "max_requests_per_host",
+                    format!("{n} is more than the limit of 1024"),
+                );
+                1
+            }
+            Some(n) => n as usize,
+            None => 8,
+        };
+        let server = raw.server.unwrap_or_default();
+        let listen = match self.optional_text("server.listen", server.listen) {
+            None => Some(SocketAddr::from(([0, 0, 0, 0], 8080))),
+            Some(text) => {
+                let text = if text.starts_with(':') {
+                    format!("0.0.0.0{text}")
+                } else {
+                    text
+                };
+                match text.parse::<SocketAddr>() {
+                    Ok(addr) => Some(addr),
+                    Err(_) => {
+                        self.error("server.listen", format!("\"{text}\" is not a socket address; write IP:PORT such as \"0.0.0.0:8080\""));
+                        None
+                    }
+                }
+            }
+        };
+        let hooks = raw.webhooks.unwrap_or_default();
+        let secret = |cx: &mut Self, path: &str, v: Option<String>| {
+            cx.optional_text(path, v)
+                .filter(|s| !s.is_empty())
+                .map(SecretString::from)
+        };
+        let webhooks = WebhookConfig {
+            github_secret: secret(self, "webhooks.github_secret", hooks.github_secret),
+            gitlab_token: secret(self, "webhooks.gitlab_token", hooks.gitlab_token),
+        };
+        if self.errors() > 0 {
+            return None;
+        }
+        Some(Config {
+            polling_interval,
+            state_file,
+            work_dir,
+            shutdown_grace,
+            audit_log,
+            request_timeout,
+            max_requests_per_host,
+            server: ServerConfig {
+                enabled: server.enabled.unwrap_or(true),
+                listen: listen?,
+            },
+            webhooks,
+            groups,
+            repositories,
+        })
+    }
+
+    fn path_or(
+        &mut self,
+        path: &str,
+        value: Option<String>,
+        default: impl FnOnce() -> PathBuf,
+    ) -> PathBuf {
+        match value {
+            Some(v) => self
+                .required_text(path, Some(v))
+                .map(PathBuf::from)
+                .unwrap_or_default(),
+            None => default(),
+        }
+    }
+}
+
+/// Names end up in directory names, metric labels and log lines: keep them plain.
+fn check_name(cx: &mut Checker, path: &str, name: &str, what: &str) {
+    let plain = !name.is_empty()
+        && name.len() <= 100
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if !plain {
+        cx.error(
+            path,
+            format!(
+                "{what} name \"{}\" must be 1 to 100 letters, digits, `.`, `_` or `-`",
+                name.escape_debug()
+            ),
+        );
+    }
+}
+
+/// Git's own rules for a branch name (`git check-ref-format --branch`), minus the ones
+/// that only matter for creating refs.
+pub(crate) fn check_branch_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("it is empty");
+    }
+    if name.chars().any(|c| c.is_control() || c == ' ') {
+        return Err("it contains a space or a control character");
+    }
+    if name.contains(['~', '^', ':', '\\', '?', '*', '[']) {
+        return Err("it contains one of ~ ^ : \\ ? * [");
+    }
+    if name.contains("..") || name.contains("@{") || name.contains("//") {
+        return Err("it contains `..`, `@{` or `//`");
+    }
+    if name.starts_with(['-', '/', '.'])
+        || name.ends_with(['/', '.'])
+        || name.ends_with(".lock")
+        || name == "@"
+    {
+        return Err("it starts with `-`, `/` or `.`, ends with `/`, `.` or `.lock`, or is `@`");
+    }
+    Ok(())
+}
+
+/// Where a Git repository lives, as far as validation cares.
+enum Remote {
+    Http(url::Url),
+    /// `file://` URLs and local paths.
+    Local,
+}
+
+fn parse_remote(text: &str) -> Result<Remote, String> {
+    if text.contains("://") {
+        let url = url::Url::parse(text).map_err(|e| format!("not a valid URL: {e}"))?;
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err("must not contain credentials; put them under `auth:`".to_owned());
+        }
+        return match url.scheme() {
+            "https" | "http" if url.host_str().is_some_and(|h| !h.is_empty()) => {
+                Ok(Remote::Http(url))
+            }
+            "https" | "http" => Err("URL has no host".to_owned()),
+            "file" => Ok(Remote::Local),
+            other => Err(format!(
+                "unsupported URL scheme \"{other}\"; use https://, http://, file:// or a local path"
+            )),
+        };
+    }
+    if looks_like_scp(text) {
+        return Err("SSH remotes (user@host:path) are not supported; use the https:// URL with a token under `auth:`".to_owned());
+    }
+    Ok(Remote::Local)
+}
+
+/// `git@github.com:org/repo.git`: a colon before any slash, after a host-like prefix.
+fn looks_like_scp(text: &str) -> bool {
+    match (text.find(':'), text.find('/')) {
+        (Some(colon), slash) => slash.is_none_or(|s| colon < s) && colon > 1,
+        _ => false,
+    }
+}
+
+/// `https://github.com/owner/repo.git/` → `owner/repo`.
+fn project_path(url: &url::Url) -> String {
+    let path = url.path().trim_matches('/');
+    let path = path.strip_suffix(".git").unwrap_or(path);
+    path.split('/')
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+fn default_api_url(repo_type: RepoType, web: &url::Url) -> Option<url::Url> {
+    let host = web.host_str()?;
+    let origin = match web.port() {
+        Some(port) => format!("{}://{host}:{port}", web.scheme()),
+        None => format!("{}://{host}", web.scheme()),
+    };
+    let api = match repo_type {
+        RepoType::Github if host == "github.com" || host == "www.github.com" => {
+            "https://api.github.com".to_owned()
+        }
+        RepoType::Github => format!("{origin}/api/v3"),
+        RepoType::Gitlab => format!("{origin}/api/v4"),
+        RepoType::Git => return None,
+    };
+    url::Url::parse(&api).ok()
+}
+
+fn infer_repo_type(remote: &Remote) -> RepoType {
+    match remote {
+        Remote::Http(url) => match url.host_str() {
+            Some("github.com") => RepoType::Github,
+            Some(h) if h.contains("gitlab") => RepoType::Gitlab,
+            _ => RepoType::Git,
+        },
+        Remote::Local => RepoType::Git,
+    }
+}
+
+fn is_loopback(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d == "localhost",
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests;

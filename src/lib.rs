@@ -1,0 +1,30 @@
+//! Sentry watches Git repositories and, when a watched branch moves, deploys: it clones a
+//! QA repository and runs its commands, for whole groups of repositories at once.
+//!
+//! The modules follow the data: [`cli`] → [`config`] → `forge` (asks GitHub, GitLab or any
+//! Git host for branch heads) → `monitor` (poll loop, change detection, state) → `deploy`
+//! (checkout, command runner, group strategies), with `server` (health, metrics, webhooks)
+//! and [`telemetry`] beside them. [`commands`] wires them into the subcommands.
+
+pub mod build_info;
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod telemetry;
+
+/// How a run of Sentry ended, as the process exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// 0: everything asked for was done.
+    Success = 0,
+    /// 1: the job failed: invalid configuration, a failed deployment.
+    JobFailed = 1,
+    /// 2: Sentry could not do its job at all: usage, unreadable files, I/O.
+    CannotRun = 2,
+}
+
+impl From<Exit> for std::process::ExitCode {
+    fn from(exit: Exit) -> Self {
+        std::process::ExitCode::from(exit as u8)
+    }
+}
