@@ -1,8 +1,8 @@
 //! Sentry watches Git repositories and, when a watched branch moves, deploys: it clones a
 //! QA repository and runs its commands, for whole groups of repositories at once.
 //!
-//! The modules follow the data: [`cli`] → [`config`] → `forge` (asks GitHub, GitLab or any
-//! Git host for branch heads) → `monitor` (poll loop, change detection, state) → `deploy`
+//! The modules follow the data: [`cli`] → [`config`] → [`forge`] (asks GitHub, GitLab or any
+//! Git host for branch heads) → `monitor` (poll loop, change detection, state) → [`deploy`]
 //! (checkout, command runner, group strategies), with `server` (health, metrics, webhooks)
 //! and [`telemetry`] beside them. [`commands`] wires them into the subcommands.
 
@@ -10,6 +10,9 @@ pub mod build_info;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod deploy;
+pub mod forge;
+pub mod shutdown;
 pub mod telemetry;
 
 /// How a run of Sentry ended, as the process exit code.
