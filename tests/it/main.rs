@@ -1,0 +1,7 @@
+//! Integration tests: one binary that drives the real `sentry` binary against real local
+//! Git repositories and fake forge servers on 127.0.0.1. Shared helpers live in `support`.
+//! Modules declared here: add `mod <name>;` for each test file.
+
+mod support;
+
+mod cli;
