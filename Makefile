@@ -1,0 +1,105 @@
+# Sentry build automation. `make help` lists the targets.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+CARGO      ?= cargo
+DOCKER     ?= docker
+IMAGE      ?= sentry
+VERSION    := $(shell sed -n 's/^version *= *"\(.*\)"/\1/p' Cargo.toml | head -n 1)
+GIT_COMMIT := $(shell git rev-parse --verify -q HEAD 2>/dev/null || echo unknown)
+BUILD_DATE := $(shell date -u +%Y-%m-%dT%H:%M:%SZ)
+TAG        ?= $(VERSION)
+# Extra tools baked into the image: "", "kubectl", "tkn" or "kubectl,tkn".
+EXTRA_TOOLS ?=
+
+CROSS_TARGETS := x86_64-unknown-linux-musl aarch64-unknown-linux-musl
+DIST_DIR      := dist
+# git2 links OpenSSL. A static musl binary needs OpenSSL built for the target:
+# when Cargo.toml has a `vendored-openssl` feature (= ["git2/vendored-openssl"])
+# it is used, otherwise OPENSSL_DIR must point at a musl OpenSSL.
+CROSS_FEATURES ?= $(shell grep -qE '^vendored-openssl *=' Cargo.toml && echo --features vendored-openssl)
+
+PACKAGING := scripts/ci-packaging.sh
+
+.PHONY: help build release test lint fmt demo docker cross-compile \
+        helm-lint k8s-validate dockerfile-lint packaging-tools packaging-check clean
+
+help: ## List the targets
+	@echo "Sentry $(VERSION) - make targets:"
+	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) \
+		| awk 'BEGIN {FS = ":.*?## "}; {printf "  %-16s %s\n", $$1, $$2}'
+	@echo
+	@echo "Variables: IMAGE=$(IMAGE) TAG=$(TAG) EXTRA_TOOLS=$(EXTRA_TOOLS) (e.g. make docker EXTRA_TOOLS=kubectl,tkn)"
+
+build: ## Debug build (cargo build --locked)
+	$(CARGO) build --locked
+
+release: ## Optimised build: target/release/sentry
+	$(CARGO) build --release --locked
+
+test: ## Run all tests
+	$(CARGO) test --locked --all-targets
+
+lint: ## rustfmt check and clippy with warnings as errors
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+demo: ## Build, then run the end-to-end demo (scripts/demo.sh)
+	$(CARGO) build --locked && ./scripts/demo.sh
+
+docker: ## Build the container image IMAGE:TAG (default sentry:<crate version>) with version, commit and date
+	$(DOCKER) build \
+		--build-arg VERSION="$(VERSION)" \
+		--build-arg GIT_COMMIT="$(GIT_COMMIT)" \
+		--build-arg BUILD_DATE="$(BUILD_DATE)" \
+		--build-arg EXTRA_TOOLS="$(EXTRA_TOOLS)" \
+		-t "$(IMAGE):$(TAG)" .
+
+cross-compile: ## Static musl binaries for x86_64 and aarch64 Linux into dist/ (cross or cargo-zigbuild)
+	@set -euo pipefail; \
+	if command -v cross >/dev/null 2>&1; then \
+		tool="cross build"; \
+	elif command -v cargo-zigbuild >/dev/null 2>&1 && command -v zig >/dev/null 2>&1; then \
+		tool="$(CARGO) zigbuild"; \
+	else \
+		echo "cross-compile needs one of:" >&2; \
+		echo "  cross          : cargo install cross --locked   (runs the build in a container: needs docker or podman)" >&2; \
+		echo "  cargo-zigbuild : cargo install cargo-zigbuild --locked, plus zig on PATH (pip install ziglang)," >&2; \
+		echo "                   plus: rustup target add $(CROSS_TARGETS)" >&2; \
+		exit 1; \
+	fi; \
+	if [ -z "$(CROSS_FEATURES)" ] && [ -z "$${OPENSSL_DIR:-}" ]; then \
+		echo "note: Cargo.toml has no vendored-openssl feature and OPENSSL_DIR is unset:" >&2; \
+		echo "      git2 needs OpenSSL built for each musl target, so the build may fail." >&2; \
+	fi; \
+	mkdir -p $(DIST_DIR); \
+	for target in $(CROSS_TARGETS); do \
+		echo "==> $$tool --release --locked --target $$target $(CROSS_FEATURES)"; \
+		SENTRY_VERSION=$(VERSION) SENTRY_GIT_COMMIT=$(GIT_COMMIT) SENTRY_BUILD_DATE=$(BUILD_DATE) \
+			$$tool --release --locked --target $$target $(CROSS_FEATURES); \
+		cp target/$$target/release/sentry $(DIST_DIR)/sentry-$(VERSION)-$$target; \
+	done; \
+	ls -l $(DIST_DIR)
+
+packaging-tools: ## Install hadolint, kubernetes-validate and helm into .tools/
+	bash $(PACKAGING) install
+
+dockerfile-lint: ## hadolint the Dockerfile
+	bash $(PACKAGING) dockerfile
+
+k8s-validate: ## kubernetes-validate --strict on k8s/*.yaml
+	bash $(PACKAGING) k8s
+
+helm-lint: ## helm lint --strict + rendered chart validated, for each values file
+	bash $(PACKAGING) helm
+
+packaging-check: build ## All packaging checks, plus sentry validate on the shipped configs
+	SENTRY_BIN=$${SENTRY_BIN:-target/debug/sentry} bash $(PACKAGING) all
+
+clean: ## Remove build output (target/, dist/) and the packaging tools (.tools/)
+	$(CARGO) clean
+	rm -rf $(DIST_DIR) .tools
