@@ -2,7 +2,7 @@
 //! QA repository and runs its commands, for whole groups of repositories at once.
 //!
 //! The modules follow the data: [`cli`] → [`config`] → [`forge`] (asks GitHub, GitLab or any
-//! Git host for branch heads) → `monitor` (poll loop, change detection, state) → [`deploy`]
+//! Git host for branch heads) → [`monitor`] (poll loop, change detection, state) → [`deploy`]
 //! (checkout, command runner, group strategies), with `server` (health, metrics, webhooks)
 //! and [`telemetry`] beside them. [`commands`] wires them into the subcommands.
 
@@ -12,6 +12,8 @@ pub mod commands;
 pub mod config;
 pub mod deploy;
 pub mod forge;
+pub mod monitor;
+pub mod server;
 pub mod shutdown;
 pub mod telemetry;
 

@@ -7,11 +7,16 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+mod status;
+mod trigger;
+mod watch;
+
 use crate::Exit;
 use crate::cli::{Cli, Command, OutputFormat, ValidateArgs};
 use crate::config::{self, Config, Diagnostic, Env, LoadError};
 
 pub fn run(cli: Cli) -> Exit {
+    bound_git_network_waits();
     let env = match load_env(cli.env_file.as_deref()) {
         Ok(env) => env,
         Err(message) => {
@@ -22,10 +27,22 @@ pub fn run(cli: Cli) -> Exit {
     match &cli.command {
         Command::Validate(args) => validate(&cli.config, &env, args),
         Command::ConfigSchema => config_schema(),
-        Command::Trigger(_) | Command::Watch(_) | Command::Status(_) => {
-            eprintln!("error: this command arrives with the monitor and deploy work");
-            Exit::CannotRun
-        }
+        Command::Trigger(args) => trigger::trigger(&cli, args, &env),
+        Command::Watch(args) => watch::watch(&cli, args, &env),
+        Command::Status(args) => status::status(&cli, args, &env),
+    }
+}
+
+/// libgit2 waits forever on a server that stops answering; bound that process-wide.
+fn bound_git_network_waits() {
+    // SAFETY: these set libgit2 globals. They run once at start, before any thread or
+    // runtime exists, so nothing uses libgit2 concurrently.
+    let set = unsafe {
+        git2::opts::set_server_connect_timeout_in_milliseconds(10_000)
+            .and_then(|()| git2::opts::set_server_timeout_in_milliseconds(60_000))
+    };
+    if let Err(e) = set {
+        tracing::debug!("cannot set libgit2 network timeouts: {e}");
     }
 }
 
@@ -156,5 +173,38 @@ fn config_schema() -> Exit {
             eprintln!("error: cannot print the schema: {e}");
             Exit::CannotRun
         }
+    }
+}
+
+/// The multi-threaded runtime for commands that do async work.
+pub fn runtime() -> Result<tokio::runtime::Runtime, Exit> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("error: cannot start the async runtime: {e}");
+            Exit::CannotRun
+        })
+}
+
+/// Prints a left-aligned table with a header row.
+pub fn print_columns<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
     }
 }

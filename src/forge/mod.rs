@@ -3,9 +3,35 @@
 //! One [`Forges`] value per process holds the shared HTTP client, the per-host concurrency
 //! limits and rate-limit pauses, and the ETag cache. It never decides what a change is:
 //! it reports what the forge said ([`Observation`]), and the monitor compares.
+//!
+//! Where things are: `github` and `gitlab` build the REST requests and read the answers;
+//! `git` runs ls-remote through libgit2; `http` is the shared client (per-host semaphore,
+//! rate-limit pauses, retries, ETag cache). This file holds the types, the [`Forges`] facade,
+//! the orchestration of one check (exact branches and the listing concurrently), and the
+//! pagination shared by both APIs (`Link: rel="next"`, GitLab's `x-next-page`).
+//!
+//! Invariants: a body that is not a 40-hex SHA is an error, never a head; a token only ever
+//! travels in a sensitive header (never in a URL, a log line or a message); no request is
+//! sent to a host while it is paused for a rate limit.
 
-use std::collections::BTreeMap;
+mod git;
+mod github;
+mod gitlab;
+mod http;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
 use std::time::SystemTime;
+
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use reqwest::header::HeaderValue;
+use reqwest::{StatusCode, Url};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{BranchPattern, Config, Monitor, RepoType, Repository};
+use http::{Cached, Call, Http, Page, Reply};
 
 /// A full 40-hex commit SHA, checked on construction.
 #[derive(
@@ -104,5 +130,591 @@ impl ForgeError {
     /// Errors that call for per-repository backoff across cycles.
     pub fn backs_off_repository(&self) -> bool {
         matches!(self, ForgeError::Auth(_) | ForgeError::NotFound(_))
+    }
+}
+
+/// Cumulative counters since start, for the per-cycle log line and metrics.
+///
+/// `requests` counts every request sent (HTTP attempts, retries included, and one per Git
+/// ls-remote); `errors` those that failed (transport error or a 4xx/5xx status).
+#[derive(Debug, Clone, Default)]
+pub struct ForgeStats {
+    pub requests: u64,
+    pub not_modified: u64,
+    pub errors: u64,
+    /// Per API host (`host` or `host:port`) that sent rate-limit headers or is paused: last
+    /// seen remaining quota and reset time.
+    pub rate_limits: BTreeMap<String, RateLimitInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimitInfo {
+    pub remaining: Option<u64>,
+    pub reset: Option<SystemTime>,
+    /// Set while every request to the host is paused.
+    pub paused_until: Option<SystemTime>,
+}
+
+/// Observer hook (metrics): called for every request and every rate-limit reading.
+pub trait ForgeEvents: Send + Sync {
+    /// `status` is the HTTP status code as text (`"200"`, `"304"`, …), `"error"` for a
+    /// transport failure, or `"ok"` for a Git ls-remote that succeeded.
+    fn request(&self, _host: &str, _status: &str) {}
+    fn rate_limit(&self, _host: &str, _remaining: Option<u64>, _reset: Option<SystemTime>) {}
+}
+
+/// Every forge client behind one cheap-to-clone handle (one per process).
+#[derive(Clone)]
+pub struct Forges {
+    http: Arc<Http>,
+}
+
+impl Forges {
+    /// Builds the one HTTP client (rustls, HTTP/2 allowed, connect timeout 10 s, request
+    /// timeout `config.request_timeout`, Sentry's `User-Agent`, pooled connections).
+    pub fn new(config: &Config) -> anyhow::Result<Forges> {
+        let http = Http::new(config.request_timeout, config.max_requests_per_host)
+            .map_err(|e| anyhow::anyhow!("cannot build the HTTP client: {e}"))?;
+        Ok(Forges {
+            http: Arc::new(http),
+        })
+    }
+
+    /// Feeds request and rate-limit events to `events` (replaces any earlier observer).
+    pub fn with_events(self, events: Arc<dyn ForgeEvents>) -> Self {
+        self.http.set_events(events);
+        self
+    }
+
+    /// Current heads of every watched branch of `repo` (exact names and pattern matches).
+    /// Never panics; errors are in `failures`. When `cancel` fires it returns promptly with
+    /// what it has, the rest as `Transient` failures.
+    pub async fn observe(&self, repo: &Repository, cancel: &CancellationToken) -> Observation {
+        let repo = Arc::new(repo.clone());
+        match repo.monitor.repo_type {
+            RepoType::Git => git::observe(self.http.clone(), repo, cancel).await,
+            RepoType::Github => match github::GitHub::new(self.http.clone(), repo.clone()) {
+                Ok(forge) => observe_api(forge, &repo.monitor, cancel).await,
+                Err(error) => everything_failed(&repo.monitor, &error),
+            },
+            RepoType::Gitlab => match gitlab::GitLab::new(self.http.clone(), repo.clone()) {
+                Ok(forge) => observe_api(forge, &repo.monitor, cancel).await,
+                Err(error) => everything_failed(&repo.monitor, &error),
+            },
+        }
+    }
+
+    /// Head of any one branch (watched or not), for `sentry trigger` and webhooks.
+    pub async fn branch_head(&self, repo: &Repository, branch: &str) -> Result<Sha, ForgeError> {
+        let repo = Arc::new(repo.clone());
+        let cancel = CancellationToken::new();
+        match repo.monitor.repo_type {
+            RepoType::Git => git::branch_head(self.http.clone(), repo, branch, &cancel).await,
+            RepoType::Github => {
+                github::GitHub::new(self.http.clone(), repo)?
+                    .head(branch, &cancel)
+                    .await
+            }
+            RepoType::Gitlab => {
+                gitlab::GitLab::new(self.http.clone(), repo)?
+                    .head(branch, &cancel)
+                    .await
+            }
+        }
+    }
+
+    /// Cumulative counters since start.
+    pub fn stats(&self) -> ForgeStats {
+        self.http.stats()
+    }
+}
+
+/// An API forge (GitHub, GitLab): the head of one branch, and a branch listing.
+trait Forge: Clone + Send + Sync + 'static {
+    fn head(
+        &self,
+        branch: &str,
+        cancel: &CancellationToken,
+    ) -> impl Future<Output = Result<Sha, ForgeError>> + Send;
+
+    /// Every branch the forge lists that may match one of `patterns` (it may filter on
+    /// the server, or not at all; the caller matches).
+    fn list(
+        &self,
+        patterns: &[BranchPattern],
+        cancel: &CancellationToken,
+    ) -> impl Future<Output = Result<Vec<(String, Sha)>, ForgeError>> + Send;
+}
+
+/// Checks the exact branches and the listing concurrently and assembles the answer.
+async fn observe_api<F: Forge>(
+    forge: F,
+    monitor: &Monitor,
+    cancel: &CancellationToken,
+) -> Observation {
+    // `None`: the listing; `Some(name)`: an exact branch.
+    let mut jobs: HashMap<tokio::task::Id, Option<String>> = HashMap::new();
+    let mut set = JoinSet::new();
+    for branch in monitor.exact_branches() {
+        let (forge, cancel, name) = (forge.clone(), cancel.clone(), branch.to_owned());
+        let handle = set.spawn(async move {
+            let result = forge.head(&name, &cancel).await;
+            Job::Head(name, result)
+        });
+        jobs.insert(handle.id(), Some(branch.to_owned()));
+    }
+    let patterns: Vec<BranchPattern> = monitor.patterns().cloned().collect();
+    if !patterns.is_empty() {
+        let (forge, cancel) = (forge.clone(), cancel.clone());
+        let handle = set.spawn(async move { Job::List(forge.list(&patterns, &cancel).await) });
+        jobs.insert(handle.id(), None);
+    }
+
+    let mut exact = Vec::new();
+    let mut listing = None;
+    loop {
+        let joined = tokio::select! {
+            () = cancel.cancelled() => {
+                set.abort_all();
+                break;
+            }
+            joined = set.join_next_with_id() => joined,
+        };
+        let Some(joined) = joined else { break };
+        match joined {
+            Ok((id, job)) => {
+                jobs.remove(&id);
+                match job {
+                    Job::Head(name, result) => exact.push((name, result)),
+                    Job::List(result) => listing = Some(result),
+                }
+            }
+            Err(e) => {
+                let error = ForgeError::Transient(format!("internal error while checking: {e}"));
+                match jobs.remove(&e.id()) {
+                    Some(Some(name)) => exact.push((name, Err(error))),
+                    _ => listing = Some(Err(error)),
+                }
+            }
+        }
+    }
+    // Whatever did not finish was cancelled.
+    for (_, job) in jobs {
+        let error = ForgeError::Transient("check cancelled (shutting down)".to_owned());
+        match job {
+            Some(name) => exact.push((name, Err(error))),
+            None => listing = Some(Err(error)),
+        }
+    }
+    assemble(monitor, exact, listing)
+}
+
+enum Job {
+    Head(String, Result<Sha, ForgeError>),
+    List(Result<Vec<(String, Sha)>, ForgeError>),
+}
+
+/// Builds the observation from the exact-branch answers and the listing (when the
+/// repository has patterns). Listing branches count only when a pattern matches them.
+fn assemble(
+    monitor: &Monitor,
+    exact: Vec<(String, Result<Sha, ForgeError>)>,
+    listing: Option<Result<Vec<(String, Sha)>, ForgeError>>,
+) -> Observation {
+    let mut obs = Observation::default();
+    match listing {
+        Some(Ok(branches)) => {
+            obs.listing_complete = true;
+            for (name, sha) in branches {
+                if monitor.patterns().any(|p| p.matches(&name)) {
+                    obs.heads.insert(name, sha);
+                }
+            }
+        }
+        Some(Err(error)) => obs.failures.push(BranchFailure {
+            branch: None,
+            error,
+        }),
+        None => {}
+    }
+    for (name, result) in exact {
+        match result {
+            Ok(sha) => {
+                obs.heads.insert(name, sha);
+            }
+            // The listing may have answered for it already (an exact name a pattern matches).
+            Err(_) if obs.heads.contains_key(&name) => {}
+            Err(error) => obs.failures.push(BranchFailure {
+                branch: Some(name),
+                error,
+            }),
+        }
+    }
+    obs
+}
+
+/// The same error for every watched branch (and the listing, if there are patterns).
+fn everything_failed(monitor: &Monitor, error: &ForgeError) -> Observation {
+    let exact = monitor
+        .exact_branches()
+        .map(|b| (b.to_owned(), Err(error.clone())))
+        .collect();
+    let listing = monitor.patterns().next().map(|_| Err(error.clone()));
+    assemble(monitor, exact, listing)
+}
+
+/// Characters left as they are in a path segment or query value: RFC 3986 "unreserved".
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Percent-encodes `text` as ONE path segment (`release/1.0` → `release%2F1.0`).
+fn encode(text: &str) -> String {
+    utf8_percent_encode(text, SEGMENT).to_string()
+}
+
+/// The API root without a trailing slash, query or fragment, ready for `/repos/…`.
+fn api_base(repo: &Repository) -> Result<String, ForgeError> {
+    let mut api =
+        repo.monitor.api_url.clone().ok_or_else(|| {
+            ForgeError::NotFound(format!("{}: no api_url is configured", repo.name))
+        })?;
+    api.set_query(None);
+    api.set_fragment(None);
+    Ok(api.as_str().trim_end_matches('/').to_owned())
+}
+
+fn parse_url(repo: &Repository, text: &str) -> Result<Url, ForgeError> {
+    Url::parse(text).map_err(|e| {
+        ForgeError::Malformed(format!("{}: cannot build a request URL: {e}", repo.name))
+    })
+}
+
+/// A header value holding a secret: marked sensitive, so it is never printed.
+fn secret_header(repo: &Repository, value: &str) -> Result<HeaderValue, ForgeError> {
+    let mut value = HeaderValue::from_str(value).map_err(|_| {
+        ForgeError::Auth(format!(
+            "{}: the token contains characters that cannot be sent in an HTTP header",
+            repo.name
+        ))
+    })?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+/// The secret parts of sensitive headers (`Bearer X` → `X`), to keep them out of messages.
+fn secrets_of(headers: &reqwest::header::HeaderMap) -> Vec<String> {
+    headers
+        .values()
+        .filter(|v| v.is_sensitive())
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| v.split_ascii_whitespace().last())
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The start of a body, printable and short, for "expected X, got Y" messages; a server
+/// that echoes requests must not get a token into a message.
+fn snippet(body: &[u8], secrets: &[String]) -> String {
+    let mut text = String::from_utf8_lossy(body).into_owned();
+    for secret in secrets {
+        text = text.replace(secret.as_str(), "***");
+    }
+    let text: String = text
+        .trim()
+        .chars()
+        .take(40)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    format!("{text:?}")
+}
+
+/// GETs a URL whose answer is one SHA, through the ETag cache.
+async fn fetch_sha(
+    http: &Http,
+    call: Call<'_>,
+    parse: impl Fn(&[u8]) -> Option<Sha>,
+    refused: impl Fn(StatusCode, &[u8]) -> ForgeError,
+) -> Result<Sha, ForgeError> {
+    let (repo, url) = (call.repo, call.url.clone());
+    let secrets = secrets_of(&call.headers);
+    match http.get(call).await? {
+        Reply::Fresh { body, etag, .. } => {
+            let sha = parse(&body).ok_or_else(|| {
+                ForgeError::Malformed(format!(
+                    "{repo}: expected a 40-hex commit SHA from {}, got {}",
+                    url.path(),
+                    snippet(&body, &secrets)
+                ))
+            })?;
+            http.remember(&url, etag, Cached::Sha(sha.clone()));
+            Ok(sha)
+        }
+        Reply::Cached(Cached::Sha(sha)) => Ok(sha),
+        Reply::Cached(Cached::Page(_)) => Err(cache_confusion(repo)),
+        Reply::Refused { status, body } => Err(refused(status, &body)),
+    }
+}
+
+fn cache_confusion(repo: &str) -> ForgeError {
+    ForgeError::Malformed(format!(
+        "{repo}: a 304 answer replayed a cached value of the wrong kind"
+    ))
+}
+
+/// How one forge's branch listing looks.
+struct ListingFormat {
+    /// The key of the SHA inside each item's `commit` object (`sha` or `id`).
+    sha_key: &'static str,
+    /// Whether GitLab's `x-next-page` may stand in for a `Link` header.
+    x_next_page: bool,
+}
+
+/// Pages through a listing from `first`, following `rel="next"` links (or `x-next-page`)
+/// exactly, each page through the ETag cache: a `304` replays the cached page and its next
+/// link, so the following pages are requested conditionally too.
+async fn walk_listing(
+    http: &Http,
+    template: Call<'_>,
+    format: &ListingFormat,
+    refused: impl Fn(StatusCode, &[u8]) -> ForgeError,
+) -> Result<Vec<(String, Sha)>, ForgeError> {
+    const MAX_PAGES: usize = 1000;
+    let repo = template.repo;
+    let first = template.url.clone();
+    let mut url = first.clone();
+    let mut seen = HashSet::new();
+    let mut branches = Vec::new();
+    loop {
+        if !seen.insert(url.as_str().to_owned()) || seen.len() > MAX_PAGES {
+            return Err(ForgeError::Malformed(format!(
+                "{repo}: the branch listing does not end (page links loop or exceed {MAX_PAGES} pages)"
+            )));
+        }
+        let call = Call {
+            url: url.clone(),
+            headers: template.headers.clone(),
+            ..template
+        };
+        let page = match http.get(call).await? {
+            Reply::Fresh {
+                body,
+                headers,
+                etag,
+            } => {
+                let page = Arc::new(parse_page(repo, &url, &first, &body, &headers, format)?);
+                http.remember(&url, etag, Cached::Page(page.clone()));
+                page
+            }
+            Reply::Cached(Cached::Page(page)) => page,
+            Reply::Cached(Cached::Sha(_)) => return Err(cache_confusion(repo)),
+            Reply::Refused { status, body } => return Err(refused(status, &body)),
+        };
+        branches.extend(page.branches.iter().cloned());
+        match &page.next {
+            Some(next) => url = next.clone(),
+            None => return Ok(branches),
+        }
+    }
+}
+
+fn parse_page(
+    repo: &str,
+    url: &Url,
+    first: &Url,
+    body: &[u8],
+    headers: &reqwest::header::HeaderMap,
+    format: &ListingFormat,
+) -> Result<Page, ForgeError> {
+    let malformed = |what: String| ForgeError::Malformed(format!("{repo}: branch listing {what}"));
+    let items: Vec<serde_json::Value> = serde_json::from_slice(body)
+        .map_err(|e| malformed(format!("is not a JSON array of branches ({e})")))?;
+    let mut branches = Vec::with_capacity(items.len());
+    for item in &items {
+        let name = item.get("name").and_then(|n| n.as_str());
+        let sha = item
+            .get("commit")
+            .and_then(|c| c.get(format.sha_key))
+            .and_then(|s| s.as_str())
+            .and_then(Sha::parse);
+        match (name, sha) {
+            (Some(name), Some(sha)) => branches.push((name.to_owned(), sha)),
+            (Some(name), None) => {
+                return Err(malformed(format!("has no valid commit SHA for {name:?}")));
+            }
+            (None, _) => return Err(malformed("has an item without a name".to_owned())),
+        }
+    }
+    let next = match link_next(headers) {
+        Some(link) => Some(
+            url.join(&link)
+                .map_err(|e| malformed(format!("has a bad next link {link:?}: {e}")))?,
+        ),
+        None if format.x_next_page => x_next_page(url, headers),
+        None => None,
+    };
+    if let Some(next) = &next {
+        if next.origin() != first.origin() {
+            return Err(malformed(format!(
+                "links to another host ({}); not following it with credentials",
+                next.origin().ascii_serialization()
+            )));
+        }
+    }
+    Ok(Page { branches, next })
+}
+
+/// The target of `Link: <…>; rel="next"`, if any.
+fn link_next(headers: &reqwest::header::HeaderMap) -> Option<String> {
+    headers
+        .get_all(reqwest::header::LINK)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|value| {
+            let mut rest = value;
+            while let Some(open) = rest.find('<') {
+                let close = open + rest[open..].find('>')?;
+                let target = &rest[open + 1..close];
+                let params_end = rest[close..].find('<').map_or(rest.len(), |i| close + i);
+                let params = &rest[close + 1..params_end];
+                let params = params.split(',').next().unwrap_or_default();
+                let is_next = params.split(';').any(|param| {
+                    let Some((key, value)) = param.split_once('=') else {
+                        return false;
+                    };
+                    key.trim().eq_ignore_ascii_case("rel")
+                        && value
+                            .trim()
+                            .trim_matches('"')
+                            .split_ascii_whitespace()
+                            .any(|rel| rel.eq_ignore_ascii_case("next"))
+                });
+                if is_next {
+                    return Some(target.to_owned());
+                }
+                rest = &rest[params_end..];
+            }
+            None
+        })
+}
+
+/// GitLab's `x-next-page: N` (empty on the last page): the current URL with `page=N`.
+fn x_next_page(url: &Url, headers: &reqwest::header::HeaderMap) -> Option<Url> {
+    let page = headers.get("x-next-page")?.to_str().ok()?.trim();
+    if page.is_empty() || !page.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let pairs: Vec<(String, String)> = url
+        .query_pairs()
+        .filter(|(k, _)| k != "page")
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    let mut next = url.clone();
+    next.query_pairs_mut()
+        .clear()
+        .extend_pairs(pairs)
+        .append_pair("page", page);
+    Some(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderMap;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn encodes_one_segment() {
+        assert_eq!(encode("release/1.0"), "release%2F1.0");
+        assert_eq!(encode("grp/sub/proj"), "grp%2Fsub%2Fproj");
+        assert_eq!(encode("feat/ä b#?"), "feat%2F%C3%A4%20b%23%3F");
+        assert_eq!(encode("a-b_c.d~e"), "a-b_c.d~e");
+    }
+
+    #[test]
+    fn finds_next_link_among_others() {
+        let h = headers(&[(
+            "link",
+            r#"<https://api.github.com/x?page=1>; rel="prev", <https://api.github.com/x?page=3>; rel="next", <https://api.github.com/x?page=9>; rel="last""#,
+        )]);
+        assert_eq!(
+            link_next(&h).as_deref(),
+            Some("https://api.github.com/x?page=3")
+        );
+        let h = headers(&[("link", r#"<https://a/x?page=1>; rel="first""#)]);
+        assert_eq!(link_next(&h), None);
+        let h = headers(&[("Link", "<https://a/x?page=2>; rel=next")]);
+        assert_eq!(link_next(&h).as_deref(), Some("https://a/x?page=2"));
+    }
+
+    #[test]
+    fn x_next_page_replaces_only_page() {
+        let url = Url::parse("https://gl/api/v4/projects/a%2Fb/repository/branches?per_page=100&search=%5Erel&page=2").unwrap();
+        let next = x_next_page(&url, &headers(&[("x-next-page", "3")])).unwrap();
+        let pairs: Vec<(String, String)> = next
+            .query_pairs()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                ("per_page".into(), "100".into()),
+                ("search".into(), "^rel".into()),
+                ("page".into(), "3".into())
+            ]
+        );
+        assert_eq!(next.path(), url.path());
+        assert!(x_next_page(&url, &headers(&[("x-next-page", "")])).is_none());
+    }
+
+    #[test]
+    fn listing_item_without_sha_is_malformed() {
+        let url = Url::parse("https://a/x").unwrap();
+        let format = ListingFormat {
+            sha_key: "sha",
+            x_next_page: false,
+        };
+        let body = br#"[{"name":"main","commit":{"sha":"nope"}}]"#;
+        let err = parse_page("r", &url, &url, body, &HeaderMap::new(), &format).unwrap_err();
+        assert!(matches!(err, ForgeError::Malformed(_)), "{err:?}");
+        let err = parse_page("r", &url, &url, b"<html>", &HeaderMap::new(), &format).unwrap_err();
+        assert!(matches!(err, ForgeError::Malformed(_)), "{err:?}");
+    }
+
+    #[test]
+    fn snippets_hide_secrets() {
+        let mut h = HeaderMap::new();
+        let mut v = HeaderValue::from_static("Bearer tok123");
+        v.set_sensitive(true);
+        h.insert("authorization", v);
+        h.insert("accept", HeaderValue::from_static("text/plain"));
+        let secrets = secrets_of(&h);
+        assert_eq!(secrets, ["tok123"]);
+        assert_eq!(
+            snippet(b"Authorization: Bearer tok123\n", &secrets),
+            r#""Authorization: Bearer ***""#
+        );
+    }
+
+    #[test]
+    fn next_link_to_another_host_is_refused() {
+        let url = Url::parse("https://a/x").unwrap();
+        let format = ListingFormat {
+            sha_key: "sha",
+            x_next_page: false,
+        };
+        let h = headers(&[("link", r#"<https://evil.example/x?page=2>; rel="next""#)]);
+        let err = parse_page("r", &url, &url, b"[]", &h, &format).unwrap_err();
+        assert!(err.to_string().contains("another host"), "{err}");
     }
 }

@@ -1,8 +1,14 @@
+//! Observability: logging here, the audit trail in [`audit`], Prometheus metrics in
+//! [`metrics`].
+//!
 //! Logging: the tracing subscriber on stderr, as human text or one JSON object per line.
 //!
 //! `--log-level` sets the base level and `RUST_LOG` directives refine it. Colour only on a
 //! terminal. Nothing here ever formats a secret: secrets are `SecretString`s, whose
 //! `Debug` prints nothing.
+
+pub mod audit;
+pub mod metrics;
 
 use std::io::IsTerminal;
 
@@ -47,4 +53,9 @@ fn quiet(target: &str) -> tracing_subscriber::filter::Directive {
     format!("{target}=info")
         .parse()
         .unwrap_or_else(|_| LevelFilter::INFO.into())
+}
+
+/// The current time as RFC 3339 (UTC, whole seconds), as used in state and audit records.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }

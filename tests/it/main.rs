@@ -5,3 +5,8 @@
 mod support;
 
 mod cli;
+mod deploy;
+mod forge;
+mod server;
+mod trigger;
+mod watch;

@@ -1,0 +1,572 @@
+//! One attempt at one unit: check out the QA repository, run its commands in order, each in
+//! its own process group, stream their output, and clean up whatever the attempt left.
+//!
+//! Architecture invariant: when [`run_attempt`] returns, every process group it started has
+//! been signalled until empty (SIGTERM, `shutdown_grace`, SIGKILL) and the checkout directory
+//! and changes file are gone (unless `keep_workdir`). Remote data (branch, SHAs) reaches the
+//! commands only through `SENTRY_*` variables, never through the command string.
+
+use std::io::Write as _;
+use std::os::unix::process::ExitStatusExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::checkout::{self, CheckoutError, CloneRequest};
+use super::mask::{Masker, Tail};
+use super::{Trigger, Unit, UnitStatus};
+use crate::config::{Config, Repository};
+use crate::shutdown::Shutdown;
+
+/// Bytes of output kept per unit.
+pub const TAIL_BYTES: usize = 64 * 1024;
+
+/// A longer line is handed on in pieces of this size.
+const MAX_LINE: usize = 64 * 1024;
+
+/// How long a clone may take to notice a stop request before it is abandoned.
+const CLONE_STOP_SLACK: Duration = Duration::from_secs(10);
+
+/// How long output readers get to drain after their command ended.
+const READER_SETTLE: Duration = Duration::from_secs(1);
+
+/// How often a process group is checked for leftovers while waiting for it to empty.
+const GROUP_POLL: Duration = Duration::from_millis(50);
+
+/// What every unit of one group run shares.
+#[derive(Debug)]
+pub(crate) struct RunInfo {
+    pub group: String,
+    pub run_id: String,
+    pub trigger: Trigger,
+    /// Content of `SENTRY_CHANGES_FILE`.
+    pub changes_json: String,
+    /// End of the group's `global_timeout`.
+    pub deadline: Instant,
+    pub extra_env: Vec<(String, String)>,
+    pub keep_workdir: bool,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Outcome {
+    pub status: UnitStatus,
+    pub exit_code: Option<i32>,
+}
+
+impl Outcome {
+    fn new(status: UnitStatus, exit_code: Option<i32>) -> Outcome {
+        Outcome { status, exit_code }
+    }
+}
+
+/// Where a unit's output goes: masked, then logged, optionally printed, and kept.
+pub(crate) struct OutputSink {
+    repo: String,
+    masker: Masker,
+    live: bool,
+    tail: Mutex<Tail>,
+}
+
+impl OutputSink {
+    pub fn new(repo: &str, masker: Masker, live: bool) -> OutputSink {
+        OutputSink {
+            repo: repo.to_owned(),
+            masker,
+            live,
+            tail: Mutex::new(Tail::new(TAIL_BYTES)),
+        }
+    }
+
+    /// One line of command output.
+    pub fn line(&self, raw: &str) {
+        let line = self.masker.mask(raw);
+        if self.live {
+            // Shown on stdout already; the log keeps it at debug to avoid doubling it.
+            tracing::debug!(target: "sentry::deploy::output", repository = %self.repo, "{line}");
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "[{}] {line}", self.repo);
+        } else {
+            tracing::info!(target: "sentry::deploy::output", repository = %self.repo, "{line}");
+        }
+        self.keep(&line);
+    }
+
+    /// A message of Sentry's own about the unit (clone errors, retries), kept in the tail.
+    pub fn note(&self, message: &str) {
+        let message = self.masker.mask(message);
+        tracing::warn!(repository = %self.repo, "{message}");
+        if self.live {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "[{}] sentry: {message}", self.repo);
+        }
+        self.keep(&format!("sentry: {message}"));
+    }
+
+    fn keep(&self, line: &str) {
+        self.tail
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push_line(line);
+    }
+
+    pub fn tail(&self) -> String {
+        self.tail
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .into_string()
+    }
+}
+
+/// Everything one attempt needs.
+pub(crate) struct Attempt<'a> {
+    pub config: &'a Config,
+    pub repo: &'a Repository,
+    pub unit: &'a Unit,
+    pub run: &'a RunInfo,
+    pub shutdown: &'a Shutdown,
+    pub sink: &'a Arc<OutputSink>,
+}
+
+/// Why a command or clone was stopped from outside.
+#[derive(Debug, Clone, Copy)]
+enum Interrupt {
+    TimedOut,
+    Cancelled,
+}
+
+impl Interrupt {
+    fn status(self) -> UnitStatus {
+        match self {
+            Interrupt::TimedOut => UnitStatus::TimedOut,
+            Interrupt::Cancelled => UnitStatus::Cancelled,
+        }
+    }
+}
+
+/// Process groups and output readers an attempt started; cleaned up when it ends.
+#[derive(Default)]
+struct Leftovers {
+    groups: Vec<Pid>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+/// Runs one attempt of a unit to the end and cleans up after it.
+pub(crate) async fn run_attempt(a: &Attempt<'_>) -> Outcome {
+    let work_dir = a.config.work_dir.clone();
+    let (run_id, repo) = (a.run.run_id.clone(), a.repo.name.clone());
+    let created = tokio::task::spawn_blocking(move || {
+        checkout::create_checkout_dir(&work_dir, &run_id, &repo)
+    })
+    .await;
+    let dir = match created {
+        Ok(Ok(dir)) => dir,
+        Ok(Err(e)) => return failed(a, &format!("cannot create a checkout directory: {e}")),
+        Err(e) => return failed(a, &format!("cannot create a checkout directory: {e}")),
+    };
+    let mut leftovers = Leftovers::default();
+    let outcome = prepare_and_run(a, &dir, &mut leftovers).await;
+    clean_up(a, &dir, leftovers).await;
+    outcome
+}
+
+fn failed(a: &Attempt<'_>, message: &str) -> Outcome {
+    a.sink.note(message);
+    Outcome::new(UnitStatus::Failed, None)
+}
+
+async fn prepare_and_run(a: &Attempt<'_>, dir: &Path, leftovers: &mut Leftovers) -> Outcome {
+    let changes = checkout::changes_file(dir);
+    if let Err(e) = tokio::fs::write(&changes, &a.run.changes_json).await {
+        return failed(a, &format!("cannot write {}: {e}", changes.display()));
+    }
+    if let Err(outcome) = clone(a, dir).await {
+        return outcome;
+    }
+    let env = command_env(a, dir, &changes);
+    run_commands(a, dir, &env, leftovers).await
+}
+
+/// Clones the QA repository into `dir`, stopping on shutdown or the group deadline.
+async fn clone(a: &Attempt<'_>, dir: &Path) -> Result<(), Outcome> {
+    let req = CloneRequest::new(&a.repo.deploy, dir.to_owned());
+    let shutdown = a.shutdown.clone();
+    let deadline = a.run.deadline.into_std();
+    tracing::info!(repository = %a.repo.name, url = %req.url, branch = %req.branch, "cloning the QA repository");
+    let mut handle = tokio::task::spawn_blocking(move || {
+        let stop = move || shutdown.is_requested() || std::time::Instant::now() >= deadline;
+        checkout::clone_blocking(&req, &stop)
+    });
+    let joined = tokio::select! {
+        joined = &mut handle => Some(joined),
+        _ = interrupted(a) => tokio::time::timeout(CLONE_STOP_SLACK, &mut handle).await.ok(),
+    };
+    match joined {
+        Some(Ok(Ok(()))) => Ok(()),
+        Some(Ok(Err(CheckoutError::Stopped { .. }))) | None => Err(interrupted_outcome(a)),
+        Some(Ok(Err(e))) => Err(failed(a, &e.to_string())),
+        Some(Err(e)) => Err(failed(a, &format!("the clone task failed: {e}"))),
+    }
+}
+
+/// Completes on shutdown or at the group deadline.
+async fn interrupted(a: &Attempt<'_>) {
+    tokio::select! {
+        _ = a.shutdown.requested() => {}
+        _ = tokio::time::sleep_until(a.run.deadline) => {}
+    }
+}
+
+fn interrupted_outcome(a: &Attempt<'_>) -> Outcome {
+    let why = if a.shutdown.is_requested() {
+        Interrupt::Cancelled
+    } else {
+        Interrupt::TimedOut
+    };
+    Outcome::new(why.status(), None)
+}
+
+/// Sentry's environment, then the env file's, then `deploy.env`, then the `SENTRY_*` variables.
+fn command_env(a: &Attempt<'_>, dir: &Path, changes: &Path) -> Vec<(String, String)> {
+    let unit = a.unit;
+    let deploy = &a.repo.deploy;
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    let sentry = [
+        ("SENTRY_GROUP", a.run.group.clone()),
+        ("SENTRY_REPO_NAME", a.repo.name.clone()),
+        ("SENTRY_REPO_URL", a.repo.monitor.repo_url.clone()),
+        ("SENTRY_BRANCH", unit.branch.clone()),
+        ("SENTRY_COMMIT_SHA", unit.sha.to_string()),
+        (
+            "SENTRY_PREVIOUS_SHA",
+            unit.previous_sha
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+        ),
+        ("SENTRY_PROJECT_NAME", deploy.project_name.clone()),
+        ("SENTRY_TRIGGER", a.run.trigger.as_str().to_owned()),
+        ("SENTRY_RUN_ID", a.run.run_id.clone()),
+        ("SENTRY_QA_DIR", path(dir)),
+        ("SENTRY_CHANGES_FILE", path(changes)),
+    ];
+    let mut env = a.run.extra_env.clone();
+    env.extend(deploy.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env.extend(sentry.into_iter().map(|(k, v)| (k.to_owned(), v)));
+    env
+}
+
+/// The names of the variables [`command_env`] sets, for the dry-run plan.
+pub const SENTRY_VARIABLES: &[&str] = &[
+    "SENTRY_GROUP",
+    "SENTRY_REPO_NAME",
+    "SENTRY_REPO_URL",
+    "SENTRY_BRANCH",
+    "SENTRY_COMMIT_SHA",
+    "SENTRY_PREVIOUS_SHA",
+    "SENTRY_PROJECT_NAME",
+    "SENTRY_TRIGGER",
+    "SENTRY_RUN_ID",
+    "SENTRY_QA_DIR",
+    "SENTRY_CHANGES_FILE",
+];
+
+/// Runs the commands in order; stops at the first that does not succeed.
+async fn run_commands(
+    a: &Attempt<'_>,
+    dir: &Path,
+    env: &[(String, String)],
+    leftovers: &mut Leftovers,
+) -> Outcome {
+    let commands = &a.repo.deploy.commands;
+    let mut last_code = None;
+    for (index, command) in commands.iter().enumerate() {
+        if a.shutdown.is_requested() {
+            return Outcome::new(UnitStatus::Cancelled, last_code);
+        }
+        let now = Instant::now();
+        if now >= a.run.deadline {
+            return Outcome::new(UnitStatus::TimedOut, last_code);
+        }
+        let deadline = match a.repo.deploy.timeout {
+            Some(limit) => a.run.deadline.min(now + limit),
+            None => a.run.deadline,
+        };
+        tracing::info!(
+            repository = %a.repo.name,
+            command = %a.sink.masker.mask(command),
+            "running command {}/{}", index + 1, commands.len()
+        );
+        match run_command(a, command, dir, env, deadline, leftovers).await {
+            CommandEnd::Exited(status) if status.success() => last_code = Some(0),
+            CommandEnd::Exited(status) => {
+                if let Some(signal) = status.signal() {
+                    a.sink.note(&format!(
+                        "command {} was killed by signal {signal}",
+                        index + 1
+                    ));
+                }
+                return Outcome::new(UnitStatus::Failed, status.code());
+            }
+            CommandEnd::Interrupted(why) => {
+                let what = match why {
+                    Interrupt::TimedOut => "timed out",
+                    Interrupt::Cancelled => "was stopped by shutdown",
+                };
+                a.sink.note(&format!("command {} {what}", index + 1));
+                return Outcome::new(why.status(), None);
+            }
+            CommandEnd::SpawnFailed(e) => {
+                return failed(
+                    a,
+                    &format!(
+                        "cannot start {} for command {}: {e}",
+                        a.repo.deploy.shell,
+                        index + 1
+                    ),
+                );
+            }
+        }
+    }
+    Outcome::new(UnitStatus::Succeeded, last_code)
+}
+
+enum CommandEnd {
+    Exited(ExitStatus),
+    Interrupted(Interrupt),
+    SpawnFailed(std::io::Error),
+}
+
+/// Runs one command as the leader of its own process group and waits for it, its deadline
+/// or shutdown; an interrupted command's group is terminated before this returns.
+async fn run_command(
+    a: &Attempt<'_>,
+    command: &str,
+    dir: &Path,
+    env: &[(String, String)],
+    deadline: Instant,
+    leftovers: &mut Leftovers,
+) -> CommandEnd {
+    let mut cmd = tokio::process::Command::new(&a.repo.deploy.shell);
+    cmd.arg("-c")
+        .arg(command)
+        .current_dir(dir)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => return CommandEnd::SpawnFailed(e),
+    };
+    let Some(pgid) = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .map(Pid::from_raw)
+    else {
+        return CommandEnd::SpawnFailed(std::io::Error::other("the command has no process id"));
+    };
+    leftovers.groups.push(pgid);
+    if let Some(out) = child.stdout.take() {
+        leftovers.readers.push(spawn_reader(out, a.sink));
+    }
+    if let Some(err) = child.stderr.take() {
+        leftovers.readers.push(spawn_reader(err, a.sink));
+    }
+    let waited = tokio::select! {
+        status = child.wait() => Ok(status),
+        _ = tokio::time::sleep_until(deadline) => Err(Interrupt::TimedOut),
+        _ = a.shutdown.requested() => Err(Interrupt::Cancelled),
+    };
+    let end = match waited {
+        Ok(Ok(status)) => CommandEnd::Exited(status),
+        Ok(Err(e)) => CommandEnd::SpawnFailed(e),
+        Err(why) => {
+            terminate(&mut child, pgid, a.config.shutdown_grace, a.shutdown).await;
+            CommandEnd::Interrupted(why)
+        }
+    };
+    settle_readers(&mut leftovers.readers, READER_SETTLE).await;
+    end
+}
+
+/// SIGTERM to the group (SIGKILL when shutdown is forced), up to `grace` for it to empty,
+/// then SIGKILL, and reaps the shell.
+async fn terminate(
+    child: &mut tokio::process::Child,
+    pgid: Pid,
+    grace: Duration,
+    shutdown: &Shutdown,
+) {
+    if !shutdown.is_forced() {
+        signal_group(pgid, Signal::SIGTERM);
+        let gone = async {
+            let _ = child.wait().await;
+            wait_until_empty(&[pgid]).await;
+        };
+        tokio::select! {
+            _ = tokio::time::timeout(grace, gone) => {}
+            _ = shutdown.forced() => {}
+        }
+    }
+    signal_group(pgid, Signal::SIGKILL);
+    let _ = child.wait().await;
+}
+
+fn signal_group(pgid: Pid, signal: Signal) {
+    match killpg(pgid, signal) {
+        Ok(()) | Err(Errno::ESRCH) => {}
+        Err(e) => tracing::warn!(
+            pgid = pgid.as_raw(),
+            "cannot send {signal} to process group: {e}"
+        ),
+    }
+}
+
+/// Whether any process of the group still exists (zombies included).
+fn group_alive(pgid: Pid) -> bool {
+    !matches!(killpg(pgid, None), Err(Errno::ESRCH))
+}
+
+async fn wait_until_empty(groups: &[Pid]) {
+    while groups.iter().any(|g| group_alive(*g)) {
+        tokio::time::sleep(GROUP_POLL).await;
+    }
+}
+
+/// Gives output readers up to `limit` to reach end of file; keeps the ones still running
+/// (a background process may hold the pipe) for the final clean-up.
+async fn settle_readers(readers: &mut Vec<JoinHandle<()>>, limit: Duration) {
+    let until = Instant::now() + limit;
+    for reader in readers.iter_mut() {
+        let _ = tokio::time::timeout_at(until, reader).await;
+    }
+    readers.retain(|r| !r.is_finished());
+}
+
+/// Ends what the attempt left running (background children of commands that exited by
+/// themselves) and removes the checkout.
+async fn clean_up(a: &Attempt<'_>, dir: &Path, leftovers: Leftovers) {
+    let Leftovers {
+        groups,
+        mut readers,
+    } = leftovers;
+    let alive: Vec<Pid> = groups.into_iter().filter(|g| group_alive(*g)).collect();
+    if !alive.is_empty() {
+        tracing::info!(repository = %a.repo.name, "stopping {} process group(s) left by the commands", alive.len());
+        stop_groups(&alive, a.config.shutdown_grace, a.shutdown).await;
+    }
+    settle_readers(&mut readers, READER_SETTLE).await;
+    for reader in readers {
+        reader.abort();
+    }
+    if a.run.keep_workdir {
+        tracing::info!(repository = %a.repo.name, dir = %dir.display(), "keeping the QA checkout");
+        return;
+    }
+    remove_checkout(dir.to_owned()).await;
+}
+
+/// SIGTERM, up to `grace` for the groups to empty (cut short by a forced shutdown), SIGKILL.
+async fn stop_groups(groups: &[Pid], grace: Duration, shutdown: &Shutdown) {
+    if !shutdown.is_forced() {
+        for g in groups {
+            signal_group(*g, Signal::SIGTERM);
+        }
+        tokio::select! {
+            _ = tokio::time::timeout(grace, wait_until_empty(groups)) => {}
+            _ = shutdown.forced() => {}
+        }
+    }
+    for g in groups {
+        signal_group(*g, Signal::SIGKILL);
+    }
+}
+
+async fn remove_checkout(dir: PathBuf) {
+    let shown = dir.display().to_string();
+    match tokio::task::spawn_blocking(move || checkout::remove_checkout(&dir)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(dir = %shown, "cannot remove the QA checkout: {e}"),
+        Err(e) => tracing::warn!(dir = %shown, "cannot remove the QA checkout: {e}"),
+    }
+}
+
+fn spawn_reader<R>(reader: R, sink: &Arc<OutputSink>) -> JoinHandle<()>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+{
+    let sink = Arc::clone(sink);
+    tokio::spawn(async move {
+        let mut reader = BufReader::new(reader);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match read_line_capped(&mut reader, &mut buf, MAX_LINE).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let line = buf.strip_suffix(b"\n").unwrap_or(&buf);
+                    let line = line.strip_suffix(b"\r").unwrap_or(line);
+                    sink.line(&String::from_utf8_lossy(line));
+                }
+            }
+        }
+    })
+}
+
+/// Reads up to and including the next `\n`, or `max` bytes, whichever comes first.
+/// Returns the number of bytes read; 0 at end of file.
+async fn read_line_capped<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<usize> {
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            return Ok(buf.len());
+        }
+        let room = max.saturating_sub(buf.len());
+        let window = &available[..available.len().min(room)];
+        if let Some(i) = window.iter().position(|&b| b == b'\n') {
+            buf.extend_from_slice(&window[..=i]);
+            reader.consume(i + 1);
+            return Ok(buf.len());
+        }
+        let n = window.len();
+        buf.extend_from_slice(window);
+        reader.consume(n);
+        if buf.len() >= max {
+            return Ok(buf.len());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn long_lines_are_split_and_short_ones_kept_whole() {
+        let data: &[u8] = b"abcdefghij\nxy\nlast";
+        let mut reader = BufReader::new(data);
+        let mut lines = Vec::new();
+        let mut buf = Vec::new();
+        while read_line_capped(&mut reader, &mut buf, 4).await.unwrap() > 0 {
+            lines.push(String::from_utf8(buf.clone()).unwrap());
+            buf.clear();
+        }
+        assert_eq!(lines, ["abcd", "efgh", "ij\n", "xy\n", "last"]);
+    }
+}

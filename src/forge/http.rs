@@ -1,0 +1,742 @@
+//! The one HTTP client every forge shares: per-host concurrency limits, rate-limit pauses,
+//! in-call retries with backoff and jitter, and the ETag cache.
+//!
+//! [`Http::get`] is the only way a forge module talks HTTP. For one URL it
+//! 1. refuses at once with [`ForgeError::RateLimited`] while the host is paused (nothing sent);
+//! 2. waits for a permit of the host's semaphore;
+//! 3. sends `If-None-Match` when the URL has a cached ETag, and turns a `304` into the cached
+//!    value ([`Reply::Cached`]);
+//! 4. reads rate-limit headers; on a `403`/`429` that is a rate limit it pauses the whole host;
+//! 5. retries 5xx, timeouts, connection errors and truncated bodies (3 tries, ~200 ms doubling,
+//!    with jitter, abandoned when `cancel` fires), then gives up with `Transient`.
+//!
+//! What a `2xx` body means, and what a `404` means, is the forge module's business: it parses
+//! the body and calls [`Http::remember`] so the next request can be conditional.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use reqwest::header::{self, HeaderMap, HeaderValue};
+use reqwest::{StatusCode, Url};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use super::{ForgeError, ForgeEvents, ForgeStats, RateLimitInfo, Sha};
+
+/// Tries per call for retryable failures (5xx, timeouts, connection errors).
+const TRIES: u32 = 3;
+/// First delay between tries; doubles each time, with ±50 % jitter.
+const FIRST_RETRY_DELAY: Duration = Duration::from_millis(200);
+/// Pause after a rate limit that says nothing about when it ends; doubles on each repeat.
+const UNKNOWN_PAUSE_MIN: Duration = Duration::from_secs(60);
+const UNKNOWN_PAUSE_MAX: Duration = Duration::from_secs(3600);
+/// No forge answer we ask for is anywhere near this; anything bigger is broken.
+const MAX_BODY: usize = 8 * 1024 * 1024;
+
+/// A value an ETag stood for, replayed on `304 Not Modified`.
+#[derive(Debug, Clone)]
+pub(crate) enum Cached {
+    Sha(Sha),
+    Page(Arc<Page>),
+}
+
+/// One page of a branch listing: its branches and the link to the next page.
+#[derive(Debug)]
+pub(crate) struct Page {
+    pub branches: Vec<(String, Sha)>,
+    pub next: Option<Url>,
+}
+
+/// One GET as a forge module describes it.
+pub(crate) struct Call<'a> {
+    /// The repository's config name, for messages.
+    pub repo: &'a str,
+    pub url: Url,
+    /// Forge headers (auth, `Accept`, API version); `User-Agent` is the client's.
+    pub headers: HeaderMap,
+    /// Whether `headers` carry a token, to word a 401 correctly.
+    pub has_token: bool,
+    pub cancel: &'a CancellationToken,
+}
+
+/// A response the forge module has to interpret.
+#[derive(Debug)]
+pub(crate) enum Reply {
+    /// `2xx`.
+    Fresh {
+        body: Vec<u8>,
+        headers: HeaderMap,
+        etag: Option<String>,
+    },
+    /// `304` for a URL whose ETag we sent: the value it stood for.
+    Cached(Cached),
+    /// Any other status that is neither retryable nor a rate limit nor 401/403 (404, 422, 3xx).
+    Refused { status: StatusCode, body: Vec<u8> },
+}
+
+/// Shared client state; one per [`super::Forges`].
+pub(crate) struct Http {
+    client: reqwest::Client,
+    request_timeout: Duration,
+    max_per_host: usize,
+    hosts: Mutex<HashMap<String, Arc<Host>>>,
+    /// URL → (ETag exactly as received, the value it stood for).
+    cache: Mutex<HashMap<String, (String, Cached)>>,
+    requests: AtomicU64,
+    not_modified: AtomicU64,
+    errors: AtomicU64,
+    events: RwLock<Option<Arc<dyn ForgeEvents>>>,
+}
+
+/// One API host (or Git host): its concurrency limit and what we know of its rate limit.
+pub(crate) struct Host {
+    name: String,
+    semaphore: Arc<Semaphore>,
+    limits: Mutex<Limits>,
+}
+
+impl Http {
+    pub fn new(request_timeout: Duration, max_per_host: usize) -> reqwest::Result<Http> {
+        let client = reqwest::Client::builder()
+            .user_agent(crate::build_info::USER_AGENT)
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(request_timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .redirect(same_origin_redirects())
+            .build()?;
+        Ok(Http {
+            client,
+            request_timeout,
+            max_per_host: max_per_host.max(1),
+            hosts: Mutex::default(),
+            cache: Mutex::default(),
+            requests: AtomicU64::new(0),
+            not_modified: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            events: RwLock::new(None),
+        })
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
+    pub fn set_events(&self, events: Arc<dyn ForgeEvents>) {
+        *self.events.write().unwrap_or_else(PoisonError::into_inner) = Some(events);
+    }
+
+    fn events(&self) -> Option<Arc<dyn ForgeEvents>> {
+        self.events
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The state of host `key` (`host` or `host:port`), created on first use.
+    pub fn host(&self, key: &str) -> Arc<Host> {
+        let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
+        hosts
+            .entry(key.to_owned())
+            .or_insert_with(|| {
+                Arc::new(Host {
+                    name: key.to_owned(),
+                    semaphore: Arc::new(Semaphore::new(self.max_per_host)),
+                    limits: Mutex::default(),
+                })
+            })
+            .clone()
+    }
+
+    /// Counts one request that is not HTTP (a Git ls-remote), for the stats and the hook.
+    pub fn count_other(&self, host: &str, ok: bool) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if !ok {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(events) = self.events() {
+            events.request(host, if ok { "ok" } else { "error" });
+        }
+    }
+
+    pub fn stats(&self) -> ForgeStats {
+        let hosts: Vec<Arc<Host>> = self
+            .hosts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        let now = SystemTime::now();
+        let rate_limits: BTreeMap<String, RateLimitInfo> = hosts
+            .iter()
+            .filter_map(|h| {
+                let l = h.limits();
+                let info = RateLimitInfo {
+                    remaining: l.remaining,
+                    reset: l.reset,
+                    paused_until: l.paused(now),
+                };
+                let known =
+                    info.remaining.is_some() || info.reset.is_some() || info.paused_until.is_some();
+                known.then(|| (h.name.clone(), info))
+            })
+            .collect();
+        ForgeStats {
+            requests: self.requests.load(Ordering::Relaxed),
+            not_modified: self.not_modified.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            rate_limits,
+        }
+    }
+
+    /// Stores the value a response's ETag stands for; the next GET of `url` is conditional.
+    pub fn remember(&self, url: &Url, etag: Option<String>, value: Cached) {
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        match etag {
+            Some(etag) => {
+                cache.insert(url.as_str().to_owned(), (etag, value));
+            }
+            None => {
+                cache.remove(url.as_str());
+            }
+        }
+    }
+
+    fn cached(&self, url: &Url) -> Option<(String, Cached)> {
+        self.cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(url.as_str())
+            .cloned()
+    }
+
+    /// One GET with everything the module header lists. Never panics.
+    pub async fn get(&self, call: Call<'_>) -> Result<Reply, ForgeError> {
+        let key = host_key(&call.url);
+        let host = self.host(&key);
+        let mut last = String::new();
+        for attempt in 1..=TRIES {
+            match self.attempt(&host, &call).await {
+                Attempt::Done(result) => return result,
+                Attempt::Retry(why) => last = why,
+            }
+            if attempt < TRIES {
+                let delay = retry_delay(attempt);
+                tokio::select! {
+                    () = call.cancel.cancelled() => return Err(cancelled(call.repo)),
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+        Err(ForgeError::Transient(format!(
+            "{}: {last} (gave up after {TRIES} tries)",
+            call.repo
+        )))
+    }
+
+    async fn attempt(&self, host: &Host, call: &Call<'_>) -> Attempt {
+        if let Some(until) = host.limits().paused(SystemTime::now()) {
+            return Attempt::Done(Err(rate_limited(host, until)));
+        }
+        let _permit = match host.permit(call.cancel).await {
+            Some(p) => p,
+            None => return Attempt::Done(Err(cancelled(call.repo))),
+        };
+        // The pause may have started while we waited for the permit.
+        if let Some(until) = host.limits().paused(SystemTime::now()) {
+            return Attempt::Done(Err(rate_limited(host, until)));
+        }
+
+        let cached = self.cached(&call.url);
+        let mut request = self
+            .client
+            .get(call.url.clone())
+            .headers(call.headers.clone());
+        if let Some((etag, _)) = &cached {
+            if let Ok(value) = HeaderValue::from_str(etag) {
+                request = request.header(header::IF_NONE_MATCH, value);
+            }
+        }
+        let started = Instant::now();
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let sent = tokio::select! {
+            () = call.cancel.cancelled() => return Attempt::Done(Err(cancelled(call.repo))),
+            sent = request.send() => sent,
+        };
+        let response = match sent {
+            Ok(r) => r,
+            Err(e) => {
+                self.record(call, &host.name, None, started);
+                return Attempt::Retry(describe_transport(&host.name, &e));
+            }
+        };
+        let status = response.status();
+        let headers = response.headers().clone();
+        self.read_rate_limit(host, &headers);
+
+        if status == StatusCode::NOT_MODIFIED {
+            self.record(call, &host.name, Some(status), started);
+            self.not_modified.fetch_add(1, Ordering::Relaxed);
+            host.limits().success();
+            return Attempt::Done(match cached {
+                Some((_, value)) => Ok(Reply::Cached(value)),
+                None => Err(ForgeError::Malformed(format!(
+                    "{}: {} answered 304 Not Modified to a request that was not conditional",
+                    call.repo, host.name
+                ))),
+            });
+        }
+
+        let body = tokio::select! {
+            () = call.cancel.cancelled() => return Attempt::Done(Err(cancelled(call.repo))),
+            body = read_body(response) => body,
+        };
+        self.record(call, &host.name, Some(status), started);
+        let body = match body {
+            Ok(b) => b,
+            Err(BodyError::TooLarge) => {
+                return Attempt::Done(Err(ForgeError::Malformed(format!(
+                    "{}: {} sent an answer larger than {} MiB",
+                    call.repo,
+                    host.name,
+                    MAX_BODY / (1024 * 1024)
+                ))));
+            }
+            Err(BodyError::Transport(e)) if status.is_success() || status.is_server_error() => {
+                return Attempt::Retry(format!(
+                    "the answer from {} was cut short: {}",
+                    host.name,
+                    error_chain(&e)
+                ));
+            }
+            Err(BodyError::Transport(_)) => Vec::new(),
+        };
+
+        if status.is_success() {
+            host.limits().success();
+            let etag = headers
+                .get(header::ETAG)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            return Attempt::Done(Ok(Reply::Fresh {
+                body,
+                headers,
+                etag,
+            }));
+        }
+        if status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT {
+            return Attempt::Retry(format!("{} answered {}", host.name, status_text(status)));
+        }
+        match status {
+            StatusCode::UNAUTHORIZED => Attempt::Done(Err(ForgeError::Auth(if call.has_token {
+                format!(
+                    "{}: bad or expired token for {} (401 Unauthorized)",
+                    call.repo, host.name
+                )
+            } else {
+                format!(
+                    "{}: {} requires a token (401 Unauthorized); set monitor.auth.token",
+                    call.repo, host.name
+                )
+            }))),
+            StatusCode::FORBIDDEN | StatusCode::TOO_MANY_REQUESTS => Attempt::Done(Err(
+                self.refused_403_429(host, call, status, &headers, &body)
+            )),
+            _ => Attempt::Done(Ok(Reply::Refused { status, body })),
+        }
+    }
+
+    /// A 403 or 429: a rate limit (pause the host) or a token without permission.
+    fn refused_403_429(
+        &self,
+        host: &Host,
+        call: &Call<'_>,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> ForgeError {
+        let now = SystemTime::now();
+        let signals = RateSignals::read(headers, now);
+        let text = String::from_utf8_lossy(body).to_ascii_lowercase();
+        let evident = status == StatusCode::TOO_MANY_REQUESTS || text.contains("rate limit");
+        let mut limits = host.limits();
+        match limits.pause(now, &signals, evident) {
+            Some((until, newly)) => {
+                drop(limits);
+                if newly {
+                    tracing::warn!(
+                        host = %host.name,
+                        until = %humantime::format_rfc3339_seconds(until),
+                        status = status.as_u16(),
+                        "rate limited: pausing every request to this host until then"
+                    );
+                }
+                rate_limited(host, until)
+            }
+            None => ForgeError::Auth(format!(
+                "{}: {} refused access (403 Forbidden): the token lacks permission for this repository",
+                call.repo, host.name
+            )),
+        }
+    }
+
+    fn read_rate_limit(&self, host: &Host, headers: &HeaderMap) {
+        let signals = RateSignals::read(headers, SystemTime::now());
+        if signals.remaining.is_none() && signals.reset.is_none() {
+            return;
+        }
+        host.limits().observe(&signals);
+        if let Some(events) = self.events() {
+            events.rate_limit(&host.name, signals.remaining, signals.reset);
+        }
+    }
+
+    /// Debug log, counters and the hook for one request that was sent.
+    fn record(&self, call: &Call<'_>, host: &str, status: Option<StatusCode>, started: Instant) {
+        let status_label = status.map_or_else(|| "error".to_owned(), |s| s.as_u16().to_string());
+        let failed = status.is_none_or(|s| s.is_client_error() || s.is_server_error());
+        if failed {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::debug!(
+            repo = call.repo,
+            method = "GET",
+            url = %call.url,
+            host,
+            status = %status_label,
+            ms = started.elapsed().as_millis() as u64,
+            "forge request"
+        );
+        if let Some(events) = self.events() {
+            events.request(host, &status_label);
+        }
+    }
+}
+
+impl Host {
+    fn limits(&self) -> std::sync::MutexGuard<'_, Limits> {
+        self.limits.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A concurrency permit, or `None` when `cancel` fired first.
+    pub async fn permit(&self, cancel: &CancellationToken) -> Option<OwnedSemaphorePermit> {
+        tokio::select! {
+            () = cancel.cancelled() => None,
+            permit = self.semaphore.clone().acquire_owned() => permit.ok(),
+        }
+    }
+}
+
+enum Attempt {
+    Done(Result<Reply, ForgeError>),
+    Retry(String),
+}
+
+/// What one response says about the rate limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct RateSignals {
+    pub remaining: Option<u64>,
+    pub reset: Option<SystemTime>,
+    pub retry_after: Option<Duration>,
+}
+
+impl RateSignals {
+    /// GitHub's `x-ratelimit-*`, GitLab's `RateLimit-*`, and `Retry-After` (seconds).
+    pub fn read(headers: &HeaderMap, now: SystemTime) -> RateSignals {
+        let number = |names: &[&str]| {
+            names
+                .iter()
+                .find_map(|n| headers.get(*n)?.to_str().ok()?.trim().parse::<u64>().ok())
+        };
+        let remaining = number(&["x-ratelimit-remaining", "ratelimit-remaining"]);
+        let reset = number(&["x-ratelimit-reset", "ratelimit-reset"]).map(|n| {
+            // Epoch seconds as documented; small values are delta-seconds (IETF draft style).
+            if n < 1_000_000_000 {
+                now + Duration::from_secs(n)
+            } else {
+                UNIX_EPOCH + Duration::from_secs(n)
+            }
+        });
+        let retry_after = number(&["retry-after"]).map(Duration::from_secs);
+        RateSignals {
+            remaining,
+            reset,
+            retry_after,
+        }
+    }
+}
+
+/// What we know of one host's rate limit. Pure: every method takes `now`, for tests.
+#[derive(Debug, Default)]
+pub(crate) struct Limits {
+    remaining: Option<u64>,
+    reset: Option<SystemTime>,
+    paused_until: Option<SystemTime>,
+    /// Length of the last pause that had no end time; doubles on repeats, cleared on success.
+    unknown_pause: Option<Duration>,
+}
+
+impl Limits {
+    /// The end of the current pause, if one is running at `now`.
+    pub fn paused(&self, now: SystemTime) -> Option<SystemTime> {
+        self.paused_until.filter(|until| *until > now)
+    }
+
+    pub fn observe(&mut self, signals: &RateSignals) {
+        if signals.remaining.is_some() {
+            self.remaining = signals.remaining;
+        }
+        if signals.reset.is_some() {
+            self.reset = signals.reset;
+        }
+    }
+
+    /// A 403/429 arrived. Returns the end of the pause and whether it newly started, or
+    /// `None` when the response is no rate limit at all.
+    pub fn pause(
+        &mut self,
+        now: SystemTime,
+        signals: &RateSignals,
+        evident: bool,
+    ) -> Option<(SystemTime, bool)> {
+        let at_least_a_second = now + Duration::from_secs(1);
+        let until = if let Some(after) = signals.retry_after {
+            now + after.max(Duration::from_secs(1))
+        } else if let (Some(0), Some(reset)) = (signals.remaining, signals.reset) {
+            reset.max(at_least_a_second)
+        } else if evident || signals.remaining == Some(0) {
+            let length = self
+                .unknown_pause
+                .map_or(UNKNOWN_PAUSE_MIN, |d| (d * 2).min(UNKNOWN_PAUSE_MAX));
+            self.unknown_pause = Some(length);
+            now + length
+        } else {
+            return None;
+        };
+        let newly = self.paused(now).is_none();
+        let until = self.paused(now).map_or(until, |current| current.max(until));
+        self.paused_until = Some(until);
+        Some((until, newly))
+    }
+
+    pub fn success(&mut self) {
+        self.unknown_pause = None;
+    }
+}
+
+/// `host` or `host:port`: the key of per-host limits and of `ForgeStats::rate_limits`.
+pub(crate) fn host_key(url: &Url) -> String {
+    let host = url.host_str().unwrap_or("local");
+    match url.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_owned(),
+    }
+}
+
+/// Delay before try `attempt + 1`: 200 ms, 400 ms, … each scaled by a random 0.5–1.5.
+pub(crate) fn retry_delay(attempt: u32) -> Duration {
+    let base = FIRST_RETRY_DELAY * 2u32.saturating_pow(attempt.saturating_sub(1));
+    base.mul_f64(rand::random_range(0.5..1.5))
+}
+
+pub(crate) fn cancelled(repo: &str) -> ForgeError {
+    ForgeError::Transient(format!("{repo}: check cancelled (shutting down)"))
+}
+
+fn rate_limited(host: &Host, until: SystemTime) -> ForgeError {
+    ForgeError::RateLimited {
+        host: host.name.clone(),
+        until,
+    }
+}
+
+fn status_text(status: StatusCode) -> String {
+    match status.canonical_reason() {
+        Some(reason) => format!("{} {reason}", status.as_u16()),
+        None => status.as_u16().to_string(),
+    }
+}
+
+fn describe_transport(host: &str, error: &reqwest::Error) -> String {
+    let what = if error.is_timeout() {
+        "timed out"
+    } else if error.is_connect() {
+        "could not connect"
+    } else {
+        "request failed"
+    };
+    format!("{host}: {what}: {}", error_chain(error))
+}
+
+/// An error and its sources on one line, without the URL (it is logged separately).
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
+}
+
+enum BodyError {
+    TooLarge,
+    Transport(reqwest::Error),
+}
+
+async fn read_body(mut response: reqwest::Response) -> Result<Vec<u8>, BodyError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(BodyError::Transport)? {
+        if body.len() + chunk.len() > MAX_BODY {
+            return Err(BodyError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Follows redirects only within the same origin, so a token header (which reqwest only
+/// strips for `Authorization`) never travels to another host.
+fn same_origin_redirects() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let first = attempt.previous().first().map(Url::origin);
+        if attempt.previous().len() >= 5 {
+            attempt.error("too many redirects")
+        } else if first.is_some_and(|origin| origin == attempt.url().origin()) {
+            attempt.follow()
+        } else {
+            attempt.stop()
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_800_000_000 + secs)
+    }
+
+    #[test]
+    fn retry_after_pauses_for_that_long_and_logs_once() {
+        let mut limits = Limits::default();
+        let signals = RateSignals {
+            retry_after: Some(Duration::from_secs(30)),
+            ..RateSignals::default()
+        };
+        assert_eq!(limits.pause(at(0), &signals, true), Some((at(30), true)));
+        assert_eq!(limits.paused(at(29)), Some(at(30)));
+        assert_eq!(limits.paused(at(30)), None);
+        // A second 429 during the pause extends nothing shorter and is not "new".
+        assert_eq!(limits.pause(at(10), &signals, true), Some((at(40), false)));
+    }
+
+    #[test]
+    fn remaining_zero_pauses_until_reset() {
+        let mut limits = Limits::default();
+        let signals = RateSignals {
+            remaining: Some(0),
+            reset: Some(at(500)),
+            retry_after: None,
+        };
+        assert_eq!(limits.pause(at(0), &signals, false), Some((at(500), true)));
+        assert!(limits.paused(at(499)).is_some());
+        assert!(limits.paused(at(500)).is_none());
+    }
+
+    #[test]
+    fn reset_in_the_past_still_pauses_a_second() {
+        let mut limits = Limits::default();
+        let signals = RateSignals {
+            remaining: Some(0),
+            reset: Some(at(0)),
+            retry_after: None,
+        };
+        assert_eq!(
+            limits.pause(at(100), &signals, false),
+            Some((at(101), true))
+        );
+    }
+
+    #[test]
+    fn unknown_rate_limit_backs_off_doubling_capped_and_resets_on_success() {
+        let mut limits = Limits::default();
+        let none = RateSignals::default();
+        let mut now = at(0);
+        let mut lengths = Vec::new();
+        for _ in 0..8 {
+            let (until, _) = limits.pause(now, &none, true).unwrap();
+            lengths.push(until.duration_since(now).unwrap().as_secs());
+            now = until;
+        }
+        assert_eq!(lengths, [60, 120, 240, 480, 960, 1920, 3600, 3600]);
+        limits.success();
+        let (until, _) = limits.pause(now, &none, true).unwrap();
+        assert_eq!(until.duration_since(now).unwrap().as_secs(), 60);
+    }
+
+    #[test]
+    fn plain_403_is_no_rate_limit() {
+        let mut limits = Limits::default();
+        let signals = RateSignals {
+            remaining: Some(4000),
+            reset: Some(at(100)),
+            retry_after: None,
+        };
+        assert_eq!(limits.pause(at(0), &signals, false), None);
+        assert_eq!(limits.paused(at(0)), None);
+    }
+
+    #[test]
+    fn reads_github_and_gitlab_headers() {
+        let now = at(0);
+        let mut h = HeaderMap::new();
+        h.insert("x-ratelimit-remaining", HeaderValue::from_static("42"));
+        h.insert("x-ratelimit-reset", HeaderValue::from_static("1800000100"));
+        let s = RateSignals::read(&h, now);
+        assert_eq!((s.remaining, s.reset), (Some(42), Some(at(100))));
+
+        let mut h = HeaderMap::new();
+        h.insert("RateLimit-Remaining", HeaderValue::from_static("7"));
+        h.insert("RateLimit-Reset", HeaderValue::from_static("1800000060"));
+        h.insert("Retry-After", HeaderValue::from_static("12"));
+        let s = RateSignals::read(&h, now);
+        assert_eq!(
+            s,
+            RateSignals {
+                remaining: Some(7),
+                reset: Some(at(60)),
+                retry_after: Some(Duration::from_secs(12)),
+            }
+        );
+    }
+
+    #[test]
+    fn retry_delays_grow_with_jitter() {
+        for _ in 0..50 {
+            let first = retry_delay(1);
+            let second = retry_delay(2);
+            assert!((100..=300).contains(&first.as_millis()), "{first:?}");
+            assert!((200..=600).contains(&second.as_millis()), "{second:?}");
+        }
+    }
+
+    #[test]
+    fn host_key_keeps_ports() {
+        let url = Url::parse("http://127.0.0.1:8080/x").unwrap();
+        assert_eq!(host_key(&url), "127.0.0.1:8080");
+        let url = Url::parse("https://api.github.com/repos").unwrap();
+        assert_eq!(host_key(&url), "api.github.com");
+    }
+}

@@ -1,0 +1,437 @@
+//! The poll loop: ask the forges for every watched branch, compare with what is known,
+//! and hand the changes, grouped by the repositories' groups, to the scheduler.
+//!
+//! [`Monitor::poll_once`] is one cycle; [`run`] is the thin loop around it (interval with
+//! jitter, immediate checks asked for by webhooks, shutdown). The monitor never advances
+//! a stored SHA for a change: only a deployment's end does (see [`scheduler`]). It does
+//! record baselines (first sight) and drop vanished pattern branches.
+
+pub mod detect;
+pub mod scheduler;
+pub mod state;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Repository};
+use crate::deploy::{Trigger, Unit, expand_scope};
+use crate::forge::{Forges, Observation, Sha};
+use crate::shutdown::Shutdown;
+use crate::telemetry::metrics::Metrics;
+
+use detect::{Change, Detection, detect};
+use scheduler::Scheduler;
+use state::{BranchState, StateStore, now_rfc3339};
+
+/// How many repositories are observed at once (the forges bound requests per host too).
+const OBSERVE_CONCURRENCY: usize = 64;
+
+/// Which repositories a cycle checks.
+#[derive(Debug, Clone)]
+pub enum Scope {
+    /// Every repository not backing off after an error.
+    All,
+    /// These, now, backoff or not (a webhook said they moved).
+    Repositories(Vec<String>),
+}
+
+/// What one cycle saw, for its log line and for `watch --once`.
+#[derive(Debug, Clone, Default)]
+pub struct CycleReport {
+    pub branches_checked: usize,
+    pub changes: usize,
+    /// Branches or listings that could not be checked.
+    pub errors: usize,
+    /// Repositories skipped because they are backing off after errors.
+    pub backing_off: usize,
+    pub duration: Duration,
+    pub requests: u64,
+    pub not_modified: u64,
+    /// The lowest remaining API quota across hosts, when a forge reported one.
+    pub rate_limit_remaining: Option<u64>,
+}
+
+/// Liveness and readiness facts the HTTP server reports.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Unix seconds of the last completed cycle; 0 before the first.
+    last_cycle_end: AtomicU64,
+    ready: AtomicBool,
+}
+
+impl Health {
+    pub fn last_cycle_end(&self) -> Option<SystemTime> {
+        match self.last_cycle_end.load(Ordering::Relaxed) {
+            0 => None,
+            secs => Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs)),
+        }
+    }
+
+    /// Ready once the first cycle has completed, until shutdown begins.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// Records that a cycle completed at `at`.
+    pub fn cycle_completed_at(&self, at: SystemTime) {
+        let secs = at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(1);
+        self.last_cycle_end.store(secs.max(1), Ordering::Relaxed);
+    }
+}
+
+/// Per-repository backoff across cycles after errors that retrying will not fix soon.
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    until: Instant,
+    delay: Duration,
+}
+
+pub struct Monitor {
+    config: Arc<Config>,
+    forges: Forges,
+    state: Arc<StateStore>,
+    scheduler: Scheduler,
+    backoff: Mutex<HashMap<String, Backoff>>,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+}
+
+impl Monitor {
+    pub fn new(
+        config: Arc<Config>,
+        forges: Forges,
+        state: Arc<StateStore>,
+        scheduler: Scheduler,
+        metrics: Arc<Metrics>,
+    ) -> Monitor {
+        Monitor {
+            config,
+            forges,
+            state,
+            scheduler,
+            backoff: Mutex::new(HashMap::new()),
+            health: Arc::new(Health::default()),
+            metrics,
+        }
+    }
+
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
+    }
+
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.scheduler
+    }
+
+    pub fn config(&self) -> &Arc<Config> {
+        &self.config
+    }
+
+    /// One cycle: observe, detect, record baselines, submit changes to the scheduler.
+    pub async fn poll_once(
+        &self,
+        scope: Scope,
+        trigger: Trigger,
+        cancel: &CancellationToken,
+    ) -> CycleReport {
+        let started = Instant::now();
+        let stats_before = self.forges.stats();
+        let (repos, backing_off) = self.select(&scope);
+        let observations = self.observe_all(&repos, cancel).await;
+
+        let mut report = CycleReport {
+            backing_off,
+            ..CycleReport::default()
+        };
+        let mut changes: Vec<Change> = Vec::new();
+        let mut current: HashMap<String, BTreeMap<String, Sha>> = HashMap::new();
+        let mut state_changed = false;
+        for (index, observation) in observations {
+            let repo = &self.config.repositories[index];
+            report.branches_checked += observation.heads.len();
+            report.errors += observation.failures.len();
+            self.note_failures(repo, &observation);
+            let stored = self.state.with(|s| s.repositories.get(&repo.name).cloned());
+            let detection = detect(repo, &observation, stored.as_ref(), |b| {
+                self.scheduler.in_flight(&repo.name, b)
+            });
+            state_changed |= self.record(repo, &detection);
+            for c in &detection.changes {
+                let old = c.previous.as_ref().map_or("(new branch)", Sha::short);
+                tracing::info!(repository = %c.repository, branch = %c.branch, "change: {} {} {old} → {}", c.repository, c.branch, c.sha.short());
+            }
+            for c in &detection.changes {
+                self.metrics.branch_change(&c.repository);
+            }
+            changes.extend(detection.changes);
+            current.insert(repo.name.clone(), observation.heads);
+        }
+        report.changes = changes.len();
+        if state_changed {
+            self.save_state().await;
+        }
+        self.submit(changes, &current, trigger);
+
+        let stats = self.forges.stats();
+        report.requests = stats.requests.saturating_sub(stats_before.requests);
+        report.not_modified = stats.not_modified.saturating_sub(stats_before.not_modified);
+        report.rate_limit_remaining = stats.rate_limits.values().filter_map(|r| r.remaining).min();
+        report.duration = started.elapsed();
+        self.health.cycle_completed_at(SystemTime::now());
+        self.metrics.cycle(report.duration, report.errors);
+        log_cycle(&report);
+        report
+    }
+
+    /// Indices of the repositories to observe, and how many were skipped for backoff.
+    fn select(&self, scope: &Scope) -> (Vec<usize>, usize) {
+        let now = Instant::now();
+        let backoff = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+        let mut skipped = 0;
+        let repos = self
+            .config
+            .repositories
+            .iter()
+            .enumerate()
+            .filter(|(_, repo)| match scope {
+                Scope::Repositories(names) => names.contains(&repo.name),
+                Scope::All => {
+                    let waiting = backoff.get(&repo.name).is_some_and(|b| b.until > now);
+                    skipped += usize::from(waiting);
+                    !waiting
+                }
+            })
+            .map(|(i, _)| i)
+            .collect();
+        (repos, skipped)
+    }
+
+    async fn observe_all(
+        &self,
+        repos: &[usize],
+        cancel: &CancellationToken,
+    ) -> Vec<(usize, Observation)> {
+        let limit = Arc::new(Semaphore::new(OBSERVE_CONCURRENCY));
+        let mut tasks = JoinSet::new();
+        for &index in repos {
+            let (forges, config, cancel, limit) = (
+                self.forges.clone(),
+                self.config.clone(),
+                cancel.clone(),
+                limit.clone(),
+            );
+            tasks.spawn(async move {
+                let _permit = limit.acquire_owned().await.ok();
+                (
+                    index,
+                    forges.observe(&config.repositories[index], &cancel).await,
+                )
+            });
+        }
+        let mut out = Vec::with_capacity(repos.len());
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok(pair) => out.push(pair),
+                Err(e) => tracing::error!("observing a repository failed unexpectedly: {e}"),
+            }
+        }
+        out.sort_by_key(|(i, _)| *i);
+        out
+    }
+
+    fn note_failures(&self, repo: &Repository, observation: &Observation) {
+        for failure in &observation.failures {
+            self.metrics.forge_error(&repo.name, failure.error.kind());
+            let what = failure.branch.as_deref().unwrap_or("(branch listing)");
+            tracing::warn!(repository = %repo.name, branch = what, kind = failure.error.kind(), "cannot check {} {what}: {}", repo.name, failure.error);
+        }
+        let mut backoff = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+        if observation
+            .failures
+            .iter()
+            .any(|f| f.error.backs_off_repository())
+        {
+            let interval = self.config.polling_interval;
+            let delay = backoff
+                .get(&repo.name)
+                .map_or(interval * 2, |b| (b.delay * 2).min(interval * 10));
+            backoff.insert(
+                repo.name.clone(),
+                Backoff {
+                    until: Instant::now() + delay,
+                    delay,
+                },
+            );
+            tracing::warn!(repository = %repo.name, "backing off {}: next check in {}", repo.name, humantime::format_duration(delay));
+        } else if observation.failures.is_empty() && backoff.remove(&repo.name).is_some() {
+            tracing::info!(repository = %repo.name, "{} recovered", repo.name);
+        }
+    }
+
+    /// Applies baselines, vanished branches and pattern baselines; true if state changed.
+    fn record(&self, repo: &Repository, detection: &Detection) -> bool {
+        if detection.baselines.is_empty()
+            && detection.gone.is_empty()
+            && detection.patterns_baselined.is_empty()
+        {
+            return false;
+        }
+        for (branch, sha) in &detection.baselines {
+            tracing::info!(repository = %repo.name, branch = %branch, "baseline: {} {branch} at {}", repo.name, sha.short());
+        }
+        for branch in &detection.gone {
+            tracing::info!(repository = %repo.name, branch = %branch, "branch {branch} of {} is gone; dropped from state", repo.name);
+        }
+        self.state.with(|state| {
+            let entry = state.repositories.entry(repo.name.clone()).or_default();
+            for (branch, sha) in &detection.baselines {
+                entry.branches.insert(
+                    branch.clone(),
+                    BranchState {
+                        sha: sha.clone(),
+                        seen_at: now_rfc3339(),
+                        last_deploy: None,
+                    },
+                );
+            }
+            for branch in &detection.gone {
+                entry.branches.remove(branch);
+            }
+            entry
+                .baselined_patterns
+                .extend(detection.patterns_baselined.iter().cloned());
+        });
+        true
+    }
+
+    /// Groups the changes and, for `deploy_scope: all`, adds every other repository of
+    /// the group at its current head (this cycle's answer, else the stored SHA).
+    fn submit(
+        &self,
+        changes: Vec<Change>,
+        current: &HashMap<String, BTreeMap<String, Sha>>,
+        trigger: Trigger,
+    ) {
+        let mut by_group: BTreeMap<&str, Vec<Unit>> = BTreeMap::new();
+        for change in changes {
+            let Some(repo) = self.config.repository(&change.repository) else {
+                continue;
+            };
+            by_group.entry(repo.group.as_str()).or_default().push(Unit {
+                repository: change.repository,
+                branch: change.branch,
+                previous_sha: change.previous,
+                sha: change.sha,
+            });
+        }
+        for (group_name, units) in by_group {
+            let Some(group) = self.config.group(group_name) else {
+                continue;
+            };
+            let heads = self.current_heads(group_name, current);
+            let units = expand_scope(&self.config, group, units, &heads);
+            self.scheduler.submit(group_name, units, trigger.clone());
+        }
+    }
+
+    /// Heads of the group's exact branches: observed this cycle, else stored.
+    fn current_heads(
+        &self,
+        group: &str,
+        current: &HashMap<String, BTreeMap<String, Sha>>,
+    ) -> BTreeMap<(String, String), Sha> {
+        let mut heads = BTreeMap::new();
+        for repo in self.config.repositories_in(group) {
+            for branch in repo.monitor.exact_branches() {
+                let observed = current.get(&repo.name).and_then(|h| h.get(branch)).cloned();
+                if let Some(sha) =
+                    observed.or_else(|| self.state.branch(&repo.name, branch).map(|b| b.sha))
+                {
+                    heads.insert((repo.name.clone(), branch.to_owned()), sha);
+                }
+            }
+        }
+        heads
+    }
+
+    pub async fn save_state(&self) {
+        let state = self.state.clone();
+        match tokio::task::spawn_blocking(move || state.save()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!("{e}"),
+            Err(e) => tracing::error!("state save task failed: {e}"),
+        }
+    }
+}
+
+fn log_cycle(r: &CycleReport) {
+    let remaining = r
+        .rate_limit_remaining
+        .map_or_else(|| "n/a".to_owned(), |n| n.to_string());
+    tracing::info!(
+        branches = r.branches_checked,
+        changes = r.changes,
+        errors = r.errors,
+        requests = r.requests,
+        not_modified = r.not_modified,
+        duration_ms = r.duration.as_millis() as u64,
+        "cycle: {} branches checked in {} ms, {} changes, {} errors, {} requests ({} not modified), rate limit remaining {remaining}{}",
+        r.branches_checked,
+        r.duration.as_millis(),
+        r.changes,
+        r.errors,
+        r.requests,
+        r.not_modified,
+        if r.backing_off > 0 {
+            format!(", {} repositories backing off", r.backing_off)
+        } else {
+            String::new()
+        },
+    );
+}
+
+/// The interval plus up to 10 % (at most 5 s) of random jitter, so that many Sentries
+/// started together do not poll in lockstep.
+fn next_delay(interval: Duration) -> Duration {
+    let max_jitter = (interval / 10).min(Duration::from_secs(5));
+    interval + max_jitter.mul_f64(rand::random::<f64>())
+}
+
+/// The watch loop: a cycle every interval, and right away for each webhook hint, until
+/// shutdown. Cycles never overlap; a hint that arrives during a cycle is served after it.
+pub async fn run(
+    monitor: Arc<Monitor>,
+    shutdown: Shutdown,
+    mut hints: mpsc::Receiver<Vec<String>>,
+) {
+    let cancel = shutdown.token().clone();
+    let mut next = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.requested() => break,
+            Some(repos) = hints.recv() => {
+                monitor.poll_once(Scope::Repositories(repos), Trigger::Webhook, &cancel).await;
+            }
+            _ = tokio::time::sleep_until(next) => {
+                monitor.poll_once(Scope::All, Trigger::Poll, &cancel).await;
+                monitor.health.set_ready(!shutdown.is_requested());
+                next = tokio::time::Instant::now() + next_delay(monitor.config.polling_interval);
+            }
+        }
+    }
+    monitor.health.set_ready(false);
+}

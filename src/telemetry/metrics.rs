@@ -1,0 +1,338 @@
+//! Prometheus metrics (prometheus-client), and the one place that names them.
+//!
+//! Label values come only from the configuration (group and repository names, API hosts)
+//! or from small fixed sets (HTTP status codes, results), so cardinality stays bounded
+//! whatever the forges answer.
+
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, SystemTime};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HostStatus {
+    host: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Host {
+    host: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RepoKind {
+    repository: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Repo {
+    repository: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GroupResultLabels {
+    group: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Group {
+    group: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RepoResult {
+    repository: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+    commit: String,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+pub struct Metrics {
+    registry: Registry,
+    poll_cycles: Counter,
+    poll_cycle_duration: Histogram,
+    forge_requests: Family<HostStatus, Counter>,
+    forge_errors: Family<RepoKind, Counter>,
+    rate_limit_remaining: Family<Host, Gauge>,
+    rate_limit_reset: Family<Host, Gauge>,
+    branch_changes: Family<Repo, Counter>,
+    deployments: Family<GroupResultLabels, Counter>,
+    deployment_duration: Family<Group, Histogram>,
+    unit_runs: Family<RepoResult, Counter>,
+    deployments_in_progress: Family<Group, Gauge>,
+    pending_runs: Family<Group, Gauge>,
+    last_successful_cycle: FloatGauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("sentry");
+        let m = Metrics {
+            poll_cycles: Counter::default(),
+            poll_cycle_duration: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
+            forge_requests: Family::default(),
+            forge_errors: Family::default(),
+            rate_limit_remaining: Family::default(),
+            rate_limit_reset: Family::default(),
+            branch_changes: Family::default(),
+            deployments: Family::default(),
+            deployment_duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(1.0, 2.0, 14))
+            }),
+            unit_runs: Family::default(),
+            deployments_in_progress: Family::default(),
+            pending_runs: Family::default(),
+            last_successful_cycle: FloatGauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "poll_cycles",
+            "Completed poll cycles",
+            m.poll_cycles.clone(),
+        );
+        registry.register(
+            "poll_cycle_duration_seconds",
+            "Wall time of one poll cycle",
+            m.poll_cycle_duration.clone(),
+        );
+        registry.register("forge_requests", "HTTP requests to forge APIs by host and status (304 = not modified, error = no response)", m.forge_requests.clone());
+        registry.register(
+            "forge_errors",
+            "Branch checks that failed, by repository and kind",
+            m.forge_errors.clone(),
+        );
+        registry.register(
+            "rate_limit_remaining",
+            "Remaining API quota last reported by the host",
+            m.rate_limit_remaining.clone(),
+        );
+        registry.register(
+            "rate_limit_reset_timestamp_seconds",
+            "When the host's API quota resets (Unix seconds)",
+            m.rate_limit_reset.clone(),
+        );
+        registry.register(
+            "branch_changes",
+            "Branch moves detected, by repository",
+            m.branch_changes.clone(),
+        );
+        registry.register(
+            "deployments",
+            "Group runs that ended, by group and result",
+            m.deployments.clone(),
+        );
+        registry.register(
+            "deployment_duration_seconds",
+            "Wall time of a group run",
+            m.deployment_duration.clone(),
+        );
+        registry.register(
+            "unit_runs",
+            "Units that ended, by repository and status",
+            m.unit_runs.clone(),
+        );
+        registry.register(
+            "deployments_in_progress",
+            "Group runs in progress",
+            m.deployments_in_progress.clone(),
+        );
+        registry.register(
+            "pending_runs",
+            "Group runs waiting for the running one to end",
+            m.pending_runs.clone(),
+        );
+        registry.register(
+            "last_successful_cycle_timestamp_seconds",
+            "When the last poll cycle without errors ended (Unix seconds)",
+            m.last_successful_cycle.clone(),
+        );
+        registry.register(
+            "build",
+            "Version and commit of this binary",
+            Info::new(BuildLabels {
+                version: crate::build_info::VERSION.to_owned(),
+                commit: crate::build_info::COMMIT.to_owned(),
+            }),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The registry in the Prometheus/OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    pub fn cycle(&self, duration: Duration, errors: usize) {
+        self.poll_cycles.inc();
+        self.poll_cycle_duration.observe(duration.as_secs_f64());
+        if errors == 0 {
+            self.last_successful_cycle
+                .set(unix_seconds(SystemTime::now()));
+        }
+    }
+
+    pub fn forge_request(&self, host: &str, status: &str) {
+        self.forge_requests
+            .get_or_create(&HostStatus {
+                host: host.to_owned(),
+                status: status.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn forge_error(&self, repository: &str, kind: &str) {
+        self.forge_errors
+            .get_or_create(&RepoKind {
+                repository: repository.to_owned(),
+                kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn rate_limit(&self, host: &str, remaining: Option<u64>, reset: Option<SystemTime>) {
+        let key = Host {
+            host: host.to_owned(),
+        };
+        if let Some(remaining) = remaining {
+            self.rate_limit_remaining
+                .get_or_create(&key)
+                .set(i64::try_from(remaining).unwrap_or(i64::MAX));
+        }
+        if let Some(reset) = reset {
+            self.rate_limit_reset
+                .get_or_create(&key)
+                .set(unix_seconds(reset) as i64);
+        }
+    }
+
+    pub fn branch_change(&self, repository: &str) {
+        self.branch_changes
+            .get_or_create(&Repo {
+                repository: repository.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn group_run_started(&self, group: &str) {
+        self.deployments_in_progress
+            .get_or_create(&group_label(group))
+            .inc();
+    }
+
+    pub fn group_run_ended(&self, group: &str, succeeded: bool, duration: Duration) {
+        let result = if succeeded { "succeeded" } else { "failed" };
+        self.deployments_in_progress
+            .get_or_create(&group_label(group))
+            .dec();
+        self.deployments
+            .get_or_create(&GroupResultLabels {
+                group: group.to_owned(),
+                result: result.to_owned(),
+            })
+            .inc();
+        self.deployment_duration
+            .get_or_create(&group_label(group))
+            .observe(duration.as_secs_f64());
+    }
+
+    pub fn unit_ended(&self, repository: &str, result: &str) {
+        self.unit_runs
+            .get_or_create(&RepoResult {
+                repository: repository.to_owned(),
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn set_pending(&self, group: &str, pending: bool) {
+        self.pending_runs
+            .get_or_create(&group_label(group))
+            .set(i64::from(pending));
+    }
+}
+
+/// The forge clients report every request and rate-limit header here.
+impl crate::forge::ForgeEvents for Metrics {
+    fn request(&self, host: &str, status: &str) {
+        self.forge_request(host, status);
+    }
+
+    fn rate_limit(&self, host: &str, remaining: Option<u64>, reset: Option<SystemTime>) {
+        Metrics::rate_limit(self, host, remaining, reset);
+    }
+}
+
+fn group_label(group: &str) -> Group {
+    Group {
+        group: group.to_owned(),
+    }
+}
+
+fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_every_family_with_expected_names() {
+        let m = Metrics::new();
+        m.cycle(Duration::from_millis(30), 0);
+        m.forge_request("api.github.com", "304");
+        m.forge_error("rag", "not_found");
+        m.rate_limit("api.github.com", Some(4999), Some(SystemTime::now()));
+        m.branch_change("rag");
+        m.group_run_started("g");
+        m.group_run_ended("g", true, Duration::from_secs(3));
+        m.unit_ended("rag", "succeeded");
+        m.set_pending("g", false);
+        let text = m.encode();
+        for name in [
+            "sentry_poll_cycles_total 1",
+            "sentry_poll_cycle_duration_seconds_bucket",
+            "sentry_forge_requests_total{host=\"api.github.com\",status=\"304\"} 1",
+            "sentry_forge_errors_total{repository=\"rag\",kind=\"not_found\"} 1",
+            "sentry_rate_limit_remaining{host=\"api.github.com\"} 4999",
+            "sentry_rate_limit_reset_timestamp_seconds{host=\"api.github.com\"}",
+            "sentry_branch_changes_total{repository=\"rag\"} 1",
+            "sentry_deployments_total{group=\"g\",result=\"succeeded\"} 1",
+            "sentry_deployment_duration_seconds_sum{group=\"g\"} 3",
+            "sentry_unit_runs_total{repository=\"rag\",result=\"succeeded\"} 1",
+            "sentry_deployments_in_progress{group=\"g\"} 0",
+            "sentry_pending_runs{group=\"g\"} 0",
+            "sentry_last_successful_cycle_timestamp_seconds ",
+            "sentry_build_info{version=",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+}
