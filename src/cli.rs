@@ -10,7 +10,8 @@ pub const EXIT_CODES_HELP: &str = "\
 Exit codes:
   0  success
   1  the job failed: invalid configuration (validate), a failed deployment (trigger, watch --once)
-  2  Sentry could not do its job: usage error, unreadable or missing config file, I/O failure
+  2  Sentry could not do its job: usage error, unreadable, missing or (outside validate)
+     invalid config file, I/O failure
 
 Go-style flags work too: `sentry -action=watch -config=sentry.yaml` is `sentry --config=sentry.yaml watch`.";
 

@@ -75,6 +75,8 @@ fn load_env(env_file: Option<&Path>) -> Result<Env, String> {
 }
 
 /// Loads the configuration for commands that need a valid one; prints why not otherwise.
+/// Outside `validate`, a configuration that cannot be used means Sentry cannot do its job
+/// (exit 2), so that 1 always means "a deployment failed".
 pub fn load_config(path: &Path, env: &Env) -> Result<Config, Exit> {
     match config::load_file(path, env) {
         Ok((config, warnings)) => {
@@ -85,11 +87,7 @@ pub fn load_config(path: &Path, env: &Env) -> Result<Config, Exit> {
         }
         Err(e) => {
             eprintln!("error: {e}");
-            Err(if e.is_invalid() {
-                Exit::JobFailed
-            } else {
-                Exit::CannotRun
-            })
+            Err(Exit::CannotRun)
         }
     }
 }

@@ -25,9 +25,9 @@ use super::{load_config, print_columns, runtime};
 
 /// Runs `sentry trigger`; builds its own tokio runtime.
 pub fn trigger(cli: &Cli, args: &TriggerArgs, env: &Env) -> Exit {
-    // For trigger, 1 means "a deployment failed"; any configuration problem is a 2.
-    let Ok(config) = load_config(&cli.config, env) else {
-        return Exit::CannotRun;
+    let config = match load_config(&cli.config, env) {
+        Ok(config) => config,
+        Err(exit) => return exit,
     };
     let targets = match select(&config, args) {
         Ok(targets) => targets,

@@ -327,13 +327,6 @@ pub enum LoadError {
     },
 }
 
-impl LoadError {
-    /// Unreadable files are a failure to run (exit 2); invalid content is a failed job (exit 1).
-    pub fn is_invalid(&self) -> bool {
-        matches!(self, LoadError::Invalid { .. })
-    }
-}
-
 /// Parses and validates configuration text. Never panics, whatever the input.
 pub fn load_str(text: &str, env: &Env) -> Loaded {
     let mut diagnostics = Vec::new();

@@ -329,3 +329,26 @@ fn tokens_never_appear_in_output() {
         assert!(!out.all().contains(GITHUB_TOKEN) && !out.all().contains(GITLAB_TOKEN));
     }
 }
+
+#[test]
+fn commands_other_than_validate_exit_2_on_an_unusable_config() {
+    let dir = tempdir();
+    write(
+        dir.path(),
+        "sentry.yaml",
+        &SEED.replacen("max_parallel: 3", "max_parallel: 0", 1),
+    );
+    for args in [
+        &["watch", "--once"][..],
+        &["status"],
+        &["trigger", "--repo", "rag-project", "--dry-run"],
+    ] {
+        let out = run(with_seed_env(&mut sentry(dir.path())).args(args));
+        assert_eq!(out.code, Some(2), "{args:?}: {out:?}");
+        assert!(
+            out.stderr.contains("groups.ai-blueprints.max_parallel"),
+            "{args:?}: {}",
+            out.stderr
+        );
+    }
+}
