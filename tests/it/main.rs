@@ -7,6 +7,7 @@ mod support;
 mod cli;
 mod deploy;
 mod forge;
+mod monitor;
 mod server;
 mod trigger;
 mod watch;
