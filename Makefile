@@ -103,3 +103,35 @@ packaging-check: build ## All packaging checks, plus sentry validate on the ship
 clean: ## Remove build output (target/, dist/) and the packaging tools (.tools/)
 	$(CARGO) clean
 	rm -rf $(DIST_DIR) .tools
+
+.PHONY: bench bench-smoke
+
+bench: ## Benchmark suite in release (Markdown table, target/bench/results.json), about 7 min
+	$(CARGO) build --release --locked
+	$(CARGO) bench --locked --bench suite
+
+bench-smoke: ## The benchmark suite at tiny sizes (under 2 minutes), so it never rots
+	$(CARGO) build --release --locked
+	$(CARGO) bench --locked --bench suite -- --smoke
+
+.PHONY: fuzz-smoke soak
+
+# Seconds each fuzz target runs in `make fuzz-smoke`.
+FUZZ_SECS ?= 20
+
+fuzz-smoke: ## Run each cargo-fuzz target (fuzz/) for FUZZ_SECS seconds (needs cargo-fuzz)
+	@set -euo pipefail; \
+	if ! command -v cargo-fuzz >/dev/null 2>&1; then \
+		echo "fuzz-smoke: cargo-fuzz is not installed; install it with: cargo install cargo-fuzz --locked" >&2; \
+		exit 1; \
+	fi; \
+	cd fuzz; \
+	for target in config_load webhook; do \
+		mkdir -p corpus/$$target; \
+		echo "==> cargo fuzz run $$target for $(FUZZ_SECS) s"; \
+		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run --sanitizer none $$target corpus/$$target -- \
+			-max_total_time=$(FUZZ_SECS) -rss_limit_mb=2048 -max_len=65536; \
+	done
+
+soak: ## Soak test in release: 2,000 branches, 1 s interval, SENTRY_SOAK_SECS (default 600)
+	$(CARGO) test --release --locked --test it soak -- --ignored --nocapture

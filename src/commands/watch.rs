@@ -86,13 +86,17 @@ async fn watch_async(config: Arc<Config>, args: &WatchArgs, env: &Env) -> Exit {
         );
     }
     monitor.scheduler().wait_idle().await;
-    monitor.save_state().await;
+    let saved = monitor.save_state().await;
     server_stop.cancel();
     if let Some(handle) = server {
         let _ = handle.await;
     }
     tracing::info!("stopped");
-    Exit::Success
+    if saved {
+        Exit::Success
+    } else {
+        Exit::CannotRun
+    }
 }
 
 async fn watch_once(monitor: &Monitor, shutdown: &Shutdown) -> Exit {
@@ -100,7 +104,10 @@ async fn watch_once(monitor: &Monitor, shutdown: &Shutdown) -> Exit {
         .poll_once(Scope::All, Trigger::Poll, shutdown.token())
         .await;
     monitor.scheduler().wait_idle().await;
-    monitor.save_state().await;
+    if !monitor.save_state().await {
+        // What was deployed is not recorded: an I/O failure, not a job result.
+        return Exit::CannotRun;
+    }
     let failed = monitor.scheduler().failed_runs();
     if failed > 0 || report.errors > 0 {
         tracing::error!(

@@ -394,6 +394,16 @@ pub fn read_file(path: &Path) -> Result<String, LoadError> {
 /// The one place that parses YAML (serde_yaml is deprecated upstream; swapping it out
 /// should touch only this function and [`from_value`]).
 pub fn parse_yaml(text: &str) -> Result<serde_yaml::Value, Diagnostic> {
+    if let Some((line, column)) = too_deep(text) {
+        return Err(Diagnostic {
+            line: Some(line),
+            column: Some(column),
+            ..Diagnostic::error(
+                "",
+                format!("YAML syntax: collections nested deeper than {MAX_FLOW_DEPTH} levels"),
+            )
+        });
+    }
     serde_yaml::from_str::<serde_yaml::Value>(text).map_err(|e| {
         let location = e.location();
         let message = e.to_string();
@@ -408,6 +418,73 @@ pub fn parse_yaml(text: &str) -> Result<serde_yaml::Value, Diagnostic> {
             ..Diagnostic::error("", format!("YAML syntax: {message}"))
         }
     })
+}
+
+/// serde_yaml refuses documents nested deeper than 128 levels, but only after its parser has
+/// read them, and that parser takes time quadratic in the depth of flow collections (`[[[…`):
+/// a 600 KB file took seconds, a 16 MiB one would take hours. Deeper nesting is refused first.
+const MAX_FLOW_DEPTH: usize = 128;
+
+/// Line and column (1-based) where flow collections (`[`, `{`) outside quotes and comments
+/// first nest deeper than [`MAX_FLOW_DEPTH`]. Linear; errs towards not refusing.
+fn too_deep(text: &str) -> Option<(usize, usize)> {
+    let (mut depth, mut line, mut column) = (0usize, 1usize, 0usize);
+    let mut quote: Option<char> = None;
+    let mut previous = '\n';
+    // The last character that is not whitespace on this line (`\n` at its start).
+    let mut last = '\n';
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        column += 1;
+        match (quote, c) {
+            (_, '\n') => {
+                line += 1;
+                column = 0;
+                if depth == 0 {
+                    quote = None;
+                }
+            }
+            (Some('"'), '\\') => {
+                if chars.next() == Some('\n') {
+                    line += 1;
+                    column = 0;
+                } else {
+                    column += 1;
+                }
+            }
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, '\'' | '"') if !previous.is_alphanumeric() => quote = Some(c),
+            (None, '#') if previous.is_whitespace() => {
+                for rest in chars.by_ref() {
+                    if rest == '\n' {
+                        line += 1;
+                        column = 0;
+                        break;
+                    }
+                }
+                previous = '\n';
+                last = '\n';
+                continue;
+            }
+            // Outside flow collections a bracket opens one only where a value starts.
+            (None, '[' | '{') if depth > 0 || matches!(last, '\n' | ':' | '-' | '?') => {
+                depth += 1;
+                if depth > MAX_FLOW_DEPTH {
+                    return Some((line, column));
+                }
+            }
+            (None, ']' | '}') => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        previous = c;
+        if c == '\n' {
+            last = '\n';
+        } else if !c.is_whitespace() {
+            last = c;
+        }
+    }
+    None
 }
 
 /// Typed extraction from a parsed value; on failure, the path inside the value and a message.
@@ -425,4 +502,32 @@ fn from_value<T: serde::de::DeserializeOwned>(
 pub fn json_schema() -> serde_json::Value {
     let schema = schemars::schema_for!(raw::RawConfig);
     schema.to_value()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deep_flow_nesting_is_refused_before_parsing() {
+        let deep = format!("groups: {}{}", "[".repeat(5000), "]".repeat(5000));
+        let diag = parse_yaml(&deep).unwrap_err();
+        assert!(diag.message.contains("nested deeper"), "{diag}");
+        assert_eq!(
+            (diag.line, diag.column),
+            (Some(1), Some(8 + MAX_FLOW_DEPTH + 1))
+        );
+        let maps = format!("a: {}1{}", "{b: ".repeat(200), "}".repeat(200));
+        assert!(parse_yaml(&maps).is_err());
+    }
+
+    #[test]
+    fn brackets_in_quotes_and_comments_do_not_count() {
+        let many = "[".repeat(300);
+        let text = format!(
+            "a: '{many}'\nb: \"{many}\\\"{many}\"\n# {many}\nc: don't {many}\nd: [1, [2]]\n"
+        );
+        assert_eq!(too_deep(&text), None);
+        assert!(parse_yaml("a: [[[1]]]\nb: {c: {d: [e]}}\n").is_ok());
+    }
 }

@@ -38,9 +38,11 @@ pub(super) fn validate(doc: &Yaml, env: &Env, out: &mut Vec<Diagnostic>) -> Opti
         return None;
     };
     check_unknown_keys(doc, out);
+    let errors = out.iter().filter(|d| d.is_error()).count();
     let mut cx = Checker {
         env,
         out,
+        errors,
         referenced_groups: Vec::new(),
     };
 
@@ -63,6 +65,9 @@ pub(super) fn validate(doc: &Yaml, env: &Env, out: &mut Vec<Diagnostic>) -> Opti
 struct Checker<'a> {
     env: &'a Env,
     out: &'a mut Vec<Diagnostic>,
+    /// Errors in `out`, kept as they are pushed: counting them on every check made
+    /// validation quadratic in the number of diagnostics.
+    errors: usize,
     /// Groups named by repositories, valid or not, so that a broken repository does not
     /// also make its group look unused.
     referenced_groups: Vec<String>,
@@ -71,6 +76,7 @@ struct Checker<'a> {
 impl Checker<'_> {
     fn error(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.out.push(Diagnostic::error(path, message));
+        self.errors += 1;
     }
 
     fn warn(&mut self, path: impl Into<String>, message: impl Into<String>) {
@@ -78,7 +84,7 @@ impl Checker<'_> {
     }
 
     fn errors(&self) -> usize {
-        self.out.iter().filter(|d| d.is_error()).count()
+        self.errors
     }
 
     fn extract<T: serde::de::DeserializeOwned>(&mut self, path: &str, value: Yaml) -> Option<T> {

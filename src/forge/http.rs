@@ -511,6 +511,11 @@ impl Limits {
         } else if let (Some(0), Some(reset)) = (signals.remaining, signals.reset) {
             reset.max(at_least_a_second)
         } else if evident || signals.remaining == Some(0) {
+            // An answer to a request that was already in flight when the running pause began
+            // is the same rate limit, not a repeat: it must not double the pause.
+            if let Some(current) = self.paused(now) {
+                return Some((current, false));
+            }
             let length = self
                 .unknown_pause
                 .map_or(UNKNOWN_PAUSE_MIN, |d| (d * 2).min(UNKNOWN_PAUSE_MAX));
@@ -684,6 +689,19 @@ mod tests {
         limits.success();
         let (until, _) = limits.pause(now, &none, true).unwrap();
         assert_eq!(until.duration_since(now).unwrap().as_secs(), 60);
+    }
+
+    #[test]
+    fn concurrent_unknown_rate_limits_do_not_double_the_pause() {
+        let mut limits = Limits::default();
+        let none = RateSignals::default();
+        // Two requests in flight together both come back rate limited.
+        assert_eq!(limits.pause(at(0), &none, true), Some((at(60), true)));
+        assert_eq!(limits.pause(at(0), &none, true), Some((at(60), false)));
+        assert_eq!(limits.paused(at(59)), Some(at(60)));
+        // Limited again after the pause ended: that is a repeat, and it doubles.
+        let (until, newly) = limits.pause(at(60), &none, true).unwrap();
+        assert_eq!((until, newly), (at(180), true));
     }
 
     #[test]

@@ -164,9 +164,16 @@ impl Monitor {
             report.branches_checked += observation.heads.len();
             report.errors += observation.failures.len();
             self.note_failures(repo, &observation);
+            // In flight first, stored state second: a unit that ends in between has already
+            // advanced the stored SHA (see the scheduler's unit hook).
+            let in_flight: HashMap<&str, Sha> = observation
+                .heads
+                .keys()
+                .filter_map(|b| Some((b.as_str(), self.scheduler.in_flight(&repo.name, b)?)))
+                .collect();
             let stored = self.state.with(|s| s.repositories.get(&repo.name).cloned());
             let detection = detect(repo, &observation, stored.as_ref(), |b| {
-                self.scheduler.in_flight(&repo.name, b)
+                in_flight.get(b).cloned()
             });
             state_changed |= self.record(repo, &detection);
             for c in &detection.changes {
@@ -367,12 +374,19 @@ impl Monitor {
         heads
     }
 
-    pub async fn save_state(&self) {
+    /// Writes the state file; logs and returns false when it could not be written.
+    pub async fn save_state(&self) -> bool {
         let state = self.state.clone();
         match tokio::task::spawn_blocking(move || state.save()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!("{e}"),
-            Err(e) => tracing::error!("state save task failed: {e}"),
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::error!("{e}");
+                false
+            }
+            Err(e) => {
+                tracing::error!("state save task failed: {e}");
+                false
+            }
         }
     }
 }

@@ -230,13 +230,19 @@ impl Inner {
                 .observers
                 .audit
                 .unit(&run_id, &group, &trigger, result);
+            // The stored SHA advances before the unit stops being in flight: the monitor
+            // reads "in flight" before the stored state, so between the two it sees one of
+            // them, never neither (which deployed the same move twice).
             let key = (unit.repository.clone(), unit.branch.clone());
-            inner.with_slots(|slots| {
-                if let Some(running) = slots.get_mut(&group).and_then(|s| s.running.as_mut()) {
-                    running.remove(&key);
-                }
-            });
+            let not_in_flight = || {
+                inner.with_slots(|slots| {
+                    if let Some(running) = slots.get_mut(&group).and_then(|s| s.running.as_mut()) {
+                        running.remove(&key);
+                    }
+                })
+            };
             if !result.status.ends_change() {
+                not_in_flight();
                 return;
             }
             inner.state.with(|state| {
@@ -259,6 +265,7 @@ impl Inner {
                     },
                 );
             });
+            not_in_flight();
             let state = inner.state.clone();
             tokio::task::spawn_blocking(move || {
                 if let Err(e) = state.save() {

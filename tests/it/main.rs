@@ -5,9 +5,14 @@
 mod support;
 
 mod cli;
+mod crash;
 mod deploy;
+mod faults;
 mod forge;
+mod hostile;
 mod monitor;
+mod secrets;
 mod server;
+mod soak;
 mod trigger;
 mod watch;
