@@ -1,0 +1,225 @@
+//! Benchmark 4, clone: Sentry's QA checkout against `git clone --depth 1 --single-branch`
+//! of the same URL, served over local smart HTTP by `git http-backend`.
+//!
+//! The QA repository is generated with `git fast-import`: N small files, M commits each
+//! changing 100 of them, and a few branches, then repacked like a hosted repository.
+//! Sentry's side calls `sentry::deploy::checkout::clone_blocking` — the function every
+//! deployment uses — in this process; git's side runs the `git` CLI. Runs alternate which
+//! goes first; both clones must be shallow and hold the files. Target: median ≤ 1.1× git.
+
+use std::io::Write as _;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::json;
+
+use sentry::deploy::checkout::{CloneRequest, clone_blocking};
+
+use crate::Ctx;
+use crate::git_http::GitHttpServer;
+use crate::report::{Report, num};
+use crate::support::{git, median};
+
+const MAX_RATIO: f64 = 1.1;
+const FILES_PER_DIR: usize = 200;
+const CHANGES_PER_COMMIT: usize = 100;
+
+pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
+    let (files, commits, runs) = (
+        ctx.sizes.clone_files,
+        ctx.sizes.clone_commits,
+        ctx.sizes.clone_runs,
+    );
+    let root = tempfile::Builder::new()
+        .prefix("sentry-bench-clone-")
+        .tempdir()?;
+    let generated = Instant::now();
+    make_repo(&root.path().join("qa.git"), files, commits)?;
+    let generate_s = generated.elapsed().as_secs_f64();
+    settle();
+    let server = ctx.rt.block_on(GitHttpServer::start(root.path(), None))?;
+    let url = server.url("qa.git");
+    let work = tempfile::Builder::new()
+        .prefix("sentry-bench-dest-")
+        .tempdir()?;
+
+    let (sentry_ms, git_ms) = measure(&url, work.path(), files, runs)?;
+    let (s, g) = (median(&sentry_ms), median(&git_ms));
+    let ratio = s / g;
+    let name = "4 clone";
+    report.judged(
+        name,
+        format!(
+            "shallow single-branch checkout, {files} files, {commits} commits (median of {runs})"
+        ),
+        format!("Sentry {} ms vs git {} ms = {ratio:.2}×", num(s), num(g)),
+        format!("≤ {MAX_RATIO}×"),
+        ratio <= MAX_RATIO,
+    );
+    report.detail(
+        "clone",
+        json!({
+            "files": files,
+            "commits": commits,
+            "runs": runs,
+            "generate_seconds": generate_s,
+            "sentry_ms": sentry_ms,
+            "git_ms": git_ms,
+            "ratio": ratio,
+            "server_requests": server.requests(),
+        }),
+    );
+    Ok(())
+}
+
+/// `runs` clones each way, alternating who goes first; every clone is kept (in `work`)
+/// and written back before the next one starts (deleting and writing back 20,000 files
+/// right before a clone slowed that clone down several times over). Returns (Sentry ms, git ms).
+fn measure(url: &str, work: &Path, files: usize, runs: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+    let (mut sentry_ms, mut git_ms) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        let dest_git = work.join(format!("git-{i}"));
+        let dest_sentry = work.join(format!("sentry-{i}"));
+        if i % 2 == 0 {
+            git_ms.push(git_clone(url, &dest_git)?);
+            settle();
+            sentry_ms.push(sentry_clone(url, &dest_sentry)?);
+            settle();
+        } else {
+            sentry_ms.push(sentry_clone(url, &dest_sentry)?);
+            settle();
+            git_ms.push(git_clone(url, &dest_git)?);
+            settle();
+        }
+        for dest in [&dest_git, &dest_sentry] {
+            check_checkout(dest, files)?;
+        }
+    }
+    Ok((sentry_ms, git_ms))
+}
+
+/// A bare repository with `files` files, `commits` commits and four branches.
+fn make_repo(repo: &Path, files: usize, commits: usize) -> Result<()> {
+    std::fs::create_dir_all(repo)?;
+    git(repo, &["init", "-q", "--bare"])?;
+    let mut child = Command::new("git")
+        .args(["fast-import", "--quiet"])
+        .current_dir(repo)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("cannot run git fast-import")?;
+    {
+        let stdin = child.stdin.as_mut().context("no stdin")?;
+        let mut out = std::io::BufWriter::new(stdin);
+        write_history(&mut out, files, commits)?;
+        out.flush()?;
+    }
+    let status = child.wait()?;
+    ensure!(status.success(), "git fast-import failed");
+    git(repo, &["repack", "-a", "-d", "-q"])?;
+    Ok(())
+}
+
+fn write_history(out: &mut impl std::io::Write, files: usize, commits: usize) -> Result<()> {
+    let branches = [
+        ("release/1", commits * 3 / 4),
+        ("feature/a", commits / 2),
+        ("feature/b", commits.saturating_sub(1)),
+    ];
+    for c in 1..=commits {
+        let message = format!("commit {c}\n");
+        writeln!(out, "commit refs/heads/main\nmark :{c}")?;
+        writeln!(
+            out,
+            "committer Bench <bench@sentry.invalid> {} +0000",
+            1_700_000_000 + c * 60
+        )?;
+        write!(out, "data {}\n{message}", message.len())?;
+        if c > 1 {
+            writeln!(out, "from :{}", c - 1)?;
+        }
+        let changed: Vec<usize> = if c == 1 {
+            (0..files).collect()
+        } else {
+            (0..CHANGES_PER_COMMIT.min(files))
+                .map(|k| (c * CHANGES_PER_COMMIT + k * 7) % files)
+                .collect()
+        };
+        for f in changed {
+            let body = format!(
+                "file {f} at commit {c}\nsome small content so the file is not empty\n{}\n",
+                "x".repeat(f % 64)
+            );
+            writeln!(out, "M 100644 inline {}", file_path(f))?;
+            write!(out, "data {}\n{body}\n", body.len())?;
+        }
+        writeln!(out)?;
+    }
+    for (branch, at) in branches {
+        writeln!(out, "reset refs/heads/{branch}\nfrom :{}\n", at.max(1))?;
+    }
+    Ok(())
+}
+
+fn file_path(f: usize) -> String {
+    format!("src/d{:03}/f{f:05}.txt", f / FILES_PER_DIR)
+}
+
+fn git_clone(url: &str, dest: &Path) -> Result<f64> {
+    let started = Instant::now();
+    let out = Command::new("git")
+        .args([
+            "clone",
+            "-q",
+            "--depth",
+            "1",
+            "--single-branch",
+            "--branch",
+            "main",
+        ])
+        .arg(url)
+        .arg(dest)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env_remove("GIT_DIR")
+        .output()?;
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    if !out.status.success() {
+        bail!("git clone failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(ms)
+}
+
+fn sentry_clone(url: &str, dest: &Path) -> Result<f64> {
+    let request = CloneRequest {
+        url: url.to_owned(),
+        branch: "main".to_owned(),
+        username: "git".to_owned(),
+        token: None,
+        dest: dest.to_owned(),
+    };
+    let started = Instant::now();
+    clone_blocking(&request, &|| false)?;
+    Ok(started.elapsed().as_secs_f64() * 1000.0)
+}
+
+/// The clone is shallow and its work tree holds the first and the last file.
+fn check_checkout(dest: &Path, files: usize) -> Result<()> {
+    ensure!(
+        dest.join(".git/shallow").is_file(),
+        "{} is not a shallow clone",
+        dest.display()
+    );
+    for f in [0, files - 1] {
+        let path = dest.join(file_path(f));
+        ensure!(path.is_file(), "{} is missing", path.display());
+    }
+    Ok(())
+}
+
+/// Flushes dirty pages (`sync`), untimed, so one clone's writeback does not slow the next.
+fn settle() {
+    let _ = Command::new("sync").status();
+}
