@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -274,14 +274,10 @@ fn bad_json() -> Response {
         .into_response()
 }
 
-/// How long before a stalled loop fails liveness (for docs and tests).
-pub fn stall_limit(config: &Config) -> Duration {
-    config.polling_interval * 3 + config.request_timeout
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn github_documented_test_vector() {
