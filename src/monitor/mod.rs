@@ -376,18 +376,7 @@ impl Monitor {
 
     /// Writes the state file; logs and returns false when it could not be written.
     pub async fn save_state(&self) -> bool {
-        let state = self.state.clone();
-        match tokio::task::spawn_blocking(move || state.save()).await {
-            Ok(Ok(())) => true,
-            Ok(Err(e)) => {
-                tracing::error!("{e}");
-                false
-            }
-            Err(e) => {
-                tracing::error!("state save task failed: {e}");
-                false
-            }
-        }
+        self.state.save_async().await
     }
 }
 

@@ -206,7 +206,7 @@ impl Inner {
                 }
             });
             metrics.set_pending(&group, false);
-            self.save_state().await;
+            self.state.save_async().await;
             match next {
                 Some((u, t)) => (units, trigger) = (u, t),
                 None => return,
@@ -267,11 +267,7 @@ impl Inner {
             });
             not_in_flight();
             let state = inner.state.clone();
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = state.save() {
-                    tracing::error!("{e}");
-                }
-            });
+            tokio::spawn(async move { state.save_async().await });
         })
     }
 
@@ -286,15 +282,6 @@ impl Inner {
                 expand_scope(&self.config, &changed_only, units, &BTreeMap::new())
             }
             None => units,
-        }
-    }
-
-    async fn save_state(&self) {
-        let state = self.state.clone();
-        match tokio::task::spawn_blocking(move || state.save()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!("{e}"),
-            Err(e) => tracing::error!("state save task failed: {e}"),
         }
     }
 }

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -142,6 +142,23 @@ impl StateStore {
             path: self.path.clone(),
             source,
         })
+    }
+
+    /// [`StateStore::save`] off the async threads; logs a failure and returns whether the
+    /// state is on disk.
+    pub async fn save_async(self: &Arc<Self>) -> bool {
+        let store = self.clone();
+        match tokio::task::spawn_blocking(move || store.save()).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::error!("{e}");
+                false
+            }
+            Err(e) => {
+                tracing::error!("state save task failed: {e}");
+                false
+            }
+        }
     }
 
     /// Drops repositories and branches that the configuration no longer watches.
