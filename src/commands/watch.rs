@@ -77,7 +77,12 @@ async fn watch_async(config: Arc<Config>, args: &WatchArgs, env: &Env) -> Exit {
     } else {
         None
     };
-    monitor::run(monitor.clone(), shutdown.clone(), hints_rx).await;
+    // On a worker thread: polled from `block_on` on the main thread, every answer would
+    // have to wake that thread across cores.
+    let poll_loop = tokio::spawn(monitor::run(monitor.clone(), shutdown.clone(), hints_rx));
+    if let Err(e) = poll_loop.await {
+        tracing::error!("the poll loop stopped unexpectedly (a bug: please report it): {e}");
+    }
     let (running, _) = monitor.scheduler().load();
     if !running.is_empty() {
         tracing::info!(

@@ -34,11 +34,14 @@ pub(crate) async fn observe(
         .map(|branch| (branch.to_owned(), pick(&repo, &listed, branch)))
         .collect();
     let listing = monitor.patterns().next().map(|_| {
-        listed
-            .clone()
-            .map(|heads| heads.into_iter().collect::<Vec<_>>())
+        listed.clone().map(|heads| {
+            heads
+                .into_iter()
+                .filter(|(name, _)| monitor.patterns().any(|p| p.matches(name)))
+                .collect::<Vec<_>>()
+        })
     });
-    assemble(monitor, exact, listing)
+    assemble(exact, listing)
 }
 
 pub(crate) async fn branch_head(

@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::http::{Call, Http};
 use super::{
-    BranchPattern, Forge, ForgeError, ListingFormat, Sha, api_base, encode, fetch_sha, parse_url,
-    secret_header, walk_listing,
+    BranchPattern, Forge, ForgeError, Listing, ListingFormat, Sha, api_base, encode, fetch_sha,
+    parse_url, secret_header, walk_listing,
 };
 use crate::config::Repository;
 
@@ -35,6 +35,9 @@ pub(crate) struct GitHub {
     /// sixth of a quiet poll cycle's CPU).
     repo_api: Url,
     host: String,
+    /// Request headers for a bare SHA and for JSON, token included, built once.
+    sha_headers: Arc<HeaderMap>,
+    json_headers: Arc<HeaderMap>,
 }
 
 impl GitHub {
@@ -44,6 +47,8 @@ impl GitHub {
         let repo_api = parse_url(&repo, &format!("{base}/repos/{}", path.join("/")))?;
         let host = repo_api.host_str().unwrap_or_default().to_owned();
         Ok(GitHub {
+            sha_headers: Arc::new(headers(&repo, ACCEPT_SHA)?),
+            json_headers: Arc::new(headers(&repo, ACCEPT_JSON)?),
             http,
             repo,
             repo_api,
@@ -62,27 +67,16 @@ impl GitHub {
     fn call<'a>(
         &'a self,
         url: Url,
-        accept: &'static str,
+        headers: &'a HeaderMap,
         cancel: &'a CancellationToken,
-    ) -> Result<Call<'a>, ForgeError> {
-        let mut headers = HeaderMap::new();
-        headers.insert(header::ACCEPT, HeaderValue::from_static(accept));
-        headers.insert(
-            "x-github-api-version",
-            HeaderValue::from_static(API_VERSION),
-        );
-        let token = self.repo.monitor.auth.token.as_ref();
-        if let Some(token) = token {
-            let value = format!("Bearer {}", token.expose_secret());
-            headers.insert(header::AUTHORIZATION, secret_header(&self.repo, &value)?);
-        }
-        Ok(Call {
+    ) -> Call<'a> {
+        Call {
             repo: &self.repo.name,
             url,
             headers,
-            has_token: token.is_some(),
+            has_token: self.repo.monitor.auth.token.is_some(),
             cancel,
-        })
+        }
     }
 
     fn repository_not_found(&self) -> ForgeError {
@@ -120,7 +114,7 @@ impl GitHub {
 impl Forge for GitHub {
     async fn head(&self, branch: &str, cancel: &CancellationToken) -> Result<Sha, ForgeError> {
         let url = self.url(&format!("commits/{}", encode(branch)), None);
-        let call = self.call(url, ACCEPT_SHA, cancel)?;
+        let call = self.call(url, &self.sha_headers, cancel);
         fetch_sha(
             &self.http,
             call,
@@ -134,9 +128,9 @@ impl Forge for GitHub {
         &self,
         _patterns: &[BranchPattern],
         cancel: &CancellationToken,
-    ) -> Result<Vec<(String, Sha)>, ForgeError> {
+    ) -> Result<Listing, ForgeError> {
         let url = self.url("branches", Some("per_page=100"));
-        let call = self.call(url, ACCEPT_JSON, cancel)?;
+        let call = self.call(url, &self.json_headers, cancel);
         let format = ListingFormat {
             sha_key: "sha",
             x_next_page: false,
@@ -146,4 +140,19 @@ impl Forge for GitHub {
         })
         .await
     }
+}
+
+/// `Accept`, the API version and the token (when configured) as a sensitive header.
+fn headers(repo: &Repository, accept: &'static str) -> Result<HeaderMap, ForgeError> {
+    let mut headers = HeaderMap::new();
+    headers.insert(header::ACCEPT, HeaderValue::from_static(accept));
+    headers.insert(
+        "x-github-api-version",
+        HeaderValue::from_static(API_VERSION),
+    );
+    if let Some(token) = &repo.monitor.auth.token {
+        let value = format!("Bearer {}", token.expose_secret());
+        headers.insert(header::AUTHORIZATION, secret_header(repo, &value)?);
+    }
+    Ok(headers)
 }

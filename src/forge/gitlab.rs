@@ -18,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::http::{Call, Http};
 use super::{
-    BranchPattern, Forge, ForgeError, ListingFormat, Sha, api_base, encode, fetch_sha, parse_url,
-    secret_header, walk_listing,
+    BranchPattern, Forge, ForgeError, Listing, ListingFormat, Sha, api_base, encode, fetch_sha,
+    parse_url, secret_header, walk_listing,
 };
 use crate::config::Repository;
 
@@ -30,6 +30,8 @@ pub(crate) struct GitLab {
     /// `{api}/projects/{encoded path}/repository/branches`.
     branches_api: String,
     host: String,
+    /// `Accept` and the token (when configured) as a sensitive header, built once.
+    headers: Arc<HeaderMap>,
 }
 
 impl GitLab {
@@ -43,11 +45,20 @@ impl GitLab {
             .host_str()
             .unwrap_or_default()
             .to_owned();
+        let mut headers = HeaderMap::new();
+        headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        if let Some(token) = &repo.monitor.auth.token {
+            headers.insert(
+                "private-token",
+                secret_header(&repo, token.expose_secret())?,
+            );
+        }
         Ok(GitLab {
             http,
             repo,
             branches_api,
             host,
+            headers: Arc::new(headers),
         })
     }
 
@@ -56,20 +67,11 @@ impl GitLab {
         url: &str,
         cancel: &'a CancellationToken,
     ) -> Result<Call<'a>, ForgeError> {
-        let mut headers = HeaderMap::new();
-        headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
-        let token = self.repo.monitor.auth.token.as_ref();
-        if let Some(token) = token {
-            headers.insert(
-                "private-token",
-                secret_header(&self.repo, token.expose_secret())?,
-            );
-        }
         Ok(Call {
             repo: &self.repo.name,
             url: parse_url(&self.repo, url)?,
-            headers,
-            has_token: token.is_some(),
+            headers: &self.headers,
+            has_token: self.repo.monitor.auth.token.is_some(),
             cancel,
         })
     }
@@ -103,7 +105,7 @@ impl GitLab {
         &self,
         prefix: Option<&str>,
         cancel: &CancellationToken,
-    ) -> Result<Vec<(String, Sha)>, ForgeError> {
+    ) -> Result<Listing, ForgeError> {
         let mut url = format!("{}?per_page=100", self.branches_api);
         if let Some(prefix) = prefix {
             url.push_str("&search=");
@@ -141,12 +143,12 @@ impl Forge for GitLab {
         &self,
         patterns: &[BranchPattern],
         cancel: &CancellationToken,
-    ) -> Result<Vec<(String, Sha)>, ForgeError> {
-        let mut branches = Vec::new();
+    ) -> Result<Listing, ForgeError> {
+        let mut pages = Vec::new();
         for prefix in search_prefixes(patterns) {
-            branches.extend(self.list_one(prefix.as_deref(), cancel).await?);
+            pages.extend(self.list_one(prefix.as_deref(), cancel).await?);
         }
-        Ok(branches)
+        Ok(pages)
     }
 }
 

@@ -54,8 +54,9 @@ pub(crate) struct Call<'a> {
     /// The repository's config name, for messages.
     pub repo: &'a str,
     pub url: Url,
-    /// Forge headers (auth, `Accept`, API version); `User-Agent` is the client's.
-    pub headers: HeaderMap,
+    /// Forge headers (auth, `Accept`, API version), built once per repository;
+    /// `User-Agent` is the client's.
+    pub headers: &'a HeaderMap,
     /// Whether `headers` carry a token, to word a 401 correctly.
     pub has_token: bool,
     pub cancel: &'a CancellationToken,
@@ -68,7 +69,7 @@ pub(crate) enum Reply {
     Fresh {
         body: Vec<u8>,
         headers: HeaderMap,
-        etag: Option<String>,
+        etag: Option<HeaderValue>,
     },
     /// `304` for a URL whose ETag we sent: the value it stood for.
     Cached(Cached),
@@ -82,8 +83,9 @@ pub(crate) struct Http {
     request_timeout: Duration,
     max_per_host: usize,
     hosts: Mutex<HashMap<String, Arc<Host>>>,
-    /// URL → (ETag exactly as received, the value it stood for).
-    cache: Mutex<HashMap<String, (String, Cached)>>,
+    /// URL → (ETag exactly as received, the value it stood for). Both are cheap to clone
+    /// (a shared buffer, an `Arc` or an inline SHA), so a hit allocates nothing.
+    cache: Mutex<HashMap<String, (HeaderValue, Cached)>>,
     requests: AtomicU64,
     not_modified: AtomicU64,
     errors: AtomicU64,
@@ -192,7 +194,7 @@ impl Http {
     }
 
     /// Stores the value a response's ETag stands for; the next GET of `url` is conditional.
-    pub fn remember(&self, url: &Url, etag: Option<String>, value: Cached) {
+    pub fn remember(&self, url: &Url, etag: Option<HeaderValue>, value: Cached) {
         let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
         match etag {
             Some(etag) => {
@@ -204,7 +206,7 @@ impl Http {
         }
     }
 
-    fn cached(&self, url: &Url) -> Option<(String, Cached)> {
+    fn cached(&self, url: &Url) -> Option<(HeaderValue, Cached)> {
         self.cache
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -255,9 +257,7 @@ impl Http {
             .get(call.url.clone())
             .headers(call.headers.clone());
         if let Some((etag, _)) = &cached {
-            if let Ok(value) = HeaderValue::from_str(etag) {
-                request = request.header(header::IF_NONE_MATCH, value);
-            }
+            request = request.header(header::IF_NONE_MATCH, etag.clone());
         }
         let started = Instant::now();
         self.requests.fetch_add(1, Ordering::Relaxed);
@@ -273,8 +273,7 @@ impl Http {
             }
         };
         let status = response.status();
-        let headers = response.headers().clone();
-        self.read_rate_limit(host, &headers);
+        self.read_rate_limit(host, response.headers());
 
         if status == StatusCode::NOT_MODIFIED {
             self.record(call, &host.name, Some(status), started);
@@ -289,6 +288,7 @@ impl Http {
             });
         }
 
+        let headers = response.headers().clone();
         let body = tokio::select! {
             () = call.cancel.cancelled() => return Attempt::Done(Err(cancelled(call.repo))),
             body = read_body(response) => body,
@@ -316,10 +316,7 @@ impl Http {
 
         if status.is_success() {
             host.limits().success();
-            let etag = headers
-                .get(header::ETAG)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
+            let etag = headers.get(header::ETAG).cloned();
             return Attempt::Done(Ok(Reply::Fresh {
                 body,
                 headers,

@@ -19,47 +19,54 @@ mod github;
 mod gitlab;
 mod http;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
+use futures_util::future::join_all;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::header::HeaderValue;
 use reqwest::{StatusCode, Url};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BranchPattern, Config, Monitor, RepoType, Repository};
 use http::{Cached, Call, Http, Page, Reply};
 
-/// A full 40-hex commit SHA, checked on construction.
-#[derive(
-    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
+/// A full 40-hex commit SHA, checked on construction: lowercase ASCII held inline, so a
+/// SHA is copied, compared and cached without a heap allocation.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct Sha(String);
+pub struct Sha([u8; 40]);
+
+impl std::fmt::Debug for Sha {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Sha").field(&self.as_str()).finish()
+    }
+}
 
 impl Sha {
     pub fn parse(text: &str) -> Option<Sha> {
-        let text = text.trim();
-        (text.len() == 40 && text.bytes().all(|b| b.is_ascii_hexdigit()))
-            .then(|| Sha(text.to_ascii_lowercase()))
+        let hex: [u8; 40] = text.trim().as_bytes().try_into().ok()?;
+        hex.iter()
+            .all(u8::is_ascii_hexdigit)
+            .then(|| Sha(hex.map(|b| b.to_ascii_lowercase())))
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        // Only ASCII hex digits are ever stored (see `parse`), so this never falls back.
+        std::str::from_utf8(&self.0).unwrap_or_default()
     }
 
     /// The first 8 characters, for log lines.
     pub fn short(&self) -> &str {
-        &self.0[..8]
+        &self.as_str()[..8]
     }
 }
 
 impl std::fmt::Display for Sha {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 
@@ -72,7 +79,7 @@ impl TryFrom<String> for Sha {
 
 impl From<Sha> for String {
     fn from(sha: Sha) -> String {
-        sha.0
+        sha.as_str().to_owned()
     }
 }
 
@@ -186,22 +193,30 @@ impl Forges {
         self
     }
 
-    /// Current heads of every watched branch of `repo` (exact names and pattern matches).
-    /// Never panics; errors are in `failures`. When `cancel` fires it returns promptly with
-    /// what it has, the rest as `Transient` failures.
-    pub async fn observe(&self, repo: &Repository, cancel: &CancellationToken) -> Observation {
+    /// `repo`'s client, prepared once (URLs, headers, patterns) for checks every cycle.
+    pub fn watcher(&self, repo: &Repository) -> Watcher {
         let repo = Arc::new(repo.clone());
-        match repo.monitor.repo_type {
-            RepoType::Git => git::observe(self.http.clone(), repo, cancel).await,
-            RepoType::Github => match github::GitHub::new(self.http.clone(), repo.clone()) {
-                Ok(forge) => observe_api(forge, &repo.monitor, cancel).await,
-                Err(error) => everything_failed(&repo.monitor, &error),
-            },
-            RepoType::Gitlab => match gitlab::GitLab::new(self.http.clone(), repo.clone()) {
-                Ok(forge) => observe_api(forge, &repo.monitor, cancel).await,
-                Err(error) => everything_failed(&repo.monitor, &error),
-            },
-        }
+        let client = match repo.monitor.repo_type {
+            RepoType::Git => Ok(Client::Git),
+            RepoType::Github => {
+                github::GitHub::new(self.http.clone(), repo.clone()).map(Client::GitHub)
+            }
+            RepoType::Gitlab => {
+                gitlab::GitLab::new(self.http.clone(), repo.clone()).map(Client::GitLab)
+            }
+        };
+        Watcher(Arc::new(WatcherInner {
+            http: self.http.clone(),
+            patterns: repo.monitor.patterns().cloned().collect(),
+            repo,
+            client,
+            matches: Mutex::default(),
+        }))
+    }
+
+    /// Current heads of every watched branch of `repo`: a one-off [`Watcher::observe`].
+    pub async fn observe(&self, repo: &Repository, cancel: &CancellationToken) -> Observation {
+        self.watcher(repo).observe(cancel).await
     }
 
     /// Head of any one branch (watched or not), for `sentry trigger` and webhooks.
@@ -229,6 +244,96 @@ impl Forges {
     }
 }
 
+/// One repository's forge client, built once by [`Forges::watcher`] and asked every cycle.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Watcher(Arc<WatcherInner>);
+
+struct WatcherInner {
+    http: Arc<Http>,
+    repo: Arc<Repository>,
+    patterns: Vec<BranchPattern>,
+    /// The forge client, or why the repository's configuration cannot be asked at all.
+    client: Result<Client, ForgeError>,
+    /// The last listing and the branches of it the patterns matched: a listing answered
+    /// from the ETag cache is the same pages, so it is not matched again.
+    matches: Mutex<Option<Matches>>,
+}
+
+enum Client {
+    Git,
+    GitHub(github::GitHub),
+    GitLab(gitlab::GitLab),
+}
+
+struct Matches {
+    pages: Listing,
+    heads: Vec<(String, Sha)>,
+}
+
+impl Watcher {
+    /// Current heads of every watched branch (exact names and pattern matches). Never
+    /// panics; errors are in `failures`. When `cancel` fires it returns promptly with what
+    /// it has, the rest as `Transient` failures.
+    pub async fn observe(&self, cancel: &CancellationToken) -> Observation {
+        let inner = &*self.0;
+        match &inner.client {
+            Ok(Client::Git) => git::observe(inner.http.clone(), inner.repo.clone(), cancel).await,
+            Ok(Client::GitHub(forge)) => self.observe_api(forge, cancel).await,
+            Ok(Client::GitLab(forge)) => self.observe_api(forge, cancel).await,
+            Err(error) => everything_failed(&inner.repo.monitor, error),
+        }
+    }
+
+    /// Checks the exact branches and the listing concurrently, within this task: the
+    /// per-host semaphore bounds the requests, so nothing is gained by a task per branch.
+    async fn observe_api<F: Forge>(&self, forge: &F, cancel: &CancellationToken) -> Observation {
+        let monitor = &self.0.repo.monitor;
+        let exact =
+            join_all(monitor.exact_branches().map(|branch| async move {
+                (branch.to_owned(), forge.head(branch, cancel).await)
+            }));
+        let listing = async {
+            match self.0.patterns.is_empty() {
+                true => None,
+                false => Some(forge.list(&self.0.patterns, cancel).await),
+            }
+        };
+        let (exact, listing) = tokio::join!(exact, listing);
+        let listing = listing.map(|pages| pages.map(|pages| self.pattern_heads(pages)));
+        assemble(exact, listing)
+    }
+
+    /// The listed branches the patterns match, matched again only when a page changed.
+    fn pattern_heads(&self, pages: Listing) -> Vec<(String, Sha)> {
+        let mut memo = self
+            .0
+            .matches
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(m) = memo.as_ref()
+            && m.pages.len() == pages.len()
+            && m.pages.iter().zip(&pages).all(|(a, b)| Arc::ptr_eq(a, b))
+        {
+            return m.heads.clone();
+        }
+        let heads: Vec<(String, Sha)> = pages
+            .iter()
+            .flat_map(|page| &page.branches)
+            .filter(|(name, _)| self.0.patterns.iter().any(|p| p.matches(name)))
+            .cloned()
+            .collect();
+        *memo = Some(Matches {
+            pages,
+            heads: heads.clone(),
+        });
+        heads
+    }
+}
+
+/// A branch listing: its pages as the ETag cache holds them, shared, never copied.
+pub(crate) type Listing = Vec<Arc<Page>>;
+
 /// An API forge (GitHub, GitLab): the head of one branch, and a branch listing.
 trait Forge: Clone + Send + Sync + 'static {
     fn head(
@@ -243,81 +348,12 @@ trait Forge: Clone + Send + Sync + 'static {
         &self,
         patterns: &[BranchPattern],
         cancel: &CancellationToken,
-    ) -> impl Future<Output = Result<Vec<(String, Sha)>, ForgeError>> + Send;
+    ) -> impl Future<Output = Result<Listing, ForgeError>> + Send;
 }
 
-/// Checks the exact branches and the listing concurrently and assembles the answer.
-async fn observe_api<F: Forge>(
-    forge: F,
-    monitor: &Monitor,
-    cancel: &CancellationToken,
-) -> Observation {
-    // `None`: the listing; `Some(name)`: an exact branch.
-    let mut jobs: HashMap<tokio::task::Id, Option<String>> = HashMap::new();
-    let mut set = JoinSet::new();
-    for branch in monitor.exact_branches() {
-        let (forge, cancel, name) = (forge.clone(), cancel.clone(), branch.to_owned());
-        let handle = set.spawn(async move {
-            let result = forge.head(&name, &cancel).await;
-            Job::Head(name, result)
-        });
-        jobs.insert(handle.id(), Some(branch.to_owned()));
-    }
-    let patterns: Vec<BranchPattern> = monitor.patterns().cloned().collect();
-    if !patterns.is_empty() {
-        let (forge, cancel) = (forge.clone(), cancel.clone());
-        let handle = set.spawn(async move { Job::List(forge.list(&patterns, &cancel).await) });
-        jobs.insert(handle.id(), None);
-    }
-
-    let mut exact = Vec::new();
-    let mut listing = None;
-    loop {
-        let joined = tokio::select! {
-            () = cancel.cancelled() => {
-                set.abort_all();
-                break;
-            }
-            joined = set.join_next_with_id() => joined,
-        };
-        let Some(joined) = joined else { break };
-        match joined {
-            Ok((id, job)) => {
-                jobs.remove(&id);
-                match job {
-                    Job::Head(name, result) => exact.push((name, result)),
-                    Job::List(result) => listing = Some(result),
-                }
-            }
-            Err(e) => {
-                let error = ForgeError::Transient(format!("internal error while checking: {e}"));
-                match jobs.remove(&e.id()) {
-                    Some(Some(name)) => exact.push((name, Err(error))),
-                    _ => listing = Some(Err(error)),
-                }
-            }
-        }
-    }
-    // Whatever did not finish was cancelled.
-    for (_, job) in jobs {
-        let error = ForgeError::Transient("check cancelled (shutting down)".to_owned());
-        match job {
-            Some(name) => exact.push((name, Err(error))),
-            None => listing = Some(Err(error)),
-        }
-    }
-    assemble(monitor, exact, listing)
-}
-
-enum Job {
-    Head(String, Result<Sha, ForgeError>),
-    List(Result<Vec<(String, Sha)>, ForgeError>),
-}
-
-/// Builds the observation from the exact-branch answers and the listing (when the
-/// repository has patterns). Listing branches count only when a pattern matches them.
+/// Builds the observation from the exact-branch answers and the listed branches the
+/// patterns match (when the repository has patterns).
 fn assemble(
-    monitor: &Monitor,
     exact: Vec<(String, Result<Sha, ForgeError>)>,
     listing: Option<Result<Vec<(String, Sha)>, ForgeError>>,
 ) -> Observation {
@@ -325,11 +361,7 @@ fn assemble(
     match listing {
         Some(Ok(branches)) => {
             obs.listing_complete = true;
-            for (name, sha) in branches {
-                if monitor.patterns().any(|p| p.matches(&name)) {
-                    obs.heads.insert(name, sha);
-                }
-            }
+            obs.heads.extend(branches);
         }
         Some(Err(error)) => obs.failures.push(BranchFailure {
             branch: None,
@@ -360,7 +392,7 @@ fn everything_failed(monitor: &Monitor, error: &ForgeError) -> Observation {
         .map(|b| (b.to_owned(), Err(error.clone())))
         .collect();
     let listing = monitor.patterns().next().map(|_| Err(error.clone()));
-    assemble(monitor, exact, listing)
+    assemble(exact, listing)
 }
 
 /// Characters left as they are in a path segment or query value: RFC 3986 "unreserved".
@@ -439,15 +471,14 @@ async fn fetch_sha(
     parse: impl Fn(&[u8]) -> Option<Sha>,
     refused: impl Fn(StatusCode, &[u8]) -> ForgeError,
 ) -> Result<Sha, ForgeError> {
-    let (repo, url) = (call.repo, call.url.clone());
-    let secrets = secrets_of(&call.headers);
+    let (repo, url, headers) = (call.repo, call.url.clone(), call.headers);
     match http.get(call).await? {
         Reply::Fresh { body, etag, .. } => {
             let sha = parse(&body).ok_or_else(|| {
                 ForgeError::Malformed(format!(
                     "{repo}: expected a 40-hex commit SHA from {}, got {}",
                     url.path(),
-                    snippet(&body, &secrets)
+                    snippet(&body, &secrets_of(headers))
                 ))
             })?;
             http.remember(&url, etag, Cached::Sha(sha.clone()));
@@ -481,13 +512,13 @@ async fn walk_listing(
     template: Call<'_>,
     format: &ListingFormat,
     refused: impl Fn(StatusCode, &[u8]) -> ForgeError,
-) -> Result<Vec<(String, Sha)>, ForgeError> {
+) -> Result<Listing, ForgeError> {
     const MAX_PAGES: usize = 1000;
     let repo = template.repo;
     let first = template.url.clone();
     let mut url = first.clone();
     let mut seen = HashSet::new();
-    let mut branches = Vec::new();
+    let mut pages = Vec::new();
     loop {
         if !seen.insert(url.as_str().to_owned()) || seen.len() > MAX_PAGES {
             return Err(ForgeError::Malformed(format!(
@@ -496,7 +527,6 @@ async fn walk_listing(
         }
         let call = Call {
             url: url.clone(),
-            headers: template.headers.clone(),
             ..template
         };
         let page = match http.get(call).await? {
@@ -513,10 +543,11 @@ async fn walk_listing(
             Reply::Cached(Cached::Sha(_)) => return Err(cache_confusion(repo)),
             Reply::Refused { status, body } => return Err(refused(status, &body)),
         };
-        branches.extend(page.branches.iter().cloned());
-        match &page.next {
-            Some(next) => url = next.clone(),
-            None => return Ok(branches),
+        let next = page.next.clone();
+        pages.push(page);
+        match next {
+            Some(next) => url = next,
+            None => return Ok(pages),
         }
     }
 }

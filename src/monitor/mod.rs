@@ -11,17 +11,18 @@ pub mod scheduler;
 pub mod state;
 
 use std::collections::{BTreeMap, HashMap};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::{Semaphore, mpsc};
-use tokio::task::JoinSet;
+use futures_util::{FutureExt, StreamExt, stream};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Repository};
 use crate::deploy::{Trigger, Unit, expand_scope};
-use crate::forge::{Forges, Observation, Sha};
+use crate::forge::{Forges, Observation, Sha, Watcher};
 use crate::shutdown::Shutdown;
 use crate::telemetry::metrics::Metrics;
 
@@ -102,6 +103,8 @@ struct Backoff {
 pub struct Monitor {
     config: Arc<Config>,
     forges: Forges,
+    /// One prepared forge client per repository, in `config.repositories` order.
+    watchers: Vec<Watcher>,
     state: Arc<StateStore>,
     scheduler: Scheduler,
     backoff: Mutex<HashMap<String, Backoff>>,
@@ -117,9 +120,15 @@ impl Monitor {
         scheduler: Scheduler,
         metrics: Arc<Metrics>,
     ) -> Monitor {
+        let watchers = config
+            .repositories
+            .iter()
+            .map(|r| forges.watcher(r))
+            .collect();
         Monitor {
             config,
             forges,
+            watchers,
             state,
             scheduler,
             backoff: Mutex::new(HashMap::new()),
@@ -157,7 +166,7 @@ impl Monitor {
             ..CycleReport::default()
         };
         let mut changes: Vec<Change> = Vec::new();
-        let mut current: HashMap<String, BTreeMap<String, Sha>> = HashMap::new();
+        let mut current: HashMap<&str, BTreeMap<String, Sha>> = HashMap::new();
         let mut state_changed = false;
         for (index, observation) in observations {
             let repo = &self.config.repositories[index];
@@ -171,9 +180,10 @@ impl Monitor {
                 .keys()
                 .filter_map(|b| Some((b.as_str(), self.scheduler.in_flight(&repo.name, b)?)))
                 .collect();
-            let stored = self.state.with(|s| s.repositories.get(&repo.name).cloned());
-            let detection = detect(repo, &observation, stored.as_ref(), |b| {
-                in_flight.get(b).cloned()
+            let detection = self.state.with(|s| {
+                detect(repo, &observation, s.repositories.get(&repo.name), |b| {
+                    in_flight.get(b).cloned()
+                })
             });
             state_changed |= self.record(repo, &detection);
             for c in &detection.changes {
@@ -184,7 +194,7 @@ impl Monitor {
                 self.metrics.branch_change(&c.repository);
             }
             changes.extend(detection.changes);
-            current.insert(repo.name.clone(), observation.heads);
+            current.insert(&repo.name, observation.heads);
         }
         report.changes = changes.len();
         if state_changed {
@@ -226,37 +236,35 @@ impl Monitor {
         (repos, skipped)
     }
 
+    /// Observes `repos` (indices), at most [`OBSERVE_CONCURRENCY`] at once, all within the
+    /// calling task: every check waits on the network, so a task per repository would only
+    /// add wake-ups. A repository whose check panics is logged and left out.
     async fn observe_all(
         &self,
         repos: &[usize],
         cancel: &CancellationToken,
     ) -> Vec<(usize, Observation)> {
-        let limit = Arc::new(Semaphore::new(OBSERVE_CONCURRENCY));
-        let mut tasks = JoinSet::new();
-        for &index in repos {
-            let (forges, config, cancel, limit) = (
-                self.forges.clone(),
-                self.config.clone(),
-                cancel.clone(),
-                limit.clone(),
-            );
-            tasks.spawn(async move {
-                let _permit = limit.acquire_owned().await.ok();
-                (
-                    index,
-                    forges.observe(&config.repositories[index], &cancel).await,
-                )
-            });
-        }
-        let mut out = Vec::with_capacity(repos.len());
-        while let Some(joined) = tasks.join_next().await {
-            match joined {
-                Ok(pair) => out.push(pair),
-                Err(e) => tracing::error!("observing a repository failed unexpectedly: {e}"),
+        let checks = repos.iter().copied().map(|index| {
+            AssertUnwindSafe(self.watchers[index].observe(cancel))
+                .catch_unwind()
+                .map(move |result| (index, result))
+        });
+        let answers: Vec<_> = stream::iter(checks)
+            .buffer_unordered(OBSERVE_CONCURRENCY)
+            .collect()
+            .await;
+        let mut results = Vec::with_capacity(answers.len());
+        for (index, answer) in answers {
+            match answer {
+                Ok(observation) => results.push((index, observation)),
+                Err(_) => tracing::error!(
+                    "observing {} failed unexpectedly (a bug: please report it)",
+                    self.config.repositories[index].name
+                ),
             }
         }
-        out.sort_by_key(|(i, _)| *i);
-        out
+        results.sort_by_key(|(i, _)| *i);
+        results
     }
 
     fn note_failures(&self, repo: &Repository, observation: &Observation) {
@@ -329,7 +337,7 @@ impl Monitor {
     fn submit(
         &self,
         changes: Vec<Change>,
-        current: &HashMap<String, BTreeMap<String, Sha>>,
+        current: &HashMap<&str, BTreeMap<String, Sha>>,
         trigger: Trigger,
     ) {
         let mut by_group: BTreeMap<&str, Vec<Unit>> = BTreeMap::new();
@@ -358,12 +366,15 @@ impl Monitor {
     fn current_heads(
         &self,
         group: &str,
-        current: &HashMap<String, BTreeMap<String, Sha>>,
+        current: &HashMap<&str, BTreeMap<String, Sha>>,
     ) -> BTreeMap<(String, String), Sha> {
         let mut heads = BTreeMap::new();
         for repo in self.config.repositories_in(group) {
             for branch in repo.monitor.exact_branches() {
-                let observed = current.get(&repo.name).and_then(|h| h.get(branch)).cloned();
+                let observed = current
+                    .get(repo.name.as_str())
+                    .and_then(|h| h.get(branch))
+                    .cloned();
                 if let Some(sha) =
                     observed.or_else(|| self.state.branch(&repo.name, branch).map(|b| b.sha))
                 {
