@@ -16,11 +16,6 @@ use crate::cli::{Cli, Command, OutputFormat, ValidateArgs};
 use crate::config::{self, Config, Diagnostic, Env, LoadError};
 
 pub fn run(cli: Cli) -> Exit {
-    // Only the commands that clone or ls-remote pay for libgit2's start-up (it loads the
-    // system's CA bundle into OpenSSL: half of `validate`'s time on a 1,000-repo config).
-    if matches!(cli.command, Command::Trigger(_) | Command::Watch(_)) {
-        bound_git_network_waits();
-    }
     let env = match load_env(cli.env_file.as_deref()) {
         Ok(env) => env,
         Err(message) => {
@@ -34,19 +29,6 @@ pub fn run(cli: Cli) -> Exit {
         Command::Trigger(args) => trigger::trigger(&cli, args, &env),
         Command::Watch(args) => watch::watch(&cli, args, &env),
         Command::Status(args) => status::status(&cli, args, &env),
-    }
-}
-
-/// libgit2 waits forever on a server that stops answering; bound that process-wide.
-fn bound_git_network_waits() {
-    // SAFETY: these set libgit2 globals. They run once at start, before any thread or
-    // runtime exists, so nothing uses libgit2 concurrently.
-    let set = unsafe {
-        git2::opts::set_server_connect_timeout_in_milliseconds(10_000)
-            .and_then(|()| git2::opts::set_server_timeout_in_milliseconds(60_000))
-    };
-    if let Err(e) = set {
-        tracing::debug!("cannot set libgit2 network timeouts: {e}");
     }
 }
 

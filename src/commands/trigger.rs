@@ -144,7 +144,8 @@ fn selected_repositories<'a>(
         let repos: Vec<&Repository> = config
             .repositories
             .iter()
-            .filter(|r| r.group == *group)
+            .map(AsRef::as_ref)
+            .filter(|r: &&Repository| r.group == *group)
             .collect();
         if repos.is_empty() {
             return Err(format!("group {group:?} has no repositories"));
@@ -180,7 +181,8 @@ fn selected_repositories<'a>(
     Ok(config
         .repositories
         .iter()
-        .filter(|r| args.repos.contains(&r.name))
+        .map(AsRef::as_ref)
+        .filter(|r: &&Repository| args.repos.contains(&r.name))
         .collect())
 }
 

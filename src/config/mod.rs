@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use secrecy::SecretString;
@@ -38,7 +39,7 @@ pub struct Config {
     /// In the order of the file.
     pub groups: Vec<Group>,
     /// In the order of the file.
-    pub repositories: Vec<Repository>,
+    pub repositories: Vec<Arc<Repository>>,
 }
 
 #[derive(Debug, Clone)]
@@ -217,11 +218,17 @@ impl Config {
     }
 
     pub fn repository(&self, name: &str) -> Option<&Repository> {
-        self.repositories.iter().find(|r| r.name == name)
+        self.repositories
+            .iter()
+            .map(Arc::as_ref)
+            .find(|r| r.name == name)
     }
 
     pub fn repositories_in<'a>(&'a self, group: &'a str) -> impl Iterator<Item = &'a Repository> {
-        self.repositories.iter().filter(move |r| r.group == group)
+        self.repositories
+            .iter()
+            .map(Arc::as_ref)
+            .filter(move |r| r.group == group)
     }
 
     /// Every secret value in the configuration, for masking command output.

@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use secrecy::SecretString;
@@ -285,7 +286,11 @@ impl Checker<'_> {
         })
     }
 
-    fn repositories(&mut self, value: Option<Yaml>, group_names: &[String]) -> Vec<Repository> {
+    fn repositories(
+        &mut self,
+        value: Option<Yaml>,
+        group_names: &[String],
+    ) -> Vec<Arc<Repository>> {
         let items = match value {
             None | Some(Yaml::Null) => {
                 self.error(
@@ -325,7 +330,7 @@ impl Checker<'_> {
                 }
             }
             if let Some(repo) = self.repository(&path, raw, group_names) {
-                repositories.push(repo);
+                repositories.push(Arc::new(repo));
             }
         }
         repositories
@@ -633,7 +638,7 @@ impl Checker<'_> {
         &mut self,
         raw: RawConfig,
         groups: Vec<Group>,
-        repositories: Vec<Repository>,
+        repositories: Vec<Arc<Repository>>,
     ) -> Option<Config> {
         let polling_interval = self.duration(
             "polling_interval",

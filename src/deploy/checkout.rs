@@ -101,6 +101,7 @@ pub fn clone_blocking(
     req: &CloneRequest,
     stop: &(dyn Fn() -> bool + Sync),
 ) -> Result<(), CheckoutError> {
+    crate::forge::prepare_libgit2();
     let mut shallow = is_http(&req.url);
     let mut tries = 0;
     loop {

@@ -6,8 +6,8 @@
 //! retried like an HTTP request when the failure looks transient.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Once};
 
 use git2::{CredentialType, Direction, ErrorClass, ErrorCode};
 use secrecy::ExposeSecret;
@@ -111,6 +111,26 @@ async fn ls_remote(
     Err(last.unwrap_or_else(|| cancelled(&repo.name)))
 }
 
+/// Sets libgit2's process-wide network timeouts (it waits forever on a server that stops
+/// answering) once, before Sentry's first clone or ls-remote. Deferred to that point rather
+/// than done at start because libgit2's start-up loads OpenSSL and the system's CA bundle:
+/// about 4 MiB a watcher of API forges does not need until its first deployment.
+pub fn prepare_libgit2() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: these write two libgit2 globals that only its socket streams read. Every
+        // network operation of Sentry's calls this first and blocks until it has returned,
+        // so no clone or ls-remote reads them while they are written.
+        let set = unsafe {
+            git2::opts::set_server_connect_timeout_in_milliseconds(10_000)
+                .and_then(|()| git2::opts::set_server_timeout_in_milliseconds(60_000))
+        };
+        if let Err(e) = set {
+            tracing::debug!("cannot set libgit2 network timeouts: {e}");
+        }
+    });
+}
+
 /// One ls-remote in a blocking thread, abandoned (left to finish on its own) on cancel or
 /// after the request timeout.
 async fn once(
@@ -140,6 +160,7 @@ async fn once(
 
 /// The blocking part: connect, list, keep `refs/heads/*`.
 fn list_heads(repo: &Repository) -> Result<BTreeMap<String, Sha>, ForgeError> {
+    prepare_libgit2();
     let url = &repo.monitor.repo_url;
     let auth = &repo.monitor.auth;
     let rejected = Arc::new(AtomicBool::new(false));
@@ -241,7 +262,7 @@ fn classify(repo: &Repository, error: &git2::Error, rejected: bool, no_token: bo
 fn host_of(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(u) if u.scheme() == "file" => "local".to_owned(),
-        Ok(u) if u.host_str().is_some() => super::http::host_key(&u),
+        Ok(u) if u.host_str().is_some() => super::http::host_key(&u).to_owned(),
         // scp-like `git@host:path`
         _ if !url.starts_with('/') && !url.starts_with('.') && url.contains(':') => url
             .split(':')

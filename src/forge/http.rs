@@ -139,6 +139,9 @@ impl Http {
     /// The state of host `key` (`host` or `host:port`), created on first use.
     pub fn host(&self, key: &str) -> Arc<Host> {
         let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(host) = hosts.get(key) {
+            return host.clone();
+        }
         hosts
             .entry(key.to_owned())
             .or_insert_with(|| {
@@ -217,7 +220,7 @@ impl Http {
     /// One GET with everything the module header lists. Never panics.
     pub async fn get(&self, call: Call<'_>) -> Result<Reply, ForgeError> {
         let key = host_key(&call.url);
-        let host = self.host(&key);
+        let host = self.host(key);
         let mut last = String::new();
         for attempt in 1..=TRIES {
             match self.attempt(&host, &call).await {
@@ -252,18 +255,18 @@ impl Http {
         }
 
         let cached = self.cached(&call.url);
-        let mut request = self
-            .client
-            .get(call.url.clone())
-            .headers(call.headers.clone());
+        let mut request = reqwest::Request::new(reqwest::Method::GET, call.url.clone());
+        *request.headers_mut() = call.headers.clone();
         if let Some((etag, _)) = &cached {
-            request = request.header(header::IF_NONE_MATCH, etag.clone());
+            request
+                .headers_mut()
+                .insert(header::IF_NONE_MATCH, etag.clone());
         }
         let started = Instant::now();
         self.requests.fetch_add(1, Ordering::Relaxed);
         let sent = tokio::select! {
             () = call.cancel.cancelled() => return Attempt::Done(Err(cancelled(call.repo))),
-            sent = request.send() => sent,
+            sent = self.client.execute(request) => sent,
         };
         let response = match sent {
             Ok(r) => r,
@@ -316,7 +319,11 @@ impl Http {
 
         if status.is_success() {
             host.limits().success();
-            let etag = headers.get(header::ETAG).cloned();
+            // A copy: a header value borrows the whole buffer the headers were read into,
+            // which a cached ETag would keep alive for as long as it is cached.
+            let etag = headers
+                .get(header::ETAG)
+                .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok());
             return Attempt::Done(Ok(Reply::Fresh {
                 body,
                 headers,
@@ -532,12 +539,14 @@ impl Limits {
     }
 }
 
-/// `host` or `host:port`: the key of per-host limits and of `ForgeStats::rate_limits`.
-pub(crate) fn host_key(url: &Url) -> String {
-    let host = url.host_str().unwrap_or("local");
-    match url.port() {
-        Some(port) => format!("{host}:{port}"),
-        None => host.to_owned(),
+/// `host` or `host:port` (a default port is never spelled out in a parsed URL): the key
+/// of per-host limits and of `ForgeStats::rate_limits`. Borrowed, as it is looked up for
+/// every request.
+pub(crate) fn host_key(url: &Url) -> &str {
+    match url.authority().rsplit_once('@') {
+        Some((_userinfo, host)) => host,
+        None if url.has_host() => url.authority(),
+        None => "local",
     }
 }
 

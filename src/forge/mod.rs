@@ -31,6 +31,7 @@ use reqwest::{StatusCode, Url};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BranchPattern, Config, Monitor, RepoType, Repository};
+pub use git::prepare_libgit2;
 use http::{Cached, Call, Http, Page, Reply};
 
 /// A full 40-hex commit SHA, checked on construction: lowercase ASCII held inline, so a
@@ -194,8 +195,8 @@ impl Forges {
     }
 
     /// `repo`'s client, prepared once (URLs, headers, patterns) for checks every cycle.
-    pub fn watcher(&self, repo: &Repository) -> Watcher {
-        let repo = Arc::new(repo.clone());
+    pub fn watcher(&self, repo: &Arc<Repository>) -> Watcher {
+        let repo = repo.clone();
         let client = match repo.monitor.repo_type {
             RepoType::Git => Ok(Client::Git),
             RepoType::Github => {
@@ -216,7 +217,7 @@ impl Forges {
 
     /// Current heads of every watched branch of `repo`: a one-off [`Watcher::observe`].
     pub async fn observe(&self, repo: &Repository, cancel: &CancellationToken) -> Observation {
-        self.watcher(repo).observe(cancel).await
+        self.watcher(&Arc::new(repo.clone())).observe(cancel).await
     }
 
     /// Head of any one branch (watched or not), for `sentry trigger` and webhooks.

@@ -111,11 +111,10 @@ mod tests {
 
     fn repo() -> Repository {
         let yaml = "groups: {g: }\nrepositories:\n  - name: r\n    group: g\n    monitor: {repo_url: /x, branches: [main, \"release/*\"], repo_type: git}\n    deploy: {qa_repo_url: /q, qa_repo_branch: main, commands: [x]}\n";
-        load_str(yaml, &Env::fixed::<[(&str, &str); 0], _, _>([]))
+        let config = load_str(yaml, &Env::fixed::<[(&str, &str); 0], _, _>([]))
             .config
-            .unwrap()
-            .repositories
-            .remove(0)
+            .unwrap();
+        config.repositories[0].as_ref().clone()
     }
 
     fn observed(heads: &[(&str, char)], complete: bool) -> Observation {

@@ -70,7 +70,7 @@ fn setup(repo: &Repo<'_>) -> (Forges, Repository) {
 fn setup_with(repo: &Repo<'_>, extra: &str) -> (Forges, Repository) {
     let config = config_with(repo, extra);
     let forges = Forges::new(&config).unwrap();
-    (forges, config.repositories[0].clone())
+    (forges, config.repositories[0].as_ref().clone())
 }
 
 fn github<'a>(
