@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use reqwest::StatusCode;
@@ -32,23 +32,38 @@ pub struct FloorCycle {
     pub not_modified: u64,
 }
 
-/// Runs `cycles` cycles over `repos` against `base` (the fake GitHub) on a fresh thread.
-pub fn run(base: &str, repos: &[RepoSpec], cycles: usize) -> Result<Vec<FloorCycle>> {
+/// Runs `cycles` cycles over `repos` against `base` (the fake GitHub) on a fresh thread,
+/// `pause` apart: the same pacing as Sentry's polling interval, so both sides meet a
+/// server (and CPU caches) that has idled for as long between cycles.
+pub fn run(
+    base: &str,
+    repos: &[RepoSpec],
+    cycles: usize,
+    pause: Duration,
+) -> Result<Vec<FloorCycle>> {
     let base = base.to_owned();
     let repos = repos.to_vec();
-    std::thread::spawn(move || run_on_thread(&base, &repos, cycles))
+    std::thread::spawn(move || run_on_thread(&base, &repos, cycles, pause))
         .join()
         .map_err(|_| anyhow!("the floor client panicked"))?
 }
 
-fn run_on_thread(base: &str, repos: &[RepoSpec], cycles: usize) -> Result<Vec<FloorCycle>> {
+fn run_on_thread(
+    base: &str,
+    repos: &[RepoSpec],
+    cycles: usize,
+    pause: Duration,
+) -> Result<Vec<FloorCycle>> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
         let client = Arc::new(Floor::new()?);
         let mut out = Vec::with_capacity(cycles);
-        for _ in 0..cycles {
+        for cycle in 0..cycles {
+            if cycle > 0 {
+                tokio::time::sleep(pause).await;
+            }
             let cpu = thread_cpu_ticks().unwrap_or(0);
             let started = Instant::now();
             let (requests, not_modified) = client.cycle(base, repos).await?;
