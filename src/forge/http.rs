@@ -106,6 +106,8 @@ impl Http {
             .connect_timeout(Duration::from_secs(10))
             .timeout(request_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
+            // At most one connection per request in flight stays open: a bounded pool.
+            .pool_max_idle_per_host(max_per_host.max(1))
             .redirect(same_origin_redirects())
             .build()?;
         Ok(Http {

@@ -295,9 +295,10 @@ impl Watcher {
                 (branch.to_owned(), forge.head(branch, cancel).await)
             }));
         let listing = async {
-            match self.0.patterns.is_empty() {
-                true => None,
-                false => Some(forge.list(&self.0.patterns, cancel).await),
+            if self.0.patterns.is_empty() {
+                None
+            } else {
+                Some(forge.list(&self.0.patterns, cancel).await)
             }
         };
         let (exact, listing) = tokio::join!(exact, listing);
@@ -707,6 +708,29 @@ mod tests {
         );
         assert_eq!(next.path(), url.path());
         assert!(x_next_page(&url, &headers(&[("x-next-page", "")])).is_none());
+    }
+
+    #[test]
+    fn sha_is_40_hex_lowercased_and_round_trips_as_text() {
+        let upper = "ABCDEF0123456789ABCDEF0123456789ABCDEF01";
+        let sha = Sha::parse(&format!("  {upper}\n")).unwrap();
+        assert_eq!(sha.as_str(), upper.to_ascii_lowercase());
+        assert_eq!(sha.short(), "abcdef01");
+        assert_eq!(format!("{sha:?}"), format!("Sha({:?})", sha.as_str()));
+        let json = serde_json::to_string(&sha).unwrap();
+        assert_eq!(serde_json::from_str::<Sha>(&json).unwrap(), sha);
+        for bad in [
+            "",
+            "abc",
+            &upper[..39],
+            &format!("{upper}0"),
+            &upper.replace('A', "g"),
+        ] {
+            assert!(Sha::parse(bad).is_none(), "{bad:?}");
+        }
+        assert!(serde_json::from_str::<Sha>("\"nope\"").is_err());
+        // Multi-byte text of 40 bytes is not a SHA either.
+        assert!(Sha::parse(&"é".repeat(20)).is_none());
     }
 
     #[test]
