@@ -49,15 +49,10 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
         .prefix("sentry-bench-dest-")
         .tempdir()?;
 
-    let Samples {
-        sentry_ms,
-        git_ms,
-        sentry_cpu_ms,
-        git_cpu_ms,
-    } = measure(&url, work.path(), files, runs)?;
-    let (s, g) = (median(&sentry_ms), median(&git_ms));
+    let (sentry, git) = measure(&url, work.path(), files, runs)?;
+    let (s, g) = (median(&sentry.wall_ms), median(&git.wall_ms));
     let ratio = s / g;
-    let (s_cpu, g_cpu) = (median(&sentry_cpu_ms), median(&git_cpu_ms));
+    let (s_cpu, g_cpu) = (median(&sentry.user_cpu_ms), median(&git.user_cpu_ms));
     let name = "4 clone";
     report.judged(
         name,
@@ -85,10 +80,10 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
             "commits": commits,
             "runs": runs,
             "generate_seconds": generate_s,
-            "sentry_ms": sentry_ms,
-            "git_ms": git_ms,
-            "sentry_cpu_ms": sentry_cpu_ms,
-            "git_cpu_ms": git_cpu_ms,
+            "sentry_ms": sentry.wall_ms,
+            "git_ms": git.wall_ms,
+            "sentry_cpu_ms": sentry.user_cpu_ms,
+            "git_cpu_ms": git.user_cpu_ms,
             "ratio": ratio,
             "server_requests": server.requests(),
         }),
@@ -96,42 +91,41 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     Ok(())
 }
 
+/// One side's clones: wall and user CPU milliseconds.
 #[derive(Default)]
-struct Samples {
-    sentry_ms: Vec<f64>,
-    git_ms: Vec<f64>,
-    sentry_cpu_ms: Vec<f64>,
-    git_cpu_ms: Vec<f64>,
+struct Side {
+    wall_ms: Vec<f64>,
+    user_cpu_ms: Vec<f64>,
+}
+
+impl Side {
+    fn push(&mut self, (wall, cpu): (f64, f64)) {
+        self.wall_ms.push(wall);
+        self.user_cpu_ms.push(cpu);
+        settle();
+    }
 }
 
 /// `runs` clones each way, alternating who goes first; every clone is kept (in `work`)
 /// and written back before the next one starts (deleting and writing back 20,000 files
-/// right before a clone slowed that clone down several times over).
-fn measure(url: &str, work: &Path, files: usize, runs: usize) -> Result<Samples> {
-    let mut samples = Samples::default();
+/// right before a clone slowed that clone down several times over). Returns (Sentry, git).
+fn measure(url: &str, work: &Path, files: usize, runs: usize) -> Result<(Side, Side)> {
+    let (mut sentry, mut git) = (Side::default(), Side::default());
     for i in 0..runs {
         let dest_git = work.join(format!("git-{i}"));
         let dest_sentry = work.join(format!("sentry-{i}"));
-        for sentry_side in [i % 2 == 1, i % 2 == 0] {
-            let (wall, cpu) = if sentry_side {
-                sentry_clone(url, &dest_sentry)?
-            } else {
-                git_clone(url, &dest_git)?
-            };
-            let (walls, cpus) = if sentry_side {
-                (&mut samples.sentry_ms, &mut samples.sentry_cpu_ms)
-            } else {
-                (&mut samples.git_ms, &mut samples.git_cpu_ms)
-            };
-            walls.push(wall);
-            cpus.push(cpu);
-            settle();
+        if i % 2 == 0 {
+            git.push(git_clone(url, &dest_git)?);
+            sentry.push(sentry_clone(url, &dest_sentry)?);
+        } else {
+            sentry.push(sentry_clone(url, &dest_sentry)?);
+            git.push(git_clone(url, &dest_git)?);
         }
         for dest in [&dest_git, &dest_sentry] {
             check_checkout(dest, files)?;
         }
     }
-    Ok(samples)
+    Ok((sentry, git))
 }
 
 /// A bare repository with `files` files, `commits` commits and four branches.

@@ -3,9 +3,9 @@
 //!
 //! Sentry runs one cold cycle and N quiet cycles (every request a 304: the steady state of
 //! a poller); the floor runs the same before and after Sentry, paced like Sentry's polling
-//! interval, and its two runs are pooled so a drift during the run affects both sides. Targets: the median quiet cycle ≤ 1.5× the
-//! floor's; CPU per quiet cycle ≤ 0.3 s (utime + stime of the `sentry` process between two
-//! cycle lines, interval idle included).
+//! interval, and its two runs are pooled so a drift during the run affects both sides.
+//! Targets: the median quiet cycle ≤ 1.5× the floor's; CPU per quiet cycle ≤ 0.3 s (utime +
+//! stime of the `sentry` process between two cycle lines, interval idle included).
 
 use std::time::Duration;
 
