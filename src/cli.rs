@@ -123,6 +123,10 @@ pub struct TriggerArgs {
     /// Keep QA checkouts in work_dir for debugging.
     #[arg(long)]
     pub keep_workdir: bool,
+    /// `json` prints one JSON document with every run and unit (command output then goes
+    /// to the log only).
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub format: OutputFormat,
 }
 
 #[derive(Debug, Args)]

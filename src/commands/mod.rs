@@ -1,8 +1,10 @@
 //! The subcommands: each turns parsed arguments into calls on the library and an [`Exit`].
 //!
-//! This is the edge of the program, where `anyhow` errors become messages on stderr and
-//! exit codes. Sync work (loading the env file and the config) happens before the tokio
-//! runtime starts.
+//! This is the edge of the program, where errors become messages and exit codes: every
+//! command returns `anyhow::Result<Exit>`, and [`run`] prints an error once, in the log
+//! format the user chose (`error: …` as text, one JSON object with `--log-format json`),
+//! and exits 2 — Sentry could not do its job. Sync work (loading the env file and the
+//! config) happens before the tokio runtime starts.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -16,19 +18,23 @@ use crate::cli::{Cli, Command, OutputFormat, ValidateArgs};
 use crate::config::{self, Config, Diagnostic, Env, LoadError};
 
 pub fn run(cli: Cli) -> Exit {
-    let env = match load_env(cli.env_file.as_deref()) {
-        Ok(env) => env,
-        Err(message) => {
-            eprintln!("error: {message}");
-            return Exit::CannotRun;
+    match run_command(&cli) {
+        Ok(exit) => exit,
+        Err(error) => {
+            crate::telemetry::report_error(cli.log_format, &error);
+            Exit::CannotRun
         }
-    };
+    }
+}
+
+fn run_command(cli: &Cli) -> anyhow::Result<Exit> {
+    let env = load_env(cli.env_file.as_deref()).map_err(anyhow::Error::msg)?;
     match &cli.command {
         Command::Validate(args) => validate(&cli.config, &env, args),
         Command::ConfigSchema => config_schema(),
-        Command::Trigger(args) => trigger::trigger(&cli, args, &env),
-        Command::Watch(args) => watch::watch(&cli, args, &env),
-        Command::Status(args) => status::status(&cli, args, &env),
+        Command::Trigger(args) => trigger::trigger(cli, args, &env),
+        Command::Watch(args) => watch::watch(cli, args, &env),
+        Command::Status(args) => status::status(cli, args, &env),
     }
 }
 
@@ -60,31 +66,21 @@ fn load_env(env_file: Option<&Path>) -> Result<Env, String> {
     Ok(Env::with_file_vars(vars))
 }
 
-/// Loads the configuration for commands that need a valid one; prints why not otherwise.
-/// Outside `validate`, a configuration that cannot be used means Sentry cannot do its job
-/// (exit 2), so that 1 always means "a deployment failed".
-pub fn load_config(path: &Path, env: &Env) -> Result<Config, Exit> {
-    match config::load_file(path, env) {
-        Ok((config, warnings)) => {
-            for w in warnings {
-                tracing::warn!(target: "sentry::config", "{w}");
-            }
-            Ok(config)
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            Err(Exit::CannotRun)
-        }
+/// Loads the configuration for commands that need a valid one. Outside `validate`, a
+/// configuration that cannot be used means Sentry cannot do its job (exit 2), so that 1
+/// always means "a deployment failed".
+pub fn load_config(path: &Path, env: &Env) -> anyhow::Result<Config> {
+    let (config, warnings) = config::load_file(path, env)?;
+    for w in warnings {
+        tracing::warn!(target: "sentry::config", "{w}");
     }
+    Ok(config)
 }
 
-fn validate(path: &Path, env: &Env, args: &ValidateArgs) -> Exit {
+fn validate(path: &Path, env: &Env, args: &ValidateArgs) -> anyhow::Result<Exit> {
     let text = match config::read_file(path) {
         Ok(text) => text,
-        Err(e @ LoadError::Read { .. }) | Err(e @ LoadError::Invalid { .. }) => {
-            eprintln!("error: {e}");
-            return Exit::CannotRun;
-        }
+        Err(e @ (LoadError::Read { .. } | LoadError::Invalid { .. })) => return Err(e.into()),
     };
     let loaded = config::load_str(&text, env);
     let errors = loaded.diagnostics.iter().filter(|d| d.is_error()).count();
@@ -114,11 +110,11 @@ fn validate(path: &Path, env: &Env, args: &ValidateArgs) -> Exit {
             }
         }
     }
-    if loaded.config.is_some() {
+    Ok(if loaded.config.is_some() {
         Exit::Success
     } else {
         Exit::JobFailed
-    }
+    })
 }
 
 /// `sentry.yaml:12:5: error: path: message`, the form editors and CI annotate from.
@@ -147,28 +143,19 @@ pub fn plural(n: usize, noun: &str) -> String {
     }
 }
 
-fn config_schema() -> Exit {
-    match serde_json::to_string_pretty(&config::json_schema()) {
-        Ok(text) => {
-            println!("{text}");
-            Exit::Success
-        }
-        Err(e) => {
-            eprintln!("error: cannot print the schema: {e}");
-            Exit::CannotRun
-        }
-    }
+fn config_schema() -> anyhow::Result<Exit> {
+    let text = serde_json::to_string_pretty(&config::json_schema())
+        .map_err(|e| anyhow::anyhow!("cannot print the schema: {e}"))?;
+    println!("{text}");
+    Ok(Exit::Success)
 }
 
 /// The multi-threaded runtime for commands that do async work.
-pub fn runtime() -> Result<tokio::runtime::Runtime, Exit> {
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|e| {
-            eprintln!("error: cannot start the async runtime: {e}");
-            Exit::CannotRun
-        })
+        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))
 }
 
 /// Prints a left-aligned table with a header row.

@@ -34,12 +34,31 @@ pub struct Config {
     pub audit_log: Option<PathBuf>,
     pub request_timeout: Duration,
     pub max_requests_per_host: usize,
+    /// Units deploying at once across all groups.
+    pub max_concurrent_units: usize,
+    pub pending_retry: PendingRetry,
     pub server: ServerConfig,
     pub webhooks: WebhookConfig,
     /// In the order of the file.
     pub groups: Vec<Group>,
     /// In the order of the file.
     pub repositories: Vec<Arc<Repository>>,
+}
+
+/// Backoff for units that could not run: `initial`, doubling up to `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingRetry {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+impl Default for PendingRetry {
+    fn default() -> Self {
+        PendingRetry {
+            initial: Duration::from_secs(60),
+            max: Duration::from_secs(30 * 60),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -103,6 +122,33 @@ pub struct Repository {
     pub group: String,
     pub monitor: Monitor,
     pub deploy: Deploy,
+}
+
+impl Repository {
+    /// The branch a manual run deploys when none is given: the first exact watched branch.
+    pub fn default_branch(&self) -> Option<&str> {
+        self.monitor.exact_branches().next()
+    }
+}
+
+/// Why a manual selection names nothing deployable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SelectError {
+    #[error("unknown group {group:?}; valid groups: {}", .valid.join(", "))]
+    UnknownGroup { group: String, valid: Vec<String> },
+    #[error("group {0:?} has no repositories")]
+    EmptyGroup(String),
+    #[error(
+        "unknown repository {}; valid repositories: {}",
+        .unknown.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", "),
+        .valid.join(", ")
+    )]
+    UnknownRepositories {
+        unknown: Vec<String>,
+        valid: Vec<String>,
+    },
+    #[error("give --repo NAME (repeatable) or --group NAME")]
+    NothingSelected,
 }
 
 #[derive(Debug, Clone)]
@@ -242,6 +288,53 @@ impl Config {
             .chain(self.webhooks.github_secret.clone())
             .chain(self.webhooks.gitlab_token.clone())
             .collect()
+    }
+
+    /// The repositories a manual run names: every repository of `group`, or the named
+    /// ones; in configuration order, each once.
+    pub fn select(
+        &self,
+        names: &[String],
+        group: Option<&str>,
+    ) -> Result<Vec<&Repository>, SelectError> {
+        if let Some(group) = group {
+            if self.group(group).is_none() {
+                return Err(SelectError::UnknownGroup {
+                    group: group.to_owned(),
+                    valid: self.groups.iter().map(|g| g.name.clone()).collect(),
+                });
+            }
+            let repos: Vec<&Repository> = self
+                .repositories
+                .iter()
+                .map(Arc::as_ref)
+                .filter(|r| r.group == group)
+                .collect();
+            if repos.is_empty() {
+                return Err(SelectError::EmptyGroup(group.to_owned()));
+            }
+            return Ok(repos);
+        }
+        let unknown: Vec<String> = names
+            .iter()
+            .filter(|name| self.repository(name).is_none())
+            .cloned()
+            .collect();
+        if !unknown.is_empty() {
+            return Err(SelectError::UnknownRepositories {
+                unknown,
+                valid: self.repositories.iter().map(|r| r.name.clone()).collect(),
+            });
+        }
+        if names.is_empty() {
+            return Err(SelectError::NothingSelected);
+        }
+        Ok(self
+            .repositories
+            .iter()
+            .map(Arc::as_ref)
+            .filter(|r| names.contains(&r.name))
+            .collect())
     }
 
     pub fn watched_branch_count(&self) -> usize {

@@ -31,6 +31,11 @@ pub struct RawConfig {
     pub request_timeout: Option<RawDuration>,
     /// At most this many requests in flight to one API host. Default 8.
     pub max_requests_per_host: Option<u32>,
+    /// At most this many units deploy at once, across all groups. Default 2 × CPUs.
+    pub max_concurrent_units: Option<u32>,
+    /// When a unit could not run (clone failed, checkout directory, skipped), how soon it
+    /// is tried again without a new push.
+    pub pending_retry: Option<RawPendingRetry>,
     /// The HTTP server for health, metrics and webhooks.
     pub server: Option<RawServer>,
     /// Webhook secrets; an endpoint whose secret is unset or empty answers 404.
@@ -39,6 +44,15 @@ pub struct RawConfig {
     pub groups: Option<BTreeMap<String, RawGroup>>,
     /// The watched repositories.
     pub repositories: Option<Vec<RawRepository>>,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct RawPendingRetry {
+    /// Delay before the first retry; it doubles (with jitter) after each failed try. Default `1m`.
+    pub initial: Option<RawDuration>,
+    /// The longest delay between two tries. Default `30m`.
+    pub max: Option<RawDuration>,
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]

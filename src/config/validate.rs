@@ -14,11 +14,14 @@ use secrecy::SecretString;
 use serde_yaml::Value as Yaml;
 
 use super::expand::{self, Env, ExpandError};
-use super::raw::{RawAuth, RawConfig, RawDeploy, RawDuration, RawGroup, RawMonitor, RawRepository};
+use super::raw::{
+    RawAuth, RawConfig, RawDeploy, RawDuration, RawGroup, RawMonitor, RawPendingRetry,
+    RawRepository,
+};
 use super::schema_keys::{check_unknown_keys, suggest};
 use super::{
     Auth, BranchPattern, BranchSpec, Config, Deploy, DeployScope, Diagnostic, Group, Monitor,
-    RepoType, Repository, ServerConfig, Strategy, WebhookConfig, from_value,
+    PendingRetry, RepoType, Repository, ServerConfig, Strategy, WebhookConfig, from_value,
 };
 
 /// Durations beyond this are a typo (an hour count written as seconds, say), not a plan.
@@ -680,6 +683,15 @@ impl Checker<'_> {
             Some(n) => n as usize,
             None => 8,
         };
+        let max_concurrent_units = match raw.max_concurrent_units {
+            Some(0) => {
+                self.error("max_concurrent_units", "must be at least 1");
+                1
+            }
+            Some(n) => n as usize,
+            None => default_concurrent_units(),
+        };
+        let pending_retry = self.pending_retry(raw.pending_retry.unwrap_or_default());
         let server = raw.server.unwrap_or_default();
         let listen = match self.optional_text("server.listen", server.listen) {
             None => Some(SocketAddr::from(([0, 0, 0, 0], 8080))),
@@ -719,6 +731,8 @@ impl Checker<'_> {
             audit_log,
             request_timeout,
             max_requests_per_host,
+            max_concurrent_units,
+            pending_retry,
             server: ServerConfig {
                 enabled: server.enabled.unwrap_or(true),
                 listen: listen?,
@@ -727,6 +741,23 @@ impl Checker<'_> {
             groups,
             repositories,
         })
+    }
+
+    fn pending_retry(&mut self, raw: RawPendingRetry) -> PendingRetry {
+        let default = PendingRetry::default();
+        let initial = self.duration("pending_retry.initial", raw.initial, default.initial);
+        let max = self.duration("pending_retry.max", raw.max, default.max.max(initial));
+        if max < initial {
+            self.error(
+                "pending_retry.max",
+                format!(
+                    "{} is shorter than pending_retry.initial ({})",
+                    humantime::format_duration(max),
+                    humantime::format_duration(initial)
+                ),
+            );
+        }
+        PendingRetry { initial, max }
     }
 
     fn path_or(
@@ -875,3 +906,9 @@ fn is_loopback(url: &url::Url) -> bool {
 
 #[cfg(test)]
 mod tests;
+
+/// Twice the CPUs Sentry may use: deploy commands mostly wait on the network and on
+/// child processes, but an unbounded number of clones and shells would starve the host.
+fn default_concurrent_units() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()) * 2
+}

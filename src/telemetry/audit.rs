@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
-use crate::deploy::{GroupResult, Trigger, UnitResult};
+use crate::deploy::{GroupResult, RunObserver, RunRef, Trigger, UnitResult};
 
 #[derive(Debug, Serialize)]
 struct Record<'a> {
@@ -34,6 +34,10 @@ struct Record<'a> {
     exit_code: Option<i32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     units: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failed_command: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
 }
 
 #[derive(Debug, Default)]
@@ -70,6 +74,8 @@ impl Audit {
             duration_seconds: result.duration.as_secs_f64(),
             exit_code: result.exit_code,
             units: None,
+            failed_command: result.failed_command.as_deref(),
+            reason: result.reason.as_deref(),
             ..base(run_id, group, trigger)
         });
     }
@@ -109,6 +115,17 @@ impl Audit {
     }
 }
 
+/// Every unit and every group run, whatever started it (`watch` or `trigger`).
+impl RunObserver for Audit {
+    fn unit_ended(&self, run: RunRef<'_>, result: &UnitResult) {
+        self.unit(run.run_id, run.group, run.trigger, result);
+    }
+
+    fn group_ended(&self, result: &GroupResult) {
+        self.group_run(result);
+    }
+}
+
 fn base<'a>(run_id: &'a str, group: &'a str, trigger: &'a Trigger) -> Record<'a> {
     Record {
         time: super::now_rfc3339(),
@@ -128,6 +145,8 @@ fn base<'a>(run_id: &'a str, group: &'a str, trigger: &'a Trigger) -> Record<'a>
         duration_seconds: 0.0,
         exit_code: None,
         units: None,
+        failed_command: None,
+        reason: None,
     }
 }
 
@@ -155,6 +174,8 @@ mod tests {
             duration: Duration::from_millis(1500),
             output_tail: "secret-free".into(),
             attempts: 1,
+            failed_command: Some("[1] make test".into()),
+            reason: None,
         };
         let trigger = Trigger::Manual {
             user: "alice".into(),

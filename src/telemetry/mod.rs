@@ -49,6 +49,16 @@ pub fn init(level: LogLevel, format: LogFormat) {
     };
 }
 
+/// Prints an error that ends a command, once: `error: …` on stderr as text, or one JSON
+/// log object with `--log-format json` so that log pipelines see it too.
+pub fn report_error(format: LogFormat, error: &anyhow::Error) {
+    let message = format!("{error:#}");
+    match format {
+        LogFormat::Text => eprintln!("error: {message}"),
+        LogFormat::Json => tracing::error!(target: "sentry", "{message}"),
+    }
+}
+
 fn quiet(target: &str) -> tracing_subscriber::filter::Directive {
     format!("{target}=info")
         .parse()

@@ -5,9 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sentry::config::{Env, load_str};
+use sentry::deploy::Observers;
 use sentry::deploy::{DeployOptions, Deployer, Trigger};
 use sentry::forge::Forges;
-use sentry::monitor::scheduler::{Observers, Scheduler};
+use sentry::monitor::scheduler::Scheduler;
 use sentry::monitor::state::StateStore;
 use sentry::monitor::{Monitor, Scope};
 use sentry::shutdown::Shutdown;
@@ -39,6 +40,7 @@ fn monitor(api: &str, dir: &std::path::Path) -> (Monitor, Arc<StateStore>) {
         state.clone(),
         Shutdown::new(),
         Observers::default(),
+        Arc::new(Metrics::new()),
     );
     let forges = Forges::new(&config).expect("forges");
     (
