@@ -107,12 +107,9 @@ pub enum RepoType {
 }
 
 impl RepoType {
+    /// As written in `repo_type:`.
     pub fn as_str(self) -> &'static str {
-        match self {
-            RepoType::Github => "github",
-            RepoType::Gitlab => "gitlab",
-            RepoType::Git => "git",
-        }
+        crate::forge::kind::of(self).name
     }
 }
 

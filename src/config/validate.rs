@@ -23,6 +23,7 @@ use super::{
     Auth, BranchPattern, BranchSpec, Config, Deploy, DeployScope, Diagnostic, Group, Monitor,
     PendingRetry, RepoType, Repository, ServerConfig, Strategy, WebhookConfig, from_value,
 };
+use crate::forge::kind;
 
 /// Durations beyond this are a typo (an hour count written as seconds, say), not a plan.
 const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -383,14 +384,17 @@ impl Checker<'_> {
     }
 
     fn repo_type(&mut self, path: &str, value: Option<String>) -> Option<RepoType> {
-        match self.optional_text(path, value)?.as_str() {
-            "github" => Some(RepoType::Github),
-            "gitlab" => Some(RepoType::Gitlab),
-            "git" => Some(RepoType::Git),
-            other => {
+        let name = self.optional_text(path, value)?;
+        match kind::by_name(&name) {
+            Some(kind) => Some(kind.repo_type),
+            None => {
+                let valid: Vec<String> = kind::all()
+                    .iter()
+                    .map(|k| format!("\"{}\"", k.name))
+                    .collect();
                 self.error(
                     path,
-                    format!("unknown repo_type \"{other}\"; use \"github\", \"gitlab\" or \"git\""),
+                    format!("unknown repo_type \"{name}\"; use {}", valid.join(", ")),
                 );
                 None
             }
@@ -416,26 +420,19 @@ impl Checker<'_> {
                 return None;
             }
         };
-        let (api_url, project_path) = match repo_type {
-            RepoType::Git => {
+        let (api_url, project_path) = match &kind::of(repo_type).project {
+            None => {
                 self.warn_plain_http(&url_path, &remote, &auth);
                 (None, String::new())
             }
-            RepoType::Github | RepoType::Gitlab => {
+            Some(rule) => {
                 let Remote::Http(web) = &remote else {
                     self.error(&url_path, format!("a {} repo_url must be an https:// (or http://) URL; use repo_type \"git\" for file:// and local paths", repo_type.as_str()));
                     return None;
                 };
                 let project = project_path(web);
-                let enough = match repo_type {
-                    RepoType::Github => project.split('/').count() == 2,
-                    _ => project.split('/').count() >= 2,
-                };
-                if !enough {
-                    self.error(&url_path, match repo_type {
-                        RepoType::Github => "must name the owner and the repository, like https://github.com/OWNER/REPO",
-                        _ => "must name the group and the project, like https://gitlab.com/GROUP/PROJECT",
-                    });
+                if !rule.accepts(&project) {
+                    self.error(&url_path, rule.hint);
                 }
                 let api_path = format!("{path}.api_url");
                 let api = match self.optional_text(&api_path, raw.api_url) {
@@ -873,24 +870,15 @@ fn default_api_url(repo_type: RepoType, web: &url::Url) -> Option<url::Url> {
         Some(port) => format!("{}://{host}:{port}", web.scheme()),
         None => format!("{}://{host}", web.scheme()),
     };
-    let api = match repo_type {
-        RepoType::Github if host == "github.com" || host == "www.github.com" => {
-            "https://api.github.com".to_owned()
-        }
-        RepoType::Github => format!("{origin}/api/v3"),
-        RepoType::Gitlab => format!("{origin}/api/v4"),
-        RepoType::Git => return None,
-    };
+    let api = (kind::of(repo_type).default_api)(host, &origin)?;
     url::Url::parse(&api).ok()
 }
 
 fn infer_repo_type(remote: &Remote) -> RepoType {
     match remote {
-        Remote::Http(url) => match url.host_str() {
-            Some("github.com") => RepoType::Github,
-            Some(h) if h.contains("gitlab") => RepoType::Gitlab,
-            _ => RepoType::Git,
-        },
+        Remote::Http(url) => url
+            .host_str()
+            .map_or(RepoType::Git, |host| kind::for_host(host).repo_type),
         Remote::Local => RepoType::Git,
     }
 }
