@@ -11,21 +11,26 @@ mod status;
 mod trigger;
 mod watch;
 
-use crate::Exit;
-use crate::cli::{Cli, Command, OutputFormat, ValidateArgs};
+use crate::cli::{Cli, Command, CompletionsArgs, ValidateArgs, ValidateFormat};
 use crate::config::{self, Config, Diagnostic, Env, LoadError};
+use crate::telemetry::error;
+use crate::{Exit, outln};
+
+mod github;
 
 pub fn run(cli: Cli) -> Exit {
     let env = match load_env(cli.env_file.as_deref()) {
         Ok(env) => env,
         Err(message) => {
-            eprintln!("error: {message}");
+            error(message);
             return Exit::CannotRun;
         }
     };
     match &cli.command {
         Command::Validate(args) => validate(&cli.config, &env, args),
         Command::ConfigSchema => config_schema(),
+        Command::Completions(args) => completions(args),
+        Command::Man => man_page(),
         Command::Trigger(args) => trigger::trigger(&cli, args, &env),
         Command::Watch(args) => watch::watch(&cli, args, &env),
         Command::Status(args) => status::status(&cli, args, &env),
@@ -72,7 +77,7 @@ pub fn load_config(path: &Path, env: &Env) -> Result<Config, Exit> {
             Ok(config)
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            error(e);
             Err(Exit::CannotRun)
         }
     }
@@ -82,7 +87,7 @@ fn validate(path: &Path, env: &Env, args: &ValidateArgs) -> Exit {
     let text = match config::read_file(path) {
         Ok(text) => text,
         Err(e @ LoadError::Read { .. }) | Err(e @ LoadError::Invalid { .. }) => {
-            eprintln!("error: {e}");
+            error(e);
             return Exit::CannotRun;
         }
     };
@@ -90,7 +95,7 @@ fn validate(path: &Path, env: &Env, args: &ValidateArgs) -> Exit {
     let errors = loaded.diagnostics.iter().filter(|d| d.is_error()).count();
     let warnings = loaded.diagnostics.len() - errors;
     match args.format {
-        OutputFormat::Json => {
+        ValidateFormat::Json => {
             let report = serde_json::json!({
                 "file": path.display().to_string(),
                 "valid": loaded.config.is_some(),
@@ -98,20 +103,25 @@ fn validate(path: &Path, env: &Env, args: &ValidateArgs) -> Exit {
                 "warnings": warnings,
                 "diagnostics": loaded.diagnostics,
             });
-            println!("{report:#}");
+            outln!("{report:#}");
         }
-        OutputFormat::Text => {
+        ValidateFormat::Github => {
             for diag in &loaded.diagnostics {
-                println!("{}", located(path, diag));
+                outln!("{}", github::annotation(path, diag));
+            }
+        }
+        ValidateFormat::Text => {
+            for diag in &loaded.diagnostics {
+                outln!("{}", located(path, diag));
             }
             match &loaded.config {
-                Some(config) => println!("config OK: {}", summary(config)),
-                None => println!(
+                Some(config) => outln!("config OK: {}", summary(config)),
+                None => outln!(
                     "config invalid: {}, {}",
                     plural(errors, "error"),
                     plural(warnings, "warning")
                 ),
-            }
+            };
         }
     }
     if loaded.config.is_some() {
@@ -150,11 +160,36 @@ pub fn plural(n: usize, noun: &str) -> String {
 fn config_schema() -> Exit {
     match serde_json::to_string_pretty(&config::json_schema()) {
         Ok(text) => {
-            println!("{text}");
+            outln!("{text}");
             Exit::Success
         }
         Err(e) => {
-            eprintln!("error: cannot print the schema: {e}");
+            error(format_args!("cannot print the schema: {e}"));
+            Exit::CannotRun
+        }
+    }
+}
+
+/// `sentry completions SHELL`: the script clap_complete generates from the clap definitions.
+fn completions(args: &CompletionsArgs) -> Exit {
+    let mut script = Vec::new();
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    clap_complete::generate(args.shell, &mut cmd, "sentry", &mut script);
+    crate::output::write_stdout_bytes(&script);
+    Exit::Success
+}
+
+/// `sentry man`: the man page in roff, generated from the same clap definitions as `--help`.
+fn man_page() -> Exit {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    let mut page = Vec::new();
+    match clap_mangen::Man::new(cmd).render(&mut page) {
+        Ok(()) => {
+            crate::output::write_stdout_bytes(&page);
+            Exit::Success
+        }
+        Err(e) => {
+            error(format_args!("cannot render the man page: {e}"));
             Exit::CannotRun
         }
     }
@@ -166,7 +201,7 @@ pub fn runtime() -> Result<tokio::runtime::Runtime, Exit> {
         .enable_all()
         .build()
         .map_err(|e| {
-            eprintln!("error: cannot start the async runtime: {e}");
+            error(format_args!("cannot start the async runtime: {e}"));
             Exit::CannotRun
         })
 }
@@ -185,7 +220,7 @@ pub fn print_columns<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
             .zip(widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        println!("{}", padded.join("  ").trim_end());
+        outln!("{}", padded.join("  ").trim_end());
     };
     line(header.to_vec());
     for row in rows {
