@@ -25,20 +25,20 @@ static COLOR: OnceLock<ColorChoice> = OnceLock::new();
 /// Prints a line on stdout; a closed stdout is not an error (see the module comment).
 #[macro_export]
 macro_rules! outln {
-    () => {
-        $crate::output::write_stdout(format_args!("\n"))
-    };
-    ($($arg:tt)*) => {
-        $crate::output::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
-    };
+    () => {{
+        $crate::output::write_stdout(format_args!("\n"));
+    }};
+    ($($arg:tt)*) => {{
+        $crate::output::write_stdout(format_args!("{}\n", format_args!($($arg)*)));
+    }};
 }
 
 /// Prints on stdout without a newline; a closed stdout is not an error.
 #[macro_export]
 macro_rules! out {
-    ($($arg:tt)*) => {
-        $crate::output::write_stdout(format_args!($($arg)*))
-    };
+    ($($arg:tt)*) => {{
+        $crate::output::write_stdout(format_args!($($arg)*));
+    }};
 }
 
 /// Writes to stdout. Returns false when the output went nowhere because stdout is closed

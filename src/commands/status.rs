@@ -45,7 +45,7 @@ pub fn status(cli: &Cli, args: &StatusArgs, env: &Env) -> Exit {
         .collect();
     match args.format {
         OutputFormat::Json => match serde_json::to_string_pretty(&rows) {
-            Ok(text) => println!("{text}"),
+            Ok(text) => crate::outln!("{text}"),
             Err(e) => {
                 eprintln!("error: {e}");
                 return Exit::CannotRun;
@@ -58,7 +58,7 @@ pub fn status(cli: &Cli, args: &StatusArgs, env: &Env) -> Exit {
 
 fn print_table(rows: &[Row], store: &StateStore) {
     if rows.is_empty() {
-        println!("no branches recorded yet in {}", store.path().display());
+        crate::outln!("no branches recorded yet in {}", store.path().display());
         return;
     }
     let table: Vec<[String; 5]> = rows

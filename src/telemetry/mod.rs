@@ -45,7 +45,10 @@ pub fn init(level: LogLevel, format: LogFormat, ansi: bool) {
         .add_directive(quiet("rustls"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Its report of a failed write is an `eprintln!`, which panics when stderr is a
+        // closed pipe (`sentry watch 2>&1 | head`): a log line nobody reads is not an error.
+        .log_internal_errors(false);
     // A second init (tests calling the library twice) keeps the first subscriber.
     let _ = match format {
         LogFormat::Text => builder.with_ansi(ansi).try_init(),
