@@ -114,6 +114,16 @@ pub fn paint(text: &str, tone: Tone) -> String {
     paint_if(stdout_color(), text, tone)
 }
 
+/// A unit or run result word (`succeeded`, `failed`, …) in its colour, as [`paint`].
+pub fn paint_result(result: &str) -> String {
+    let tone = match result {
+        "succeeded" => Tone::Good,
+        "failed" | "timed_out" => Tone::Bad,
+        _ => Tone::Warn,
+    };
+    paint(result, tone)
+}
+
 fn paint_if(enabled: bool, text: &str, tone: Tone) -> String {
     if !enabled {
         return text.to_owned();

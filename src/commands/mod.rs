@@ -206,24 +206,51 @@ pub fn runtime() -> Result<tokio::runtime::Runtime, Exit> {
         })
 }
 
-/// Prints a left-aligned table with a header row.
+/// Prints a left-aligned table with a header row. Cells may be coloured
+/// ([`crate::output::paint`]): widths count only the visible characters.
 pub fn print_columns<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
-    let mut widths = header.map(str::len);
+    let mut widths = header.map(visible_width);
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
+            *w = (*w).max(visible_width(cell));
         }
     }
     let line = |cells: Vec<&str>| {
         let padded: Vec<String> = cells
             .iter()
             .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
+            .map(|(c, w)| format!("{c}{}", " ".repeat(w.saturating_sub(visible_width(c)))))
             .collect();
         outln!("{}", padded.join("  ").trim_end());
     };
     line(header.to_vec());
     for row in rows {
         line(row.iter().map(String::as_str).collect());
+    }
+}
+
+/// Characters a terminal shows: ANSI colour sequences (`ESC [ … m`) take no room.
+fn visible_width(text: &str) -> usize {
+    let mut width = 0;
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            chars.by_ref().find(|&c| c == 'm');
+        } else {
+            width += 1;
+        }
+    }
+    width
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_sequences_take_no_width() {
+        assert_eq!(visible_width("failed"), 6);
+        assert_eq!(visible_width("\x1b[31mfailed\x1b[0m"), 6);
+        assert_eq!(visible_width("ok \x1b[32m✓\x1b[0m"), 4);
     }
 }

@@ -66,7 +66,14 @@ fn print_table(rows: &[Row], store: &StateStore) {
         .map(|r| {
             let deploy = r.last_deploy.map_or_else(
                 || "-".to_owned(),
-                |d| format!("{} at {} (run {})", d.result, d.at, d.run_id),
+                |d| {
+                    format!(
+                        "{} at {} (run {})",
+                        crate::output::paint_result(&d.result),
+                        d.at,
+                        d.run_id
+                    )
+                },
             );
             [
                 r.repository.to_owned(),

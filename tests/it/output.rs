@@ -254,3 +254,38 @@ fn start_up_errors_are_json_under_log_format_json() {
         assert!(event["message"].is_string(), "{event}");
     }
 }
+
+#[test]
+fn status_colours_results_only_when_asked_or_on_a_terminal() {
+    let f = Fixture::new("server: {enabled: false}\n", 0);
+    assert_eq!(f.once().code, Some(0), "baseline");
+    commit(&f.watched, "second");
+    assert_eq!(f.once().code, Some(0), "deploy");
+    let status = |args: &[&str]| {
+        run(sentry(f.root())
+            .arg("-c")
+            .arg(&f.config)
+            .args(args)
+            .env_remove("NO_COLOR"))
+    };
+    // A pipe is not a terminal: plain text, aligned as before.
+    let piped = status(&["status"]);
+    assert!(piped.stdout.contains("succeeded at"), "{piped:?}");
+    assert!(!piped.stdout.contains('\x1b'), "{piped:?}");
+    let forced = status(&["--color", "always", "status"]);
+    assert!(
+        forced.stdout.contains("\x1b[32msucceeded\x1b[0m at"),
+        "{forced:?}"
+    );
+    // Colour does not shift the columns: the header is as wide as the plain one.
+    assert_eq!(
+        forced.stdout.lines().next(),
+        piped.stdout.lines().next(),
+        "{forced:?}"
+    );
+    let terminal = under_terminal(f.root(), &format!("-c {} status", f.config.display()), true);
+    assert!(
+        terminal.contains("succeeded") && !terminal.contains('\x1b'),
+        "{terminal:?}"
+    );
+}
