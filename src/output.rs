@@ -2,7 +2,7 @@
 //! be coloured.
 //!
 //! Rust ignores SIGPIPE, so a write to a closed pipe (`sentry status | head -1`) returns
-//! `EPIPE` and `println!` would panic with exit 101. Output goes through [`outln!`] instead:
+//! `EPIPE` and `println!` would panic with exit 101. Output goes through [`outln!`](crate::outln) instead:
 //! once the reader has gone, the rest of the output is dropped quietly and the command
 //! carries on, as ripgrep does — a deployment is never abandoned because nobody reads it.
 //!
@@ -61,7 +61,7 @@ pub fn write_stdout(args: fmt::Arguments<'_>) -> bool {
     }
 }
 
-/// Writes bytes produced elsewhere (completions, the man page) to stdout, like [`outln!`].
+/// Writes bytes produced elsewhere (completions, the man page) to stdout, like [`outln!`](crate::outln).
 pub fn write_stdout_bytes(bytes: &[u8]) -> bool {
     write_stdout(format_args!("{}", String::from_utf8_lossy(bytes)))
 }
