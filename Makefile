@@ -46,17 +46,17 @@ build: ## Debug build (cargo build --locked)
 release: ## Optimised build: target/release/sentry
 	$(CARGO) build --release --locked
 
-install: $(INSTALL_BUILD) ## Install the binary, man page and bash/zsh/fish completions under $(DESTDIR)$(PREFIX)
+install: $(INSTALL_BUILD) ## Install the binary, man pages and bash/zsh/fish completions under $(DESTDIR)$(PREFIX)
 	@set -euo pipefail; \
 	root="$(DESTDIR)$(PREFIX)"; \
 	install -D -m 0755 "$(INSTALL_BIN)" "$$root/bin/sentry"; \
 	install -d "$$root/share/man/man1" "$$root/share/bash-completion/completions" \
 		"$$root/share/zsh/site-functions" "$$root/share/fish/vendor_completions.d"; \
-	"$(INSTALL_BIN)" man > "$$root/share/man/man1/sentry.1"; \
+	"$(INSTALL_BIN)" man --dir "$$root/share/man/man1"; \
 	"$(INSTALL_BIN)" completions bash > "$$root/share/bash-completion/completions/sentry"; \
 	"$(INSTALL_BIN)" completions zsh > "$$root/share/zsh/site-functions/_sentry"; \
 	"$(INSTALL_BIN)" completions fish > "$$root/share/fish/vendor_completions.d/sentry.fish"; \
-	echo "installed sentry, its man page and completions under $$root"
+	echo "installed sentry, its man pages and completions under $$root"
 
 test: ## Run all tests
 	$(CARGO) test --locked --all-targets

@@ -24,7 +24,7 @@
 #               pass `promtool check rules`; docs/grafana-dashboard.json is
 #               the chart's copy, valid JSON, and names only real metrics
 #   man         `make install` into a staging DESTDIR, then `man -l` renders
-#               the installed page and bash loads the installed completions
+#               every installed page and bash loads the installed completions
 #   configs     `sentry validate` on the sentry.yaml of k8s/03-configmap.yaml
 #               and on the one rendered by the chart for each values file
 #
@@ -430,12 +430,13 @@ check_man() {
         fail "make install DESTDIR=... PREFIX=/usr/local"
         return
     fi
-    page="$stage/usr/local/share/man/man1/sentry.1"
-    if MANPAGER=cat quiet man -l "$page" && MANPAGER=cat man -l "$page" 2>/dev/null | grep -q SYNOPSIS; then
-        ok "man -l renders the installed sentry.1"
-    else
-        fail "man -l $page"
-    fi
+    for page in "$stage"/usr/local/share/man/man1/sentry.1 "$stage"/usr/local/share/man/man1/sentry-*.1; do
+        if MANPAGER=cat quiet man -l "$page" && MANPAGER=cat man -l "$page" 2>/dev/null | grep -q SYNOPSIS; then
+            ok "man -l renders the installed $(basename "$page")"
+        else
+            fail "man -l $page"
+        fi
+    done
     if quiet bash --norc -c "source '$stage/usr/local/share/bash-completion/completions/sentry' && complete -p sentry"; then
         ok "bash loads the installed completions"
     else

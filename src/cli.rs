@@ -156,9 +156,9 @@ pub enum Command {
     /// Print a shell completion script.
     #[command(after_help = COMPLETIONS_EXAMPLES)]
     Completions(CompletionsArgs),
-    /// Print the man page (roff); `make install` installs it.
+    /// Print the man page (roff), or write one page per command; `make install` installs them.
     #[command(hide = true)]
-    Man,
+    Man(ManArgs),
 }
 
 impl Command {
@@ -179,6 +179,13 @@ pub struct ValidateArgs {
     /// `github` prints GitHub Actions annotations, so CI marks the lines.
     #[arg(short = 'o', long, value_enum, default_value_t = ValidateFormat::Text)]
     pub format: ValidateFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Write sentry.1 and a page per command (sentry-validate.1, …) into this directory.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -11,7 +11,7 @@ mod status;
 mod trigger;
 mod watch;
 
-use crate::cli::{Cli, Command, CompletionsArgs, ValidateArgs, ValidateFormat};
+use crate::cli::{Cli, Command, CompletionsArgs, ManArgs, ValidateArgs, ValidateFormat};
 use crate::config::{self, Config, Diagnostic, Env, LoadError};
 use crate::telemetry::error;
 use crate::{Exit, outln};
@@ -30,7 +30,7 @@ pub fn run(cli: Cli) -> Exit {
         Command::Validate(args) => validate(&cli.config, &env, args),
         Command::ConfigSchema => config_schema(),
         Command::Completions(args) => completions(args),
-        Command::Man => man_page(),
+        Command::Man(args) => man_pages(args),
         Command::Trigger(args) => trigger::trigger(&cli, args, &env),
         Command::Watch(args) => watch::watch(&cli, args, &env),
         Command::Status(args) => status::status(&cli, args, &env),
@@ -179,17 +179,24 @@ fn completions(args: &CompletionsArgs) -> Exit {
     Exit::Success
 }
 
-/// `sentry man`: the man page in roff, generated from the same clap definitions as `--help`.
-fn man_page() -> Exit {
+/// `sentry man`: the man page in roff, generated from the same clap definitions as `--help`;
+/// with `--dir`, that page and one per command, as `make install` installs them.
+fn man_pages(args: &ManArgs) -> Exit {
     let cmd = <Cli as clap::CommandFactory>::command();
-    let mut page = Vec::new();
-    match clap_mangen::Man::new(cmd).render(&mut page) {
-        Ok(()) => {
-            crate::output::write_stdout_bytes(&page);
-            Exit::Success
+    let rendered = match &args.dir {
+        Some(dir) => clap_mangen::generate_to(cmd, dir),
+        None => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(cmd)
+                .render(&mut page)
+                .map(|()| crate::output::write_stdout_bytes(&page))
+                .map(drop)
         }
+    };
+    match rendered {
+        Ok(()) => Exit::Success,
         Err(e) => {
-            error(format_args!("cannot render the man page: {e}"));
+            error(format_args!("cannot write the man page: {e}"));
             Exit::CannotRun
         }
     }

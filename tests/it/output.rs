@@ -150,6 +150,24 @@ fn man_page_renders_with_man() {
     for needle in ["NAME", "SYNOPSIS", "validate", "--log-format", "Exit codes"] {
         assert!(out.stdout.contains(needle), "{needle}: {}", out.stdout);
     }
+
+    // `make install` writes a page per command too.
+    let pages = dir.path().join("man1");
+    std::fs::create_dir(&pages).expect("mkdir");
+    let written = run(Command::new(sentry_bin())
+        .args(["man", "--dir"])
+        .arg(&pages));
+    assert_eq!(written.code, Some(0), "{written:?}");
+    let out = run(Command::new("man")
+        .arg("-l")
+        .arg(pages.join("sentry-validate.1"))
+        .env("MANPAGER", "cat")
+        .env_remove("MAN_KEEP_FORMATTING"));
+    assert_eq!(out.code, Some(0), "{out:?}");
+    for needle in ["sentry-validate", "--format", "github", "Examples"] {
+        assert!(out.stdout.contains(needle), "{needle}: {}", out.stdout);
+    }
+    assert!(pages.join("sentry.1").is_file() && pages.join("sentry-watch.1").is_file());
 }
 
 #[test]
