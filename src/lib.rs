@@ -4,7 +4,8 @@
 //! The modules follow the data: [`cli`] → [`config`] → [`forge`] (asks GitHub, GitLab or any
 //! Git host for branch heads) → [`monitor`] (poll loop, change detection, state) → [`deploy`]
 //! (checkout, command runner, group strategies), with `server` (health, metrics, webhooks)
-//! and [`telemetry`] beside them. [`commands`] wires them into the subcommands.
+//! and [`telemetry`] beside them. [`commands`] wires them into the subcommands, printing
+//! through [`output`] (closed pipes, colour).
 
 pub mod build_info;
 pub mod cli;
@@ -14,6 +15,7 @@ pub mod deploy;
 pub mod forge;
 pub mod memory;
 pub mod monitor;
+pub mod output;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;

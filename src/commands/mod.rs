@@ -13,15 +13,18 @@ mod status;
 mod trigger;
 mod watch;
 
-use crate::Exit;
-use crate::cli::{Cli, Command, OutputFormat, ValidateArgs};
+use crate::cli::{Cli, Command, CompletionsArgs, ManArgs, ValidateArgs, ValidateFormat};
 use crate::config::{self, Config, Diagnostic, Env, LoadError};
+use crate::telemetry::error;
+use crate::{Exit, outln};
+
+mod github;
 
 pub fn run(cli: Cli) -> Exit {
     match run_command(&cli) {
         Ok(exit) => exit,
-        Err(error) => {
-            crate::telemetry::report_error(cli.log_format, &error);
+        Err(e) => {
+            error(format_args!("{e:#}"));
             Exit::CannotRun
         }
     }
@@ -32,6 +35,8 @@ fn run_command(cli: &Cli) -> anyhow::Result<Exit> {
     match &cli.command {
         Command::Validate(args) => validate(&cli.config, &env, args),
         Command::ConfigSchema => config_schema(),
+        Command::Completions(args) => Ok(completions(args)),
+        Command::Man(args) => man_pages(args),
         Command::Trigger(args) => trigger::trigger(cli, args, &env),
         Command::Watch(args) => watch::watch(cli, args, &env),
         Command::Status(args) => status::status(cli, args, &env),
@@ -86,7 +91,7 @@ fn validate(path: &Path, env: &Env, args: &ValidateArgs) -> anyhow::Result<Exit>
     let errors = loaded.diagnostics.iter().filter(|d| d.is_error()).count();
     let warnings = loaded.diagnostics.len() - errors;
     match args.format {
-        OutputFormat::Json => {
+        ValidateFormat::Json => {
             let report = serde_json::json!({
                 "file": path.display().to_string(),
                 "valid": loaded.config.is_some(),
@@ -94,20 +99,25 @@ fn validate(path: &Path, env: &Env, args: &ValidateArgs) -> anyhow::Result<Exit>
                 "warnings": warnings,
                 "diagnostics": loaded.diagnostics,
             });
-            println!("{report:#}");
+            outln!("{report:#}");
         }
-        OutputFormat::Text => {
+        ValidateFormat::Github => {
             for diag in &loaded.diagnostics {
-                println!("{}", located(path, diag));
+                outln!("{}", github::annotation(path, diag));
+            }
+        }
+        ValidateFormat::Text => {
+            for diag in &loaded.diagnostics {
+                outln!("{}", located(path, diag));
             }
             match &loaded.config {
-                Some(config) => println!("config OK: {}", summary(config)),
-                None => println!(
+                Some(config) => outln!("config OK: {}", summary(config)),
+                None => outln!(
                     "config invalid: {}, {}",
                     plural(errors, "error"),
                     plural(warnings, "warning")
                 ),
-            }
+            };
         }
     }
     Ok(if loaded.config.is_some() {
@@ -146,7 +156,33 @@ pub fn plural(n: usize, noun: &str) -> String {
 fn config_schema() -> anyhow::Result<Exit> {
     let text = serde_json::to_string_pretty(&config::json_schema())
         .map_err(|e| anyhow::anyhow!("cannot print the schema: {e}"))?;
-    println!("{text}");
+    outln!("{text}");
+    Ok(Exit::Success)
+}
+
+/// `sentry completions SHELL`: the script clap_complete generates from the clap definitions.
+fn completions(args: &CompletionsArgs) -> Exit {
+    let mut script = Vec::new();
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    clap_complete::generate(args.shell, &mut cmd, "sentry", &mut script);
+    crate::output::write_stdout_bytes(&script);
+    Exit::Success
+}
+
+/// `sentry man`: the man page in roff, generated from the same clap definitions as `--help`;
+/// with `--dir`, that page and one per command, as `make install` installs them.
+fn man_pages(args: &ManArgs) -> anyhow::Result<Exit> {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    match &args.dir {
+        Some(dir) => clap_mangen::generate_to(cmd, dir),
+        None => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(cmd).render(&mut page).map(|()| {
+                let _ = crate::output::write_stdout_bytes(&page);
+            })
+        }
+    }
+    .map_err(|e| anyhow::anyhow!("cannot write the man page: {e}"))?;
     Ok(Exit::Success)
 }
 
@@ -158,24 +194,51 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))
 }
 
-/// Prints a left-aligned table with a header row.
+/// Prints a left-aligned table with a header row. Cells may be coloured
+/// ([`crate::output::paint`]): widths count only the visible characters.
 pub fn print_columns<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
-    let mut widths = header.map(str::len);
+    let mut widths = header.map(visible_width);
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
+            *w = (*w).max(visible_width(cell));
         }
     }
     let line = |cells: Vec<&str>| {
         let padded: Vec<String> = cells
             .iter()
             .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
+            .map(|(c, w)| format!("{c}{}", " ".repeat(w.saturating_sub(visible_width(c)))))
             .collect();
-        println!("{}", padded.join("  ").trim_end());
+        outln!("{}", padded.join("  ").trim_end());
     };
     line(header.to_vec());
     for row in rows {
         line(row.iter().map(String::as_str).collect());
+    }
+}
+
+/// Characters a terminal shows: ANSI colour sequences (`ESC [ … m`) take no room.
+fn visible_width(text: &str) -> usize {
+    let mut width = 0;
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            chars.by_ref().find(|&c| c == 'm');
+        } else {
+            width += 1;
+        }
+    }
+    width
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_sequences_take_no_width() {
+        assert_eq!(visible_width("failed"), 6);
+        assert_eq!(visible_width("\x1b[31mfailed\x1b[0m"), 6);
+        assert_eq!(visible_width("ok \x1b[32m✓\x1b[0m"), 4);
     }
 }

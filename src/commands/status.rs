@@ -28,7 +28,7 @@ pub fn status(cli: &Cli, args: &StatusArgs, env: &Env) -> anyhow::Result<Exit> {
     let state = store.snapshot();
     let rows = rows(&state);
     match args.format {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+        OutputFormat::Json => crate::outln!("{}", serde_json::to_string_pretty(&rows)?),
         OutputFormat::Text => print_table(&rows, &store),
     }
     Ok(Exit::Success)
@@ -58,7 +58,7 @@ fn rows(state: &State) -> Vec<Row<'_>> {
 
 fn print_table(rows: &[Row], store: &StateStore) {
     if rows.is_empty() {
-        println!("no branches recorded yet in {}", store.describe());
+        crate::outln!("no branches recorded yet in {}", store.describe());
         return;
     }
     let table: Vec<[String; 4]> = rows
@@ -82,7 +82,12 @@ fn handled_text(row: &Row) -> String {
     };
     let short: String = sha.chars().take(8).collect();
     match row.last_deploy {
-        Some(d) => format!("{short} ({} at {}, run {})", d.result, d.at, d.run_id),
+        Some(d) => format!(
+            "{short} ({} at {}, run {})",
+            crate::output::paint_result(&d.result),
+            d.at,
+            d.run_id
+        ),
         None => format!("{short} (baseline, seen {})", row.seen_at.unwrap_or("-")),
     }
 }
@@ -90,7 +95,10 @@ fn handled_text(row: &Row) -> String {
 /// `def56789 (cannot reach …; 3 tries could not run; next try 2026-…)`.
 fn pending_text(p: &PendingRecord) -> String {
     let short: String = p.sha.as_str().chars().take(8).collect();
-    let mut text = format!("{short} ({}", p.reason);
+    let mut text = format!(
+        "{short} ({}",
+        crate::output::paint(&p.reason, crate::output::Tone::Warn)
+    );
     if p.tries > 1 {
         text.push_str(&format!("; {} tries could not run", p.tries));
     }

@@ -71,7 +71,7 @@ async fn trigger_async(
         })
         .collect();
     if args.dry_run {
-        print!("{}", deploy::plan(&config, &runs, &options));
+        crate::out!("{}", deploy::plan(&config, &runs, &options));
         return Ok(Exit::Success);
     }
     let shutdown = Shutdown::new();
@@ -87,7 +87,7 @@ async fn trigger_async(
     }
     match args.format {
         OutputFormat::Text => print_summary(&results),
-        OutputFormat::Json => println!("{:#}", serde_json::json!({ "runs": results })),
+        OutputFormat::Json => crate::outln!("{:#}", serde_json::json!({ "runs": results })),
     }
     Ok(if results.iter().all(GroupResult::succeeded) {
         Exit::Success
@@ -201,7 +201,7 @@ fn print_summary(results: &[GroupResult]) {
                         u.unit.branch,
                         u.unit.sha.short()
                     ),
-                    u.status.as_str().to_owned(),
+                    crate::output::paint_result(u.status.as_str()),
                     u.exit_code
                         .map_or_else(|| "-".to_owned(), |c| c.to_string()),
                     format_duration(u.duration),
@@ -210,7 +210,7 @@ fn print_summary(results: &[GroupResult]) {
             })
         })
         .collect();
-    println!();
+    crate::outln!();
     print_columns(
         [
             "GROUP",
@@ -228,5 +228,5 @@ fn print_summary(results: &[GroupResult]) {
         .flat_map(|g| &g.units)
         .filter(|u| u.status == UnitStatus::Succeeded)
         .count();
-    println!("{ok} of {total} unit(s) succeeded");
+    crate::outln!("{ok} of {total} unit(s) succeeded");
 }

@@ -435,7 +435,16 @@ pub fn load_str(text: &str, env: &Env) -> Loaded {
         }
     };
     locate::add_locations(text, &mut diagnostics);
-    diagnostics.sort_by_key(|d| std::cmp::Reverse(d.severity));
+    // In file order, as a reader and an editor go through them; problems without a place
+    // (unset variables found after parsing) last; errors before warnings on one spot.
+    diagnostics.sort_by_key(|d| {
+        (
+            d.line.is_none(),
+            d.line,
+            d.column,
+            std::cmp::Reverse(d.severity),
+        )
+    });
     let config = config.filter(|_| !diagnostics.iter().any(Diagnostic::is_error));
     Loaded {
         config,

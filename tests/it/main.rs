@@ -11,6 +11,7 @@ mod faults;
 mod forge;
 mod hostile;
 mod monitor;
+mod output;
 mod promise;
 mod secrets;
 mod server;
