@@ -9,9 +9,12 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+mod entry;
 mod status;
 mod trigger;
 mod watch;
+
+pub use entry::main;
 
 use crate::cli::{Cli, Command, CompletionsArgs, ManArgs, ValidateArgs, ValidateFormat};
 use crate::config::{self, Config, Diagnostic, Env, LoadError};

@@ -41,8 +41,12 @@ pub struct RawConfig {
     /// Webhook secrets; an endpoint whose secret is unset or empty answers 404.
     pub webhooks: Option<RawWebhooks>,
     /// Groups of repositories that are deployed together, by name.
+    // Here for the schema: `validate` extracts each group and repository on its own, so
+    // that one wrong type does not hide the problems of the others.
+    #[allow(dead_code)]
     pub groups: Option<BTreeMap<String, RawGroup>>,
     /// The watched repositories.
+    #[allow(dead_code)]
     pub repositories: Option<Vec<RawRepository>>,
 }
 

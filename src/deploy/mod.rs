@@ -25,10 +25,8 @@ use serde::Serialize;
 use crate::config::{Config, DeployScope, Group};
 use crate::forge::Sha;
 
-pub use executor::{Executor, Job, LocalExecutor, Outcome};
 pub use observer::{Observers, RunObserver, RunRef};
 pub use plan::plan;
-pub use runner::{OutputSink, SENTRY_VARIABLES};
 pub use strategy::{Deployer, format_duration};
 
 /// How a [`Deployer`] runs units.

@@ -48,7 +48,6 @@ pub(crate) static KIND: Kind = Kind {
     owns_host: |host| host == "github.com",
     rate_limit_headers: Some(("x-ratelimit-remaining", "x-ratelimit-reset")),
     webhook: Some(WebhookIds {
-        endpoint: "github",
         ids: &[
             ("repository", "full_name"),
             ("repository", "clone_url"),

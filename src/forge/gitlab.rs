@@ -39,7 +39,6 @@ pub(crate) static KIND: Kind = Kind {
     owns_host: |host| host.contains("gitlab"),
     rate_limit_headers: Some(("ratelimit-remaining", "ratelimit-reset")),
     webhook: Some(WebhookIds {
-        endpoint: "gitlab",
         ids: &[
             ("project", "path_with_namespace"),
             ("project", "git_http_url"),

@@ -27,8 +27,7 @@ pub struct Kind {
     pub owns_host: fn(host: &str) -> bool,
     /// Response headers with the remaining API quota and its reset time (epoch seconds).
     pub rate_limit_headers: Option<(&'static str, &'static str)>,
-    /// Where a push webhook's payload names the repository (object, key), and the name of
-    /// its endpoint under `/webhooks/`.
+    /// Where a push webhook's payload names the repository.
     pub webhook: Option<WebhookIds>,
 }
 
@@ -54,7 +53,7 @@ impl ProjectRule {
 
 #[derive(Debug)]
 pub struct WebhookIds {
-    pub endpoint: &'static str,
+    /// (object, key) pairs, each naming the project by path or URL.
     pub ids: &'static [(&'static str, &'static str)],
 }
 

@@ -7,13 +7,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sentry::config::{Config, Env};
-use sentry::deploy::{
+use sentry::testing::Sha;
+use sentry::testing::Shutdown;
+use sentry::testing::{Config, Env};
+use sentry::testing::{
     DeployOptions, Deployer, GroupResult, GroupRun, Observers, RunObserver, RunRef, Trigger, Unit,
     UnitResult, UnitStatus,
 };
-use sentry::forge::Sha;
-use sentry::shutdown::Shutdown;
 
 use crate::support::git_http::GitHttpServer;
 use crate::support::{commit, git, init_repo, tempdir};
@@ -82,7 +82,7 @@ fn config(work: &Path, group: &[(&str, &str)], grace: &str, repos: &[Repo]) -> C
             y.push_str(&format!("      {line}\n"));
         }
     }
-    let loaded = sentry::config::load_str(&y, &Env::fixed([("HOME", "/nonexistent")]));
+    let loaded = sentry::testing::load_str(&y, &Env::fixed([("HOME", "/nonexistent")]));
     match loaded.config {
         Some(config) => config,
         None => panic!("test config invalid: {:?}\n{y}", loaded.diagnostics),

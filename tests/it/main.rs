@@ -2,6 +2,9 @@
 //! Git repositories and fake forge servers on 127.0.0.1. Shared helpers live in `support`.
 //! Modules declared here: add `mod <name>;` for each test file.
 
+// Tests may unwrap: a panic is a failed test. Library code may not (Cargo.toml [lints]).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 mod cli;

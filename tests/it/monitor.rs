@@ -4,15 +4,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sentry::config::{Env, load_str};
-use sentry::deploy::Observers;
-use sentry::deploy::{DeployOptions, Deployer, Trigger};
-use sentry::forge::Forges;
-use sentry::monitor::scheduler::Scheduler;
-use sentry::monitor::state::StateStore;
-use sentry::monitor::{Monitor, Scope};
-use sentry::shutdown::Shutdown;
-use sentry::telemetry::metrics::Metrics;
+use sentry::testing::Forges;
+use sentry::testing::Metrics;
+use sentry::testing::Observers;
+use sentry::testing::Scheduler;
+use sentry::testing::Shutdown;
+use sentry::testing::StateStore;
+use sentry::testing::{DeployOptions, Deployer, Trigger};
+use sentry::testing::{Env, load_str};
+use sentry::testing::{Monitor, Scope};
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
