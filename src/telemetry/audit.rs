@@ -95,6 +95,8 @@ impl Audit {
     }
 
     fn write(&self, record: Record) {
+        log(&record);
+        let Some(file) = &self.file else { return };
         let line = match serde_json::to_string(&record) {
             Ok(line) => line,
             Err(e) => {
@@ -102,17 +104,40 @@ impl Audit {
                 return;
             }
         };
-        tracing::info!(target: "audit", "{line}");
-        if let Some(file) = &self.file {
-            let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
-            let written = file
-                .write_all(format!("{line}\n").as_bytes())
-                .and_then(|()| file.flush());
-            if let Err(e) = written {
-                tracing::error!("cannot append to the audit log: {e}");
-            }
+        let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
+        let written = file
+            .write_all(format!("{line}\n").as_bytes())
+            .and_then(|()| file.flush());
+        if let Err(e) = written {
+            tracing::error!("cannot append to the audit log: {e}");
         }
     }
+}
+
+/// The record as an event of target `audit`, each part a field of its own (log pipelines
+/// index fields; a JSON string inside the message they cannot).
+fn log(r: &Record) {
+    tracing::info!(
+        target: "audit",
+        kind = r.kind,
+        run_id = r.run_id,
+        trigger = r.trigger,
+        user = r.user,
+        group = r.group,
+        repository = r.repository,
+        branch = r.branch,
+        previous_sha = r.previous_sha,
+        sha = r.sha,
+        result = r.result,
+        duration_seconds = r.duration_seconds,
+        exit_code = r.exit_code,
+        units = r.units,
+        failed_command = r.failed_command,
+        reason = r.reason,
+        "audit: {} {}",
+        r.kind,
+        r.result
+    );
 }
 
 /// Every unit and every group run, whatever started it (`watch` or `trigger`).

@@ -4,13 +4,15 @@
 //! Logging: the tracing subscriber on stderr, as human text or one JSON object per line.
 //!
 //! `--log-level` sets the base level and `RUST_LOG` directives refine it. Colour as
-//! `--color` and `NO_COLOR` say (see [`crate::output`]). JSON events are flattened: an
-//! event's fields sit at the top level beside `message`, as log pipelines expect. Errors
+//! `--color` and `NO_COLOR` say (see [`crate::output`]). JSON events are flat ([`json`]):
+//! the fields of the event and of every span it is in (a group run's `group` and `run_id`,
+//! a unit's `repository`, `branch` and `sha`) sit at the top level beside `message`. Errors
 //! that end a command before it starts go through [`error`], so they are JSON too under
 //! `--log-format json`. Nothing here ever formats a secret: secrets are `SecretString`s,
 //! whose `Debug` prints nothing.
 
 pub mod audit;
+mod json;
 pub mod metrics;
 
 use std::fmt::Display;
@@ -53,10 +55,8 @@ pub fn init(level: LogLevel, format: LogFormat, ansi: bool) {
     let _ = match format {
         LogFormat::Text => builder.with_ansi(ansi).try_init(),
         LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(true)
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+            .event_format(json::FlatJson)
             .try_init(),
     };
 }

@@ -247,6 +247,34 @@ fn json_log_lines_carry_fields_at_top_level() {
         "no event with a top-level repository field: {}",
         out.stderr
     );
+    // Every line of a unit — Sentry's and the commands' output — carries the unit's span
+    // fields (group run and unit) at the top level.
+    let unit_lines: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| {
+            e["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("running command") || m.starts_with("unit "))
+                || e["target"] == "sentry::deploy::output"
+        })
+        .collect();
+    assert!(unit_lines.len() >= 3, "{}", out.stderr);
+    for e in unit_lines {
+        for key in ["group", "run_id", "repository", "branch", "sha"] {
+            assert!(e[key].is_string(), "{key} missing at the top level: {e}");
+        }
+        assert_eq!(e["branch"], "main", "{e}");
+    }
+    // Audit records are fields too, not a JSON string inside the message.
+    let audit = events
+        .iter()
+        .find(|e| e["target"] == "audit" && e["kind"] == "unit")
+        .unwrap_or_else(|| panic!("no audit event: {}", out.stderr));
+    assert_eq!(audit["result"], "succeeded", "{audit}");
+    assert!(
+        !audit["message"].as_str().unwrap_or("").contains('{'),
+        "{audit}"
+    );
 }
 
 #[test]
