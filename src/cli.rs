@@ -215,6 +215,9 @@ pub struct TriggerArgs {
     /// Keep QA checkouts in work_dir for debugging.
     #[arg(long)]
     pub keep_workdir: bool,
+    /// Post no commit statuses and send no notifications for this run.
+    #[arg(long)]
+    pub no_report: bool,
     /// `json` prints one JSON document with every run and unit (command output then goes
     /// to the log only).
     #[arg(short = 'o', long, value_enum, default_value_t = OutputFormat::Text)]
