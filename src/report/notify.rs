@@ -312,6 +312,64 @@ mod tests {
         );
     }
 
+    fn ended(ok: bool) -> GroupResult {
+        GroupResult {
+            run_id: "r".into(),
+            group: "g".into(),
+            trigger: crate::deploy::Trigger::Poll,
+            units: Vec::new(),
+            duration: Duration::from_secs(1),
+        }
+        .with_outcome(ok)
+    }
+
+    impl GroupResult {
+        /// An empty run "succeeds"; a failing one needs a failed unit.
+        fn with_outcome(mut self, ok: bool) -> GroupResult {
+            if !ok {
+                self.units.push(crate::deploy::UnitResult {
+                    unit: Unit {
+                        repository: "a".into(),
+                        branch: "main".into(),
+                        previous_sha: None,
+                        sha: Sha::parse(&"c".repeat(40)).unwrap(),
+                    },
+                    status: UnitStatus::Failed,
+                    exit_code: Some(1),
+                    duration: Duration::from_secs(1),
+                    output_tail: String::new(),
+                    attempts: 1,
+                    failed_command: None,
+                    reason: None,
+                });
+            }
+            self
+        }
+    }
+
+    #[tokio::test]
+    async fn recovery_follows_a_failure_once() {
+        let yaml = "groups: {g: }\nrepositories:\n  - name: a\n    group: g\n    monitor: {repo_url: /x, branches: [main], repo_type: git}\n    deploy: {qa_repo_url: /q, qa_repo_branch: main, commands: [x]}\n";
+        let config = crate::config::load_str(yaml, &crate::config::Env::fixed([("HOME", "/")]))
+            .config
+            .unwrap();
+        let notifier = Notifier::start(Arc::new(config), Arc::new(Metrics::new())).unwrap();
+        let events: Vec<NotifyEvent> = [true, false, false, true, true]
+            .into_iter()
+            .map(|ok| notifier.ended_event(&ended(ok)))
+            .collect();
+        assert_eq!(
+            events,
+            [
+                NotifyEvent::Success,
+                NotifyEvent::Failure,
+                NotifyEvent::Failure,
+                NotifyEvent::Recovery,
+                NotifyEvent::Success
+            ]
+        );
+    }
+
     #[test]
     fn slack_text_is_escaped() {
         let unit = Unit {

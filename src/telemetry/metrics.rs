@@ -430,6 +430,9 @@ mod tests {
         m.group_run_ended("g", true, Duration::from_secs(3));
         m.unit_ended("rag", "succeeded");
         m.set_pending("g", false);
+        m.status_post("github", "created");
+        m.notification("slack", "sent");
+        m.report_dropped("notify");
         let text = m.encode();
         for name in [
             "sentry_poll_cycles_total 1",
@@ -446,6 +449,9 @@ mod tests {
             "sentry_pending_runs{group=\"g\"} 0",
             "sentry_last_successful_cycle_timestamp_seconds ",
             "sentry_build_info{version=",
+            "sentry_commit_status_posts_total{forge=\"github\",outcome=\"created\"} 1",
+            "sentry_notifications_total{type=\"slack\",outcome=\"sent\"} 1",
+            "sentry_report_dropped_total{queue=\"notify\"} 1",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }
