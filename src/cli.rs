@@ -112,6 +112,7 @@ Examples:
   sentry trigger --repo rag-project --dry-run
   sentry trigger --repo rag-project --branch main --sha \"$(git rev-parse HEAD)\"
   sentry trigger --group ai-blueprints
+  sentry trigger --group ai-blueprints --no-report   # no commit statuses, no notifications
   sentry -config=sentry.yaml -action=trigger -repo=rag-project   # Go-style flags";
 
 const WATCH_EXAMPLES: &str = "\

@@ -312,12 +312,23 @@ impl Checker<'_> {
         path: &str,
         raw: Option<RawReport>,
         group: Option<&Group>,
-        repo: (&str, Option<RepoType>),
+        repo: (&str, Option<&Monitor>),
     ) -> Report {
         let own = self.group_report(&format!("{path}.report"), raw);
         let inherited = group.map(|g| g.report.clone()).unwrap_or_default();
         let commit_status = own.commit_status.or(inherited.commit_status);
-        let (name, repo_type) = repo;
+        let (name, monitor) = repo;
+        let repo_type = monitor.map(|m| m.repo_type);
+        if commit_status == Some(true)
+            && let Some(m) = monitor
+            && m.auth.token.is_none()
+            && kind::of(m.repo_type).status_spacing.is_some()
+        {
+            self.warn(
+                format!("{path}.monitor.auth.token"),
+                "commit statuses are posted with the monitor's token, and none is set: the forge will refuse them",
+            );
+        }
         if commit_status == Some(true)
             && let Some(repo_type) = repo_type
             && kind::of(repo_type).status_spacing.is_none()
@@ -524,10 +535,7 @@ impl Checker<'_> {
         let own_group = group
             .as_deref()
             .and_then(|g| groups.iter().find(|known| known.name == g));
-        let repo = (
-            name.as_deref().unwrap_or_default(),
-            monitor.as_ref().map(|m| m.repo_type),
-        );
+        let repo = (name.as_deref().unwrap_or_default(), monitor.as_ref());
         let report = self.report(path, raw.report, own_group, repo);
         if self.errors() != before {
             return None;

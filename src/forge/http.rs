@@ -825,6 +825,28 @@ mod tests {
         }
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn writes_to_one_host_are_spaced() {
+        let http = Http::new(Duration::from_secs(5), 4).unwrap();
+        let host = http.host("api.github.com");
+        let never = CancellationToken::new();
+        let start = tokio::time::Instant::now();
+        let spacing = Duration::from_secs(1);
+        for _ in 0..3 {
+            assert!(host.space_write(spacing, &never).await);
+        }
+        // The first goes at once, each next one a second after the one before.
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+        let other = http.host("gitlab.com");
+        let before = tokio::time::Instant::now();
+        assert!(other.space_write(spacing, &never).await);
+        assert_eq!(
+            before.elapsed(),
+            Duration::ZERO,
+            "hosts are spaced separately"
+        );
+    }
+
     #[test]
     fn host_key_keeps_ports() {
         let url = Url::parse("http://127.0.0.1:8080/x").unwrap();

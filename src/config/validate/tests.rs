@@ -415,12 +415,16 @@ fn no_secret_in_any_diagnostic() {
     assert!(!all.contains("ghp_seedtokenvalue") && !all.contains("glpat-seedtokenvalue"));
 }
 
-const REPORTING: &str = "server: {public_url: 'https://sentry.example.com/'}\ngroups:\n  g:\n    report: {commit_status: true}\n    notify:\n      - {type: webhook, url: 'https://hooks.example.com/x', secret: '${HOOK_SECRET:-s3cr3t-hook}', on: [failure, started]}\n      - {type: slack, url: 'https://hooks.slack.com/services/T/B/XYZ'}\nrepositories:\n  - name: gh\n    group: g\n    monitor: {repo_url: 'https://github.com/o/r', branches: [main], repo_type: github}\n    deploy: {qa_repo_url: /tmp/qa, qa_repo_branch: main, commands: [\"true\"]}\n  - name: gl\n    group: g\n    report: {context: qa/custom}\n    monitor: {repo_url: 'https://gitlab.com/g/p', branches: [main], repo_type: gitlab}\n    deploy: {qa_repo_url: /tmp/qa, qa_repo_branch: main, commands: [\"true\"]}\n";
+const REPORTING: &str = "server: {public_url: 'https://sentry.example.com/'}\ngroups:\n  g:\n    report: {commit_status: true}\n    notify:\n      - {type: webhook, url: 'https://hooks.example.com/x', secret: '${HOOK_SECRET:-s3cr3t-hook}', on: [failure, started]}\n      - {type: slack, url: 'https://hooks.slack.com/services/T/B/XYZ'}\nrepositories:\n  - name: gh\n    group: g\n    monitor: {repo_url: 'https://github.com/o/r', branches: [main], repo_type: github}\n    deploy: {qa_repo_url: /tmp/qa, qa_repo_branch: main, commands: [\"true\"]}\n  - name: gl\n    group: g\n    report: {context: qa/custom}\n    monitor: {repo_url: 'https://gitlab.com/g/p', branches: [main], repo_type: gitlab, auth: {token: '${GITLAB_TOKEN}'}}\n    deploy: {qa_repo_url: /tmp/qa, qa_repo_branch: main, commands: [\"true\"]}\n";
 
 #[test]
 fn report_and_notify_are_read_with_defaults() {
     let loaded = load_str(REPORTING, &seed_env());
-    assert!(loaded.diagnostics.is_empty(), "{:?}", loaded.diagnostics);
+    assert!(
+        loaded.diagnostics.iter().all(|d| !d.is_error()),
+        "{:?}",
+        loaded.diagnostics
+    );
     let config = loaded.config.unwrap();
     let (gh, gl) = (&config.repositories[0], &config.repositories[1]);
     assert_eq!(
@@ -493,4 +497,20 @@ fn notify_targets_are_checked_without_printing_urls() {
         errors_at(&no_url, "groups.g.notify[0].url"),
         ["required field is missing"]
     );
+}
+
+#[test]
+fn commit_statuses_without_a_monitor_token_warn() {
+    let yaml = REPORTING;
+    let warnings: Vec<String> = diags(yaml)
+        .into_iter()
+        .filter(|(s, p, _)| *s == Severity::Warning && p == "repositories[0].monitor.auth.token")
+        .map(|(_, _, m)| m)
+        .collect();
+    assert_eq!(warnings.len(), 1, "{:?}", diags(yaml));
+    let with_token = diags(yaml)
+        .into_iter()
+        .filter(|(_, p, _)| p == "repositories[1].monitor.auth.token")
+        .count();
+    assert_eq!(with_token, 0, "the GitLab repository has a token");
 }
