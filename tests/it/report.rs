@@ -282,6 +282,57 @@ fn gitlab_superseded_unit_shows_canceled() {
     superseded_unit_is_marked(StatusForge::gitlab());
 }
 
+/// A unit whose QA repository cannot be cloned shows `error` and is deferred; a newer
+/// commit of its branch then takes its place (the scheduler's deferred path), which shows
+/// on the old commit as superseded, and the newer one deploys once the QA repository exists.
+#[test]
+fn github_deferred_unit_replaced_by_a_newer_commit_is_superseded() {
+    let f = Fixture::new(StatusForge::github(), &["a"], "", "./deploy.sh");
+    let config = std::fs::read_to_string(&f.config).unwrap();
+    let missing = f.root().join("qa-later");
+    let qa_line = config
+        .lines()
+        .find(|l| l.contains("qa_repo_url"))
+        .unwrap()
+        .to_owned();
+    let moved = config.replace(
+        &qa_line,
+        &format!("      qa_repo_url: file://{}", missing.display()),
+    );
+    std::fs::write(&f.config, moved).unwrap();
+    let watch = f.watch_from_baseline(&["a"]);
+    let old = f.push("a", "cannot run yet");
+    wait_until(LONG, || {
+        f.forge
+            .posts_for(&old)
+            .iter()
+            .any(|p| p.state == "error" && p.description.starts_with("Sentry could not run it"))
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("no error status: {:?}", f.forge.posts()));
+    let new = f.push("a", "newer");
+    wait_until(LONG, || {
+        (f.forge.posts_for(&old).last()?.description
+            == format!("Sentry: superseded by {}", &new[..7]))
+        .then_some(())
+    })
+    .unwrap_or_else(|| panic!("old commit not superseded: {:?}", f.forge.posts()));
+    // Now the QA repository appears: the newer commit deploys and succeeds.
+    let qa = f.root().join("qa");
+    std::fs::rename(&qa, &missing).unwrap();
+    f.wait_deployed("a", &new);
+    let states = f.forge.wait_states(&new, 2, LONG);
+    assert_eq!(
+        states.last().map(String::as_str),
+        Some("success"),
+        "{states:?}"
+    );
+    assert!(!f.deployed("a", &old));
+    assert_eq!(f.forge.posts_for(&old).last().unwrap().state, "error");
+    f.assert_no_refusals();
+    stop(watch);
+}
+
 /// Sequential group: `a` fails, so `b` is skipped and shows `pending` with the reason;
 /// when the scheduler retries `b` it starts without posting `pending` again (GitLab would
 /// answer 400) and ends `success`.
