@@ -21,7 +21,9 @@ use sha2::Sha256;
 
 use super::queue::Queue;
 use crate::config::{Config, NotifyEvent, NotifyKind, NotifyTarget};
-use crate::deploy::{GroupResult, RunObserver, RunRef, Unit, UnitStatus, format_duration};
+use crate::deploy::{
+    GroupResult, RunObserver, RunRef, Unit, UnitResult, UnitStatus, format_duration,
+};
 use crate::telemetry::metrics::Metrics;
 
 /// A receiver that has not answered by then is treated as failed for this try.
@@ -121,7 +123,7 @@ impl RunObserver for Notifier {
     }
 
     fn group_ended(&self, result: &GroupResult) {
-        let cancelled = |u: &crate::deploy::UnitResult| u.status == UnitStatus::Cancelled;
+        let cancelled = |u: &UnitResult| u.status == UnitStatus::Cancelled;
         if !result.units.is_empty() && result.units.iter().all(cancelled) {
             return;
         }
@@ -144,7 +146,7 @@ struct RunView<'a> {
     run_id: &'a str,
     trigger: &'a str,
     url: Option<String>,
-    units: Vec<(&'a Unit, Option<&'a crate::deploy::UnitResult>)>,
+    units: Vec<(&'a Unit, Option<&'a UnitResult>)>,
     duration: Option<Duration>,
 }
 
@@ -207,7 +209,7 @@ fn slack_body(event: NotifyEvent, run: &RunView<'_>) -> Value {
 }
 
 /// `• *repo* `main` `abc12345` — failed (exit 3) in 2.0s: [1] ./deploy.sh`
-fn slack_unit(unit: &Unit, result: Option<&crate::deploy::UnitResult>) -> String {
+fn slack_unit(unit: &Unit, result: Option<&UnitResult>) -> String {
     let head = format!(
         "• *{}* `{}` `{}`",
         slack_escape(&unit.repository),
@@ -327,7 +329,7 @@ mod tests {
         /// An empty run "succeeds"; a failing one needs a failed unit.
         fn with_outcome(mut self, ok: bool) -> GroupResult {
             if !ok {
-                self.units.push(crate::deploy::UnitResult {
+                self.units.push(UnitResult {
                     unit: Unit {
                         repository: "a".into(),
                         branch: "main".into(),
