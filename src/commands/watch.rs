@@ -8,11 +8,12 @@ use tokio::sync::mpsc;
 use crate::Exit;
 use crate::cli::{Cli, WatchArgs};
 use crate::config::{Config, Env};
-use crate::deploy::{DeployOptions, Deployer, Observers, Trigger};
+use crate::deploy::{DeployOptions, Deployer, Observers, RunObserver, Trigger};
 use crate::forge::Forges;
 use crate::monitor::scheduler::Scheduler;
 use crate::monitor::state::StateStore;
 use crate::monitor::{self, Monitor, Scope};
+use crate::report::Reporting;
 use crate::server::{self, AppState};
 use crate::shutdown::Shutdown;
 use crate::telemetry::audit::Audit;
@@ -38,7 +39,8 @@ async fn watch_async(
         .listen_for_signals()
         .context("cannot install signal handlers")?;
     let metrics = Arc::new(Metrics::new());
-    let monitor = Arc::new(build(&config, state, args, env, &shutdown, &metrics)?);
+    let (monitor, reporting) = build(&config, state, args, env, &shutdown, &metrics)?;
+    let monitor = Arc::new(monitor);
     tracing::info!(
         version = crate::build_info::VERSION,
         "sentry watching {} every {}",
@@ -46,7 +48,9 @@ async fn watch_async(
         humantime::format_duration(config.polling_interval)
     );
     if args.once {
-        return watch_once(&monitor, &shutdown).await;
+        let exit = watch_once(&monitor, &shutdown).await;
+        reporting.flush(FLUSH_ONCE).await;
+        return exit;
     }
     let (hints_tx, hints_rx) = mpsc::channel::<Vec<String>>(64);
     // The server outlives the poll loop so that /readyz can answer 503 while running
@@ -84,6 +88,7 @@ async fn watch_async(
     }
     monitor.scheduler().wait_idle().await;
     let saved = monitor.save_state().await;
+    reporting.flush(FLUSH_AT_STOP).await;
     server_stop.cancel();
     if let Some(handle) = server {
         let _ = handle.await;
@@ -96,6 +101,11 @@ async fn watch_async(
     }
     Ok(Exit::Success)
 }
+
+/// How long `watch --once` waits for statuses and notifications before it exits.
+const FLUSH_ONCE: std::time::Duration = std::time::Duration::from_secs(30);
+/// The same at a stop: short, as a container's stop timeout is counting.
+const FLUSH_AT_STOP: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn watch_once(monitor: &Monitor, shutdown: &Shutdown) -> anyhow::Result<Exit> {
     let report = monitor
@@ -125,7 +135,7 @@ fn build(
     env: &Env,
     shutdown: &Shutdown,
     metrics: &Arc<Metrics>,
-) -> anyhow::Result<Monitor> {
+) -> anyhow::Result<(Monitor, Reporting)> {
     let deployer = Deployer::new(
         config.clone(),
         DeployOptions {
@@ -147,7 +157,10 @@ fn build(
     }
     let forges = Forges::new(config)?.with_events(metrics.clone());
     let audit = Audit::open(config.audit_log.as_deref()).context("cannot open audit_log")?;
-    let observers = Observers::new(vec![metrics.clone(), Arc::new(audit)]);
+    let reporting = Reporting::start(config, &forges, metrics).context("cannot start reporting")?;
+    let mut list: Vec<Arc<dyn RunObserver>> = vec![metrics.clone(), Arc::new(audit)];
+    list.extend(reporting.observers());
+    let observers = Observers::new(list);
     let scheduler = Scheduler::new(
         config.clone(),
         deployer,
@@ -156,11 +169,6 @@ fn build(
         observers,
         metrics.clone(),
     );
-    Ok(Monitor::new(
-        config.clone(),
-        forges,
-        state,
-        scheduler,
-        metrics.clone(),
-    ))
+    let monitor = Monitor::new(config.clone(), forges, state, scheduler, metrics.clone());
+    Ok((monitor, reporting))
 }

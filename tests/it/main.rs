@@ -16,6 +16,7 @@ mod hostile;
 mod monitor;
 mod output;
 mod promise;
+mod report;
 mod secrets;
 mod server;
 mod soak;

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod git_http;
+pub mod status_forge;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -355,6 +356,7 @@ pub struct FakeRequest {
     pub target: String,
     /// Header names in lower case.
     pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
     pub at: std::time::Instant,
     pub wall: std::time::SystemTime,
 }
@@ -479,6 +481,7 @@ fn fake_serve(
             method,
             target,
             headers,
+            body,
             at: std::time::Instant::now(),
             wall: std::time::SystemTime::now(),
         };
