@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use git2::build::RepoBuilder;
-use git2::{Cred, CredentialType, ErrorClass, FetchOptions, RemoteCallbacks};
+use git2::{Cred, CredentialType, ErrorClass, FetchOptions, RemoteCallbacks, RemoteRedirect};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::config::{Deploy, RepoType};
@@ -164,6 +164,9 @@ fn clone_once(
     let result = {
         let mut fetch = FetchOptions::new();
         fetch.remote_callbacks(callbacks(req, stop, &auth_failure));
+        // libgit2 follows a redirect to another host on the first request by default; a
+        // QA host must not be able to send the clone (and its token) elsewhere.
+        fetch.follow_redirects(RemoteRedirect::None);
         if shallow {
             fetch.depth(1);
         }
@@ -191,9 +194,15 @@ fn callbacks<'a>(
 ) -> RemoteCallbacks<'a> {
     let calls = AtomicU32::new(0);
     let mut cb = RemoteCallbacks::new();
-    cb.credentials(move |_url, _user, allowed| {
+    cb.credentials(move |asked_url, _user, allowed| {
         let call = calls.fetch_add(1, Ordering::SeqCst);
+        // Same-host redirects to another port are followed by libgit2 even with
+        // `RemoteRedirect::None`; the token still goes only to the configured origin.
+        let foreign = !crate::forge::same_origin(&req.url, asked_url);
         let refusal = match (&req.token, call) {
+            _ if foreign => {
+                Some("a server of another origin (a redirect) asked for credentials; refused")
+            }
             (None, _) => Some("the server asks for credentials and deploy.auth.token is not set"),
             (Some(_), 0) if allowed.contains(CredentialType::USER_PASS_PLAINTEXT) => None,
             (Some(_), 0) => Some("the server does not accept a user name and token"),

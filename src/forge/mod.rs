@@ -31,7 +31,7 @@ use reqwest::{StatusCode, Url};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BranchPattern, Config, Monitor, RepoType, Repository};
-pub use git::prepare_libgit2;
+pub use git::{prepare_libgit2, same_origin};
 use http::{Cached, Call, Http, Page, Reply};
 
 /// A full 40-hex commit SHA, checked on construction: lowercase ASCII held inline, so a

@@ -12,6 +12,7 @@ mod forge;
 mod hostile;
 mod monitor;
 mod secrets;
+mod security;
 mod server;
 mod soak;
 mod trigger;
