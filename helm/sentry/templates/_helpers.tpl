@@ -139,3 +139,11 @@ hpa.yaml; renders nothing or fails.
 {{- fail "existingSecret must be the name of a Secret" }}
 {{- end }}
 {{- end }}
+
+{{/*
+Whether the pod gets a ServiceAccount token: only when asked for, or when the
+deploy commands are granted rights (rbac.deployer), which they use through it.
+*/}}
+{{- define "sentry.automountToken" -}}
+{{- if or .Values.serviceAccount.automountToken (and .Values.rbac.create .Values.rbac.deployer) }}true{{ else }}false{{ end }}
+{{- end }}
