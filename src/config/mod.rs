@@ -40,6 +40,8 @@ pub struct Config {
     pub groups: Vec<Group>,
     /// In the order of the file.
     pub repositories: Vec<Arc<Repository>>,
+    /// Every value the env file supplied: commands may print them, so they are masked.
+    pub env_file_values: Vec<SecretString>,
 }
 
 #[derive(Debug, Clone)]
@@ -207,6 +209,9 @@ pub struct Deploy {
     pub project_name: String,
     pub commands: Vec<String>,
     pub env: BTreeMap<String, String>,
+    /// Names in `env` whose values are masked: `deploy.secret_env` and the values written
+    /// as a single `${VAR}` reference.
+    pub secret_env: std::collections::BTreeSet<String>,
     pub timeout: Option<Duration>,
     pub retries: u32,
     pub shell: String,
@@ -231,16 +236,26 @@ impl Config {
             .filter(move |r| r.group == group)
     }
 
-    /// Every secret value in the configuration, for masking command output.
+    /// Every secret value in the configuration, for masking command output: tokens,
+    /// webhook secrets, the `deploy.env` values marked secret and every env-file value.
     pub fn secrets(&self) -> Vec<SecretString> {
         let auths = self
             .repositories
             .iter()
             .flat_map(|r| [&r.monitor.auth, &r.deploy.auth]);
+        let secret_env = self.repositories.iter().flat_map(|r| {
+            r.deploy
+                .secret_env
+                .iter()
+                .filter_map(|name| r.deploy.env.get(name))
+                .map(|value| SecretString::from(value.as_str()))
+        });
         auths
             .filter_map(|a| a.token.clone())
             .chain(self.webhooks.github_secret.clone())
             .chain(self.webhooks.gitlab_token.clone())
+            .chain(secret_env)
+            .chain(self.env_file_values.iter().cloned())
             .collect()
     }
 

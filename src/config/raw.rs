@@ -125,6 +125,9 @@ pub struct RawDeploy {
     pub commands: Option<Vec<String>>,
     /// Extra environment variables for the commands.
     pub env: Option<BTreeMap<String, String>>,
+    /// Names of `env` entries whose values are secrets, masked in output like tokens. A value
+    /// written as a single `${VAR}` reference is a secret without being listed here.
+    pub secret_env: Option<Vec<String>>,
     /// Bound on each command (integer seconds or `10m`). Default: only the group's `global_timeout`.
     pub timeout: Option<RawDuration>,
     /// Retries of a failed unit. Default 0: commands may not be idempotent.

@@ -4,7 +4,7 @@
 //! a wrong type in one repository still lets every other one be checked. Each string is
 //! expanded (`${VAR}`) here, field by field, except `deploy.commands`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -556,7 +556,9 @@ impl Checker<'_> {
             }
         }
         let commands = self.commands(&format!("{path}.commands"), raw.commands);
-        let env = self.command_env(&format!("{path}.env"), raw.env.unwrap_or_default());
+        let raw_env = raw.env.unwrap_or_default();
+        let secret_env = self.secret_env(path, &raw_env, raw.secret_env.unwrap_or_default());
+        let env = self.command_env(&format!("{path}.env"), raw_env);
         let timeout = raw
             .timeout
             .and_then(|t| self.parse_duration(&format!("{path}.timeout"), t));
@@ -590,6 +592,7 @@ impl Checker<'_> {
             project_name,
             commands: commands?,
             env,
+            secret_env,
             timeout,
             retries,
             shell: shell?,
@@ -610,6 +613,33 @@ impl Checker<'_> {
             self.error(format!("{path}[{i}]"), "command is empty");
         }
         blank.is_empty().then_some(commands)
+    }
+
+    /// The names of `deploy.env` entries to mask: the listed ones (which must exist) and
+    /// those whose value is a single `${VAR}` reference.
+    fn secret_env(
+        &mut self,
+        path: &str,
+        env: &BTreeMap<String, String>,
+        listed: Vec<String>,
+    ) -> BTreeSet<String> {
+        let mut names = BTreeSet::new();
+        for (i, name) in listed.into_iter().enumerate() {
+            if env.contains_key(&name) {
+                names.insert(name);
+            } else {
+                self.error(
+                    format!("{path}.secret_env[{i}]"),
+                    format!("\"{name}\" is not a name in {path}.env"),
+                );
+            }
+        }
+        names.extend(
+            env.iter()
+                .filter(|(_, value)| expand::is_single_reference(value))
+                .map(|(name, _)| name.clone()),
+        );
+        names
     }
 
     fn command_env(
@@ -726,6 +756,11 @@ impl Checker<'_> {
             webhooks,
             groups,
             repositories,
+            env_file_values: self
+                .env
+                .file_values()
+                .map(|v| SecretString::from(v.as_str()))
+                .collect(),
         })
     }
 

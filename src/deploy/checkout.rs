@@ -376,6 +376,7 @@ mod tests {
             project_name: "p".into(),
             commands: vec!["true".into()],
             env: Default::default(),
+            secret_env: Default::default(),
             timeout: None,
             retries: 0,
             shell: "/bin/sh".into(),

@@ -1,5 +1,6 @@
 use super::*;
 use crate::config::{Severity, load_str};
+use secrecy::ExposeSecret;
 
 const SEED: &str = include_str!("../../../tests/data/seed.yaml");
 
@@ -413,4 +414,46 @@ fn no_secret_in_any_diagnostic() {
     let yaml = seed_with("max_parallel: 3", "max_parallel: -1\n    bogus: 1");
     let all = format!("{:?}", load_str(&yaml, &seed_env()));
     assert!(!all.contains("ghp_seedtokenvalue") && !all.contains("glpat-seedtokenvalue"));
+}
+
+#[test]
+fn secret_env_values_and_single_references_are_masked() {
+    let yaml = seed_with(
+        "      project_name: \"rag\"",
+        "      project_name: \"rag\"\n      env: {PLAIN: qa-namespace, LISTED: listed-value, FROM_ENV: \"${GITHUB_USERNAME}\", MIXED: \"x-${GITHUB_USERNAME}\"}\n      secret_env: [LISTED]",
+    );
+    let loaded = load_str(&yaml, &seed_env());
+    let config = loaded.config.expect("valid");
+    let deploy = &config.repositories[0].deploy;
+    let names: Vec<&str> = deploy.secret_env.iter().map(String::as_str).collect();
+    assert_eq!(names, ["FROM_ENV", "LISTED"]);
+    let secrets: Vec<String> = config
+        .secrets()
+        .iter()
+        .map(|s| s.expose_secret().to_owned())
+        .collect();
+    assert!(secrets.contains(&"listed-value".to_owned()), "{secrets:?}");
+    assert!(secrets.contains(&"octo".to_owned()), "{secrets:?}");
+    assert!(!secrets.contains(&"qa-namespace".to_owned()), "{secrets:?}");
+
+    let yaml = seed_with(
+        "      project_name: \"rag\"",
+        "      project_name: \"rag\"\n      env: {A: b}\n      secret_env: [NOPE]",
+    );
+    assert!(errors_at(&yaml, "repositories[0].deploy.secret_env[0]")[0].contains("NOPE"));
+}
+
+#[test]
+fn env_file_values_are_masked() {
+    let mut file = std::collections::BTreeMap::new();
+    file.insert("FILE_ONLY".to_owned(), "from-the-env-file".to_owned());
+    let env = Env::with_file_vars(file);
+    let yaml = "groups: {g: }\nrepositories:\n  - name: a\n    group: g\n    monitor: {repo_url: /tmp/x, branches: [main], repo_type: git}\n    deploy: {qa_repo_url: /tmp/qa, qa_repo_branch: main, commands: [\"true\"]}\n";
+    let config = load_str(yaml, &env).config.expect("valid");
+    assert!(
+        config
+            .secrets()
+            .iter()
+            .any(|s| s.expose_secret() == "from-the-env-file")
+    );
 }
