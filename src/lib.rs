@@ -12,6 +12,7 @@ pub mod commands;
 pub mod config;
 pub mod deploy;
 pub mod forge;
+pub mod hardening;
 pub mod memory;
 pub mod monitor;
 pub mod server;

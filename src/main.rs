@@ -8,6 +8,7 @@ use sentry::{Exit, cli, commands, telemetry};
 
 fn main() -> ExitCode {
     sentry::memory::tune();
+    let hardened = sentry::hardening::at_start();
     let args = match cli::normalize_args(std::env::args_os()) {
         Ok(args) => args,
         Err(e) => {
@@ -29,5 +30,9 @@ fn main() -> ExitCode {
         }
     };
     telemetry::init(cli.log_level, cli.log_format);
+    for problem in &hardened.problems {
+        tracing::warn!("{problem}");
+    }
+    tracing::debug!(open_files = hardened.open_files, "process limits set");
     commands::run(cli).into()
 }

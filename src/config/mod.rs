@@ -48,6 +48,11 @@ pub struct Config {
 pub struct ServerConfig {
     pub enabled: bool,
     pub listen: SocketAddr,
+    /// Webhooks on a listener of their own; `None`: on `listen`.
+    pub webhook_listen: Option<SocketAddr>,
+    pub header_timeout: Duration,
+    pub request_timeout: Duration,
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, Default)]

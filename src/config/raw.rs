@@ -48,6 +48,15 @@ pub struct RawServer {
     pub enabled: Option<bool>,
     /// Socket address to listen on. Default `0.0.0.0:8080`.
     pub listen: Option<String>,
+    /// A separate socket address for the webhook endpoints; `listen` then serves only
+    /// health, readiness and metrics. Default: webhooks on `listen`.
+    pub webhook_listen: Option<String>,
+    /// Time a client has to send a request's headers. Default `10s`.
+    pub header_timeout: Option<RawDuration>,
+    /// Time one request may take, body included. Default `30s`.
+    pub request_timeout: Option<RawDuration>,
+    /// Connections open at once, per listener; more wait to be accepted. Default `256`.
+    pub max_connections: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]

@@ -713,20 +713,32 @@ impl Checker<'_> {
         let server = raw.server.unwrap_or_default();
         let listen = match self.optional_text("server.listen", server.listen) {
             None => Some(SocketAddr::from(([0, 0, 0, 0], 8080))),
-            Some(text) => {
-                let text = if text.starts_with(':') {
-                    format!("0.0.0.0{text}")
-                } else {
-                    text
-                };
-                match text.parse::<SocketAddr>() {
-                    Ok(addr) => Some(addr),
-                    Err(_) => {
-                        self.error("server.listen", format!("\"{text}\" is not a socket address; write IP:PORT such as \"0.0.0.0:8080\""));
-                        None
-                    }
-                }
+            Some(text) => self.socket_addr("server.listen", &text),
+        };
+        let webhook_listen = self
+            .optional_text("server.webhook_listen", server.webhook_listen)
+            .filter(|t| !t.is_empty())
+            .and_then(|text| self.socket_addr("server.webhook_listen", &text));
+        let header_timeout = self.duration(
+            "server.header_timeout",
+            server.header_timeout,
+            Duration::from_secs(10),
+        );
+        let server_request_timeout = self.duration(
+            "server.request_timeout",
+            server.request_timeout,
+            Duration::from_secs(30),
+        );
+        let max_connections = match server.max_connections {
+            Some(n) if !(1..=65_536).contains(&n) => {
+                self.error(
+                    "server.max_connections",
+                    format!("{n} is out of range; use 1 to 65536"),
+                );
+                1
             }
+            Some(n) => usize::try_from(n).unwrap_or(1),
+            None => 256,
         };
         let hooks = raw.webhooks.unwrap_or_default();
         let secret = |cx: &mut Self, path: &str, v: Option<String>| {
@@ -752,6 +764,10 @@ impl Checker<'_> {
             server: ServerConfig {
                 enabled: server.enabled.unwrap_or(true),
                 listen: listen?,
+                webhook_listen,
+                header_timeout,
+                request_timeout: server_request_timeout,
+                max_connections,
             },
             webhooks,
             groups,
@@ -762,6 +778,27 @@ impl Checker<'_> {
                 .map(|v| SecretString::from(v.as_str()))
                 .collect(),
         })
+    }
+
+    /// `IP:PORT`, or `:PORT` for every IPv4 interface.
+    fn socket_addr(&mut self, path: &str, text: &str) -> Option<SocketAddr> {
+        let text = if text.starts_with(':') {
+            format!("0.0.0.0{text}")
+        } else {
+            text.to_owned()
+        };
+        match text.parse::<SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                self.error(
+                    path,
+                    format!(
+                        "\"{text}\" is not a socket address; write IP:PORT such as \"0.0.0.0:8080\""
+                    ),
+                );
+                None
+            }
+        }
     }
 
     fn path_or(

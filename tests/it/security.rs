@@ -157,3 +157,253 @@ async fn clone_does_not_follow_a_redirect_to_another_host() {
     let seen = seen.lock().expect("seen");
     assert!(seen.authorizations.is_empty(), "{:?}", seen.authorizations);
 }
+
+// ---------------------------------------------------------------- the server (finding 4, 5)
+
+use std::time::{Duration, Instant};
+
+use crate::server::{github_push, sign};
+use crate::support::{Background, http, http_raw, wait_until};
+use crate::watch::Fixture;
+
+const HOOK_SECRET: &str = crate::server::GITHUB_SECRET;
+const GITLAB_HOOK_TOKEN: &str = "gl-hook-token-for-security";
+
+/// A watched fixture with both webhooks and the given `server:` settings.
+fn server_fixture(server: &str, interval: &str) -> Fixture {
+    let f = Fixture::new(
+        &format!(
+            "webhooks:\n  github_secret: {HOOK_SECRET}\n  gitlab_token: {GITLAB_HOOK_TOKEN}\nserver:\n{server}"
+        ),
+        0,
+    );
+    let text = std::fs::read_to_string(&f.config).expect("config").replace(
+        "polling_interval: 1s",
+        &format!("polling_interval: {interval}"),
+    );
+    std::fs::write(&f.config, text).expect("config");
+    f
+}
+
+fn start(f: &Fixture) -> (Background, u16) {
+    let bg = f.watch();
+    let port = bg.http_port();
+    bg.wait_for_line("cycle:", Duration::from_secs(30));
+    (bg, port)
+}
+
+/// Sockets the process holds open.
+fn sockets(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| {
+                    std::fs::read_link(e.path())
+                        .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn half_sent_headers_and_silent_connections_are_closed() {
+    let f = server_fixture("  header_timeout: 1s\n", "1h");
+    let (_bg, port) = start(&f);
+    let started = Instant::now();
+    let half = http_raw(
+        port,
+        "GET /healthz HTTP/1.1\r\nHost: x\r\n",
+        Duration::from_secs(8),
+    );
+    assert!(half.is_some(), "half-sent headers kept the connection open");
+    let silent = http_raw(port, "", Duration::from_secs(8));
+    assert!(silent.is_some(), "a silent connection stayed open");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn webhooks_without_a_signature_are_refused_before_the_body_is_read() {
+    let f = server_fixture("  header_timeout: 5s\n", "1h");
+    let (bg, port) = start(&f);
+    // 4 MB announced, none sent: the answer must come from the headers alone.
+    for head in [
+        "POST /webhooks/github HTTP/1.1\r\nHost: x\r\nX-GitHub-Event: push\r\nContent-Length: 4000000\r\n\r\n",
+        "POST /webhooks/gitlab HTTP/1.1\r\nHost: x\r\nX-Gitlab-Event: Push Hook\r\nX-Gitlab-Token: wrong\r\nContent-Length: 4000000\r\n\r\n",
+    ] {
+        let answer = http_raw(port, head, Duration::from_secs(3)).unwrap_or_default();
+        assert!(answer.starts_with("HTTP/1.1 401"), "{head:?}: {answer:?}");
+    }
+    // Twenty rejections make one WARN line, not twenty.
+    for _ in 0..20 {
+        http(
+            "POST",
+            port,
+            "/webhooks/github",
+            &[("X-GitHub-Event", "push")],
+            b"{}",
+        );
+    }
+    let warns = bg
+        .log()
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("github webhook rejected"))
+        .count();
+    assert_eq!(warns, 1, "{}", bg.log());
+}
+
+#[test]
+fn open_files_are_raised_and_idle_connections_do_not_starve_health() {
+    use std::os::unix::process::CommandExt;
+    let f = server_fixture("  header_timeout: 2s\n", "1h");
+    let mut cmd = crate::support::sentry(f.root());
+    cmd.arg("-c")
+        .arg(&f.config)
+        .args(["watch", "--listen", "127.0.0.1:0"]);
+    // SAFETY: only setrlimit, which is async-signal-safe, runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 256,
+                rlim_max: 4096,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let bg = Background::spawn(&mut cmd);
+    let port = bg.http_port();
+    let limits =
+        std::fs::read_to_string(format!("/proc/{}/limits", bg.child.id())).expect("limits");
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("open files line");
+    assert!(
+        open_files.split_whitespace().nth(3) == Some("4096"),
+        "the soft limit was not raised to the hard one: {open_files}"
+    );
+    // More idle connections than the old soft limit.
+    let idle: Vec<std::net::TcpStream> = (0..300)
+        .filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).ok())
+        .collect();
+    assert!(idle.len() > 256, "only {} connections", idle.len());
+    let healthy = wait_until(Duration::from_secs(10), || {
+        (http("GET", port, "/healthz", &[], b"").0 == 200).then_some(())
+    });
+    assert!(healthy.is_some(), "/healthz did not answer:\n{}", bg.log());
+    drop(idle);
+}
+
+#[test]
+fn connections_are_capped() {
+    let f = server_fixture("  header_timeout: 30s\n  max_connections: 8\n", "1h");
+    let (bg, port) = start(&f);
+    let pid = bg.child.id();
+    let before = sockets(pid);
+    let idle: Vec<std::net::TcpStream> = (0..40)
+        .filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).ok())
+        .collect();
+    assert_eq!(idle.len(), 40);
+    std::thread::sleep(Duration::from_millis(500));
+    let held = sockets(pid).saturating_sub(before);
+    assert!(
+        held <= 8,
+        "{held} connections accepted with max_connections: 8"
+    );
+    drop(idle);
+}
+
+#[test]
+fn webhooks_can_have_a_listener_of_their_own() {
+    let f = server_fixture("  webhook_listen: \"127.0.0.1:0\"\n", "1h");
+    let (bg, port) = start(&f);
+    let line = bg.wait_for_line("webhook server listening on", Duration::from_secs(10));
+    let hook_port: u16 = line
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim().parse().ok())
+        .expect("webhook port");
+    assert_ne!(hook_port, port);
+    let unsigned = [("X-GitHub-Event", "push")];
+    assert_eq!(
+        http("POST", port, "/webhooks/github", &unsigned, b"{}").0,
+        404
+    );
+    assert_eq!(
+        http("POST", hook_port, "/webhooks/github", &unsigned, b"{}").0,
+        401
+    );
+    assert_eq!(http("GET", hook_port, "/metrics", &[], b"").0, 404);
+    assert_eq!(http("GET", port, "/healthz", &[], b"").0, 200);
+}
+
+#[test]
+fn replayed_deliveries_and_hint_storms_cost_one_check_per_gap() {
+    let f = server_fixture("  header_timeout: 5s\n", "1h");
+    let (bg, port) = start(&f);
+    let body = github_push(&f, "main", &"a".repeat(40));
+    let signature = sign(&body);
+    let post = |delivery: &str| {
+        http(
+            "POST",
+            port,
+            "/webhooks/github",
+            &[
+                ("X-GitHub-Event", "push"),
+                ("X-Hub-Signature-256", &signature),
+                ("X-GitHub-Delivery", delivery),
+            ],
+            &body,
+        )
+    };
+    let (code, text) = post("delivery-1");
+    assert_eq!((code, text.contains("checking")), (202, true), "{text}");
+    for _ in 0..30 {
+        let (code, text) = post("delivery-1");
+        assert_eq!(
+            (code, text.contains("already received")),
+            (202, true),
+            "{text}"
+        );
+    }
+    // Distinct deliveries inside the gap: merged into one more check at its end.
+    for i in 0..30 {
+        assert_eq!(post(&format!("storm-{i}")).0, 202);
+    }
+    let cycles = || bg.log().lines().filter(|l| l.contains("cycle:")).count();
+    let merged = wait_until(Duration::from_secs(15), || (cycles() >= 3).then_some(()));
+    assert!(
+        merged.is_some(),
+        "the deferred check never ran:\n{}",
+        bg.log()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    // 1 first poll + 1 check for delivery-1 + 1 merged check for the storm.
+    assert_eq!(cycles(), 3, "{}", bg.log());
+}
+
+#[test]
+fn a_body_that_never_ends_times_out() {
+    let f = server_fixture("  header_timeout: 5s\n  request_timeout: 2s\n", "1h");
+    let (_bg, port) = start(&f);
+    let head = format!(
+        "POST /webhooks/github HTTP/1.1\r\nHost: x\r\nX-GitHub-Event: push\r\nX-Hub-Signature-256: {}\r\nContent-Length: 1000\r\n\r\n{{\"ref\":",
+        sign(b"x")
+    );
+    let started = Instant::now();
+    let answer = http_raw(port, &head, Duration::from_secs(10)).unwrap_or_default();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+}
