@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -688,8 +688,9 @@ impl Checker<'_> {
         let state_file = self.path_or("state_file", raw.state_file, || {
             PathBuf::from(".sentry/state.json")
         });
+        let home = self.env.get("HOME");
         let work_dir = self.path_or("work_dir", raw.work_dir, || {
-            std::env::temp_dir().join("sentry")
+            default_work_dir(home.as_deref())
         });
         let audit_log = self
             .optional_text("audit_log", raw.audit_log)
@@ -933,6 +934,16 @@ fn infer_repo_type(remote: &Remote) -> RepoType {
             _ => RepoType::Git,
         },
         Remote::Local => RepoType::Git,
+    }
+}
+
+/// A directory only this user can reach: `$HOME/.cache/sentry/work` when `HOME` is a
+/// directory, else `<temp>/sentry-<euid>` (created 0700 and checked before use, so one
+/// pre-created by another user is refused rather than used).
+fn default_work_dir(home: Option<&str>) -> PathBuf {
+    match home.map(Path::new) {
+        Some(home) if home.is_absolute() && home.is_dir() => home.join(".cache/sentry/work"),
+        _ => std::env::temp_dir().join(format!("sentry-{}", nix::unistd::geteuid())),
     }
 }
 

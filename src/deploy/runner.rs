@@ -190,7 +190,7 @@ fn failed(a: &Attempt<'_>, message: &str) -> Outcome {
 
 async fn prepare_and_run(a: &Attempt<'_>, dir: &Path, leftovers: &mut Leftovers) -> Outcome {
     let changes = checkout::changes_file(dir);
-    if let Err(e) = tokio::fs::write(&changes, &a.run.changes_json).await {
+    if let Err(e) = checkout::write_changes_file(&changes, a.run.changes_json.as_bytes()).await {
         return failed(a, &format!("cannot write {}: {e}", changes.display()));
     }
     if let Err(outcome) = clone(a, dir).await {

@@ -407,3 +407,76 @@ fn a_body_that_never_ends_times_out() {
         started.elapsed()
     );
 }
+
+// ------------------------------------------------------------- the work dir (finding 7)
+
+/// A config whose one repository deploys from a local QA repository with `commands`.
+fn local_config(dir: &Path, work_dir: Option<&Path>, commands: &str) -> std::path::PathBuf {
+    let qa = crate::support::init_repo(&dir.join("qa"));
+    let watched = crate::support::init_repo(&dir.join("watched"));
+    let work = work_dir.map_or(String::new(), |w| {
+        format!("work_dir: {}\n", q(&w.to_string_lossy()))
+    });
+    let y = format!(
+        "{work}state_file: {}\nserver: {{enabled: false}}\ngroups: {{g: {{}}}}\nrepositories:\n  - name: app\n    group: g\n    monitor: {{repo_url: {}, repo_type: git, branches: [main]}}\n    deploy:\n      qa_repo_url: {}\n      qa_repo_branch: main\n      commands: [{}]\n",
+        q(&dir.join("state.json").to_string_lossy()),
+        q(&format!("file://{}", watched.display())),
+        q(&format!("file://{}", qa.display())),
+        q(commands),
+    );
+    write(dir, "sentry.yaml", &y)
+}
+
+#[test]
+fn the_default_work_dir_is_private_and_checkouts_too() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempdir();
+    let home = dir.path().join("home");
+    std::fs::create_dir(&home).expect("home");
+    let out = dir.path().join("modes");
+    let config = local_config(
+        dir.path(),
+        None,
+        &format!(
+            "stat -c %a . > {0}; stat -c %a \"$SENTRY_CHANGES_FILE\" >> {0}",
+            out.display()
+        ),
+    );
+    let run = run(sentry(dir.path())
+        .env("HOME", &home)
+        .arg("-c")
+        .arg(&config)
+        .args(["trigger", "--repo", "app", "--sha", SHA]));
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let work = home.join(".cache/sentry/work");
+    let mode = std::fs::metadata(&work)
+        .expect("work dir")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o700);
+    let modes = std::fs::read_to_string(&out).expect("modes");
+    assert_eq!(modes.split_whitespace().collect::<Vec<_>>(), ["700", "600"]);
+}
+
+#[test]
+fn a_work_dir_others_can_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempdir();
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).expect("mkdir");
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let canary = dir.path().join("ran");
+    let config = local_config(
+        dir.path(),
+        Some(&shared),
+        &format!("touch {}", canary.display()),
+    );
+    let run = run(sentry(dir.path())
+        .arg("-c")
+        .arg(&config)
+        .args(["trigger", "--repo", "app", "--sha", SHA]));
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(run.all().contains("lets others write"), "{run:?}");
+    assert!(!canary.exists(), "a command ran in a shared work_dir");
+}

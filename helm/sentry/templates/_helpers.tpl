@@ -89,7 +89,16 @@ Directory of the state file (and of the audit log): a writable volume.
 {{- end }}
 
 {{- define "sentry.workDir" -}}
-{{- .Values.config.work_dir | default "/var/cache/sentry" }}
+{{- .Values.config.work_dir | default "/var/cache/sentry/work" }}
+{{- end }}
+
+{{/*
+Where the work volume is mounted: the parent of work_dir. A volume's root is not
+Sentry's own (root-owned, or group-writable with fsGroup), and Sentry refuses such a
+work_dir; it creates work_dir itself, mode 0700, inside the volume.
+*/}}
+{{- define "sentry.workVolumeDir" -}}
+{{- dir (include "sentry.workDir" .) }}
 {{- end }}
 
 {{/*
@@ -117,7 +126,7 @@ hpa.yaml; renders nothing or fails.
 {{- end }}
 {{- if .Values.config.audit_log }}
 {{- $auditDir := dir .Values.config.audit_log }}
-{{- if not (or (eq $auditDir (include "sentry.stateDir" .)) (eq $auditDir (include "sentry.workDir" .)) (eq $auditDir "/tmp")) }}
+{{- if not (or (eq $auditDir (include "sentry.stateDir" .)) (eq $auditDir (include "sentry.workVolumeDir" .)) (eq $auditDir "/tmp")) }}
 {{- fail (printf "config.audit_log (%s) must be in the directory of config.state_file (%s): only that directory, work_dir and /tmp are writable (readOnlyRootFilesystem)." .Values.config.audit_log (include "sentry.stateDir" .)) }}
 {{- end }}
 {{- end }}
