@@ -23,6 +23,7 @@ use secrecy::SecretString;
 use serde::Serialize;
 
 pub use expand::Env;
+pub(crate) use validate::check_branch_name;
 
 /// A validated configuration. Every field holds a checked value.
 #[derive(Debug, Clone)]

@@ -21,7 +21,8 @@ pub struct RawConfig {
     pub polling_interval: Option<RawDuration>,
     /// Where the last handled SHA of every branch is kept. Default `.sentry/state.json`.
     pub state_file: Option<String>,
-    /// Directory for in-flight QA checkouts. Default `<system temp dir>/sentry`.
+    /// Directory for in-flight QA checkouts, private to Sentry's user. Default
+    /// `$HOME/.cache/sentry/work`, else `<system temp dir>/sentry-<uid>`.
     pub work_dir: Option<String>,
     /// How long running commands get to stop after SIGTERM before they are killed. Default `20s`.
     pub shutdown_grace: Option<RawDuration>,
@@ -31,6 +32,9 @@ pub struct RawConfig {
     pub request_timeout: Option<RawDuration>,
     /// At most this many requests in flight to one API host. Default 8.
     pub max_requests_per_host: Option<u32>,
+    /// `true` lets a token travel over plain `http://` to a host that is not loopback (a
+    /// warning then); otherwise that is an error. Default `false`.
+    pub allow_insecure_http: Option<bool>,
     /// The HTTP server for health, metrics and webhooks.
     pub server: Option<RawServer>,
     /// Webhook secrets; an endpoint whose secret is unset or empty answers 404.

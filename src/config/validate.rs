@@ -45,12 +45,14 @@ pub(super) fn validate(doc: &Yaml, env: &Env, out: &mut Vec<Diagnostic>) -> Opti
         out,
         errors,
         referenced_groups: Vec::new(),
+        allow_insecure_http: false,
     };
 
     let mut rest = top.clone();
     let groups_value = rest.remove("groups");
     let repos_value = rest.remove("repositories");
     let raw: RawConfig = cx.extract("", Yaml::Mapping(rest)).unwrap_or_default();
+    cx.allow_insecure_http = raw.allow_insecure_http.unwrap_or(false);
 
     let (groups, group_names) = cx.groups(groups_value);
     let repositories = cx.repositories(repos_value, &group_names);
@@ -72,6 +74,8 @@ struct Checker<'a> {
     /// Groups named by repositories, valid or not, so that a broken repository does not
     /// also make its group look unused.
     referenced_groups: Vec<String>,
+    /// `allow_insecure_http`: a token over plain http is then a warning, not an error.
+    allow_insecure_http: bool,
 }
 
 impl Checker<'_> {
@@ -521,10 +525,16 @@ impl Checker<'_> {
         Auth { username, token }
     }
 
+    /// A token over plain http to a host that is not loopback: anyone on the path reads
+    /// it. An error unless `allow_insecure_http: true`, then a warning.
     fn warn_plain_http(&mut self, path: &str, remote: &Remote, auth: &Auth) {
         if let Remote::Http(url) = remote {
             if url.scheme() == "http" && auth.token.is_some() && !is_loopback(url) {
-                self.warn(path, "a token would travel unencrypted over plain http to a host that is not loopback; use https");
+                if self.allow_insecure_http {
+                    self.warn(path, "a token travels unencrypted over plain http to a host that is not loopback (allow_insecure_http: true); use https");
+                } else {
+                    self.error(path, "a token would travel unencrypted over plain http to a host that is not loopback; use https, or set allow_insecure_http: true");
+                }
             }
         }
     }

@@ -71,6 +71,11 @@ pub enum CheckoutError {
     /// The credentials were missing or rejected; retrying will not help.
     #[error("authentication to {url} failed: {message}")]
     Auth { url: String, message: String },
+    /// The server's TLS certificate was refused; retrying will not help.
+    #[error(
+        "the TLS certificate of {url} was refused: {message} (check the URL and the trust store: SSL_CERT_FILE)"
+    )]
+    Certificate { url: String, message: String },
     /// The network failed on every try.
     #[error("cannot reach {url} after {tries} tries: {message}")]
     Network {
@@ -129,6 +134,12 @@ pub fn clone_blocking(
             shallow = false;
             tries -= 1;
             continue;
+        }
+        if crate::forge::is_certificate_error(&error) {
+            return Err(CheckoutError::Certificate {
+                url: req.url.clone(),
+                message: error.message().to_owned(),
+            });
         }
         if !is_network(&error) {
             return Err(other(req, error.message()));

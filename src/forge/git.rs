@@ -246,6 +246,11 @@ fn classify(repo: &Repository, error: &git2::Error, rejected: bool, no_token: bo
         }
     }
     let lower = message.to_ascii_lowercase();
+    if is_certificate_error(error) {
+        return ForgeError::Certificate(format!(
+            "{name}: the TLS certificate of {url} was refused ({message}); check the URL and the trust store (SSL_CERT_FILE)"
+        ));
+    }
     if rejected || error.code() == ErrorCode::Auth {
         return ForgeError::Auth(format!(
             "{name}: {url} rejected the credentials (bad or expired token)"
@@ -269,6 +274,13 @@ fn classify(repo: &Repository, error: &git2::Error, rejected: bool, no_token: bo
         ));
     }
     ForgeError::Transient(format!("{name}: ls-remote of {url} failed: {message}"))
+}
+
+/// Whether libgit2 refused the server's certificate: a configuration error, not retried.
+pub fn is_certificate_error(error: &git2::Error) -> bool {
+    error.code() == ErrorCode::Certificate
+        || (error.class() == ErrorClass::Ssl
+            && error.message().to_ascii_lowercase().contains("certificate"))
 }
 
 /// The host part of a Git URL (`host` or `host:port`), `local` for paths and `file://`.

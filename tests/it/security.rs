@@ -258,7 +258,7 @@ fn webhooks_without_a_signature_are_refused_before_the_body_is_read() {
 }
 
 #[test]
-fn open_files_are_raised_and_idle_connections_do_not_starve_health() {
+fn open_files_are_raised_core_dumps_off_and_idle_connections_do_not_starve_health() {
     use std::os::unix::process::CommandExt;
     let f = server_fixture("  header_timeout: 2s\n", "1h");
     let mut cmd = crate::support::sentry(f.root());
@@ -289,6 +289,16 @@ fn open_files_are_raised_and_idle_connections_do_not_starve_health() {
     assert!(
         open_files.split_whitespace().nth(3) == Some("4096"),
         "the soft limit was not raised to the hard one: {open_files}"
+    );
+    // Core dumps are off (they would hold every token).
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .expect("core line");
+    assert_eq!(
+        core.split_whitespace().nth(4),
+        Some("0"),
+        "core dumps are still allowed: {core}"
     );
     // More idle connections than the old soft limit.
     let idle: Vec<std::net::TcpStream> = (0..300)
@@ -479,4 +489,100 @@ fn a_work_dir_others_can_write_is_refused() {
     assert_eq!(run.code, Some(1), "{run:?}");
     assert!(run.all().contains("lets others write"), "{run:?}");
     assert!(!canary.exists(), "a command ran in a shared work_dir");
+}
+
+// ---------------------------------------------------- certificate errors (finding 8)
+
+/// `openssl s_server` with a fresh self-signed certificate on 127.0.0.1; killed on drop.
+struct TlsServer {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tls_server(dir: &Path) -> TlsServer {
+    let (key, cert) = (dir.join("key.pem"), dir.join("cert.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl req");
+    assert!(made.status.success(), "{made:?}");
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let child = std::process::Command::new("openssl")
+        .args(["s_server", "-quiet", "-www", "-accept"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("-cert")
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("openssl s_server");
+    let up = wait_until(Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    assert!(up.is_some(), "openssl s_server did not start");
+    TlsServer { child, port }
+}
+
+#[test]
+fn refused_certificates_fail_fast_as_configuration_errors() {
+    let dir = tempdir();
+    let tls = tls_server(dir.path());
+    let base = format!("https://127.0.0.1:{}", tls.port);
+    let y = format!(
+        "work_dir: {}\nstate_file: {}\nserver: {{enabled: false}}\ngroups: {{g: {{}}}}\nrepositories:\n  - name: api\n    group: g\n    monitor: {{repo_url: \"https://github.example/o/r\", repo_type: github, api_url: \"{base}/api/v3\", branches: [main], auth: {{token: {TOKEN}}}}}\n    deploy: {{qa_repo_url: \"{base}/qa.git\", qa_repo_branch: main, commands: [\"true\"]}}\n  - name: git\n    group: g\n    monitor: {{repo_url: \"{base}/w.git\", repo_type: git, branches: [main]}}\n    deploy: {{qa_repo_url: \"{base}/qa.git\", qa_repo_branch: main, commands: [\"true\"]}}\n",
+        q(&dir.path().join("work").to_string_lossy()),
+        q(&dir.path().join("state.json").to_string_lossy()),
+    );
+    let config = write(dir.path(), "sentry.yaml", &y);
+    let started = Instant::now();
+    let once = run(sentry(dir.path()).arg("-c").arg(&config).args([
+        "--log-format",
+        "json",
+        "watch",
+        "--once",
+    ]));
+    assert_eq!(once.code, Some(1), "{once:?}");
+    let certificate_errors = once
+        .stderr
+        .lines()
+        .filter(|l| l.contains("\"kind\":\"certificate\""))
+        .count();
+    assert_eq!(certificate_errors, 2, "{}", once.stderr);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let trigger = run(sentry(dir.path())
+        .arg("-c")
+        .arg(&config)
+        .args(["trigger", "--repo", "git", "--sha", SHA]));
+    assert_eq!(trigger.code, Some(1), "{trigger:?}");
+    assert!(trigger.all().contains("certificate"), "{trigger:?}");
+    assert!(!trigger.all().contains("retrying"), "{trigger:?}");
 }

@@ -249,13 +249,17 @@ fn api_url_derivation() {
 }
 
 #[test]
-fn plain_http_token_warns_unless_loopback() {
+fn plain_http_token_is_an_error_unless_loopback_or_allowed() {
     let remote = seed_with(
         "https://gitlab-master.nvidia.com/",
         "http://gitlab-master.nvidia.com/",
     );
+    let errors = errors_at(&remote, "repositories[0].deploy.qa_repo_url");
+    assert!(errors[0].contains("unencrypted"), "{errors:?}");
+    assert!(errors[0].contains("allow_insecure_http"), "{errors:?}");
+    let allowed = format!("allow_insecure_http: true\n{remote}");
     assert!(
-        diags(&remote)
+        diags(&allowed)
             .iter()
             .any(|(s, p, m)| *s == Severity::Warning
                 && p == "repositories[0].deploy.qa_repo_url"
