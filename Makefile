@@ -12,6 +12,10 @@ BUILD_DATE := $(shell date -u +%Y-%m-%dT%H:%M:%SZ)
 TAG        ?= $(VERSION)
 # Extra tools baked into the image: "", "kubectl", "tkn" or "kubectl,tkn".
 EXTRA_TOOLS ?=
+# SHA-256 of the kubectl binary and of the tkn tarball, from a source you trust
+# (required when EXTRA_TOOLS names the tool; see the Dockerfile).
+KUBECTL_SHA256 ?=
+TKN_SHA256 ?=
 
 CROSS_TARGETS := x86_64-unknown-linux-musl aarch64-unknown-linux-musl
 DIST_DIR      := dist
@@ -22,7 +26,7 @@ CROSS_FEATURES ?= $(shell grep -qE '^vendored-openssl *=' Cargo.toml && echo --f
 
 PACKAGING := scripts/ci-packaging.sh
 
-.PHONY: help build release test lint fmt demo docker cross-compile \
+.PHONY: help build release test lint audit fmt demo docker cross-compile \
         helm-lint k8s-validate dockerfile-lint packaging-tools packaging-check clean
 
 help: ## List the targets
@@ -41,9 +45,17 @@ release: ## Optimised build: target/release/sentry
 test: ## Run all tests
 	$(CARGO) test --locked --all-targets
 
-lint: ## rustfmt check and clippy with warnings as errors
+lint: ## rustfmt check, clippy with warnings as errors, cargo deny (licenses, bans, sources)
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
+	@command -v cargo-deny >/dev/null 2>&1 || { \
+		echo "lint: cargo-deny is not installed; install it with: cargo install --locked cargo-deny" >&2; exit 1; }
+	$(CARGO) deny --locked check licenses bans sources
+
+audit: ## cargo deny check advisories (fetches the RustSec database: needs the network)
+	@command -v cargo-deny >/dev/null 2>&1 || { \
+		echo "audit: cargo-deny is not installed; install it with: cargo install --locked cargo-deny" >&2; exit 1; }
+	$(CARGO) deny --locked check advisories
 
 fmt: ## Format the code
 	$(CARGO) fmt --all
@@ -57,6 +69,8 @@ docker: ## Build the container image IMAGE:TAG (default sentry:<crate version>) 
 		--build-arg GIT_COMMIT="$(GIT_COMMIT)" \
 		--build-arg BUILD_DATE="$(BUILD_DATE)" \
 		--build-arg EXTRA_TOOLS="$(EXTRA_TOOLS)" \
+		--build-arg KUBECTL_SHA256="$(KUBECTL_SHA256)" \
+		--build-arg TKN_SHA256="$(TKN_SHA256)" \
 		-t "$(IMAGE):$(TAG)" .
 
 cross-compile: ## Static musl binaries for x86_64 and aarch64 Linux into dist/ (cross or cargo-zigbuild)
