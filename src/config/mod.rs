@@ -41,8 +41,9 @@ pub struct Config {
     pub groups: Vec<Group>,
     /// In the order of the file.
     pub repositories: Vec<Arc<Repository>>,
-    /// Every value the env file supplied: commands may print them, so they are masked.
-    pub env_file_values: Vec<SecretString>,
+    /// Values masked in command output besides tokens and `deploy.env` secrets: every value
+    /// the env file supplied, and the values of the variables named in `secret_env`.
+    pub masked_values: Vec<SecretString>,
 }
 
 #[derive(Debug, Clone)]
@@ -243,7 +244,8 @@ impl Config {
     }
 
     /// Every secret value in the configuration, for masking command output: tokens,
-    /// webhook secrets, the `deploy.env` values marked secret and every env-file value.
+    /// webhook secrets, the `deploy.env` values marked secret, every env-file value and the
+    /// variables named in the top-level `secret_env`.
     pub fn secrets(&self) -> Vec<SecretString> {
         let auths = self
             .repositories
@@ -261,7 +263,7 @@ impl Config {
             .chain(self.webhooks.github_secret.clone())
             .chain(self.webhooks.gitlab_token.clone())
             .chain(secret_env)
-            .chain(self.env_file_values.iter().cloned())
+            .chain(self.masked_values.iter().cloned())
             .collect()
     }
 

@@ -35,6 +35,9 @@ pub struct RawConfig {
     /// `true` lets a token travel over plain `http://` to a host that is not loopback (a
     /// warning then); otherwise that is an error. Default `false`.
     pub allow_insecure_http: Option<bool>,
+    /// Names of environment variables (for example the keys of a Kubernetes Secret passed
+    /// with `envFrom`) whose values are masked in command output like tokens.
+    pub secret_env: Option<Vec<String>>,
     /// The HTTP server for health, metrics and webhooks.
     pub server: Option<RawServer>,
     /// Webhook secrets; an endpoint whose secret is unset or empty answers 404.

@@ -761,6 +761,7 @@ impl Checker<'_> {
             github_secret: secret(self, "webhooks.github_secret", hooks.github_secret),
             gitlab_token: secret(self, "webhooks.gitlab_token", hooks.gitlab_token),
         };
+        let masked_values = self.masked_values(raw.secret_env.unwrap_or_default());
         if self.errors() > 0 {
             return None;
         }
@@ -783,12 +784,29 @@ impl Checker<'_> {
             webhooks,
             groups,
             repositories,
-            env_file_values: self
-                .env
-                .file_values()
-                .map(|v| SecretString::from(v.as_str()))
-                .collect(),
+            masked_values,
         })
+    }
+
+    /// Every env-file value, and the values of the variables `secret_env` names (which must
+    /// be valid names; an unset one is skipped: nothing to mask).
+    fn masked_values(&mut self, names: Vec<String>) -> Vec<SecretString> {
+        let mut values: Vec<SecretString> = self
+            .env
+            .file_values()
+            .map(|v| SecretString::from(v.as_str()))
+            .collect();
+        for (i, name) in names.iter().enumerate() {
+            if !expand::is_var_name(name) {
+                self.error(
+                    format!("secret_env[{i}]"),
+                    "not a valid environment variable name (letters, digits and `_`, not starting with a digit)",
+                );
+            } else if let Some(value) = self.env.get(name) {
+                values.push(SecretString::from(value));
+            }
+        }
+        values
     }
 
     /// `IP:PORT`, or `:PORT` for every IPv4 interface.

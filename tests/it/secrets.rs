@@ -27,6 +27,9 @@ const GITLAB_TOKEN: &str = "whtok-LEAKCANARY-gl-1e1e1e";
 const QA_USER: &str = "qa-user";
 /// Supplied by the env file only; `/` and `+` make its URL-encoded form differ.
 const ENV_FILE_SECRET: &str = "envfile-LEAKCANARY/ef+01";
+/// A variable of Sentry's environment (as a Kubernetes Secret key would be) named in the
+/// top-level `secret_env`.
+const EXTRA_SECRET: &str = "extra-LEAKCANARY-k8s-secret-key";
 /// A literal `deploy.env` value listed in `deploy.secret_env`.
 const LITERAL_SECRET: &str = "literal-LEAKCANARY/lit+9z";
 
@@ -66,6 +69,7 @@ fn needles() -> Vec<String> {
         GITLAB_TOKEN,
         ENV_FILE_SECRET,
         LITERAL_SECRET,
+        EXTRA_SECRET,
         "LEAKCANARY",
     ]
     .iter()
@@ -79,6 +83,7 @@ fn needles() -> Vec<String> {
         GITLAB_TOKEN,
         ENV_FILE_SECRET,
         LITERAL_SECRET,
+        EXTRA_SECRET,
     ] {
         let encoded = base64(secret.as_bytes());
         needles.push(encoded[..encoded.len() - 4].to_owned());
@@ -123,10 +128,12 @@ impl Collected {
 
 /// The commands print every secret as is, base64-encoded (alone and as Basic credentials),
 /// URL-encoded, and straddling the 64 KiB boundary where a long line is split.
-const COMMANDS: &str = r#"commands: ['./deploy.sh', 'echo token $T', 'echo url http://qa-user:$T@127.0.0.1/x', 'echo envfile $ENVFILE_SECRET', 'echo literal $LITERAL', 'printf %s "$T" | base64 -w0; echo', 'printf %s "user:$ENVFILE_SECRET" | base64 -w0; echo', 'printf %s "$LITERAL" | sed "s#/#%2F#g; s#+#%2B#g"; echo', 'head -c 65530 /dev/zero | tr "\0" x; echo "$T"', 'sleep 1']"#;
+const COMMANDS: &str = r#"commands: ['./deploy.sh', 'echo token $T', 'echo url http://qa-user:$T@127.0.0.1/x', 'echo envfile $ENVFILE_SECRET', 'echo literal $LITERAL', 'echo extra $EXTRA_SECRET', 'printf %s "$T" | base64 -w0; echo', 'printf %s "user:$ENVFILE_SECRET" | base64 -w0; echo', 'printf %s "$LITERAL" | sed "s#/#%2F#g; s#+#%2B#g"; echo', 'head -c 65530 /dev/zero | tr "\0" x; echo "$T"', 'sleep 1']"#;
 
 fn scenario(qa_url: String, f: Fixture) {
-    let marker = "SENTRY_SECRETS_MARKER=secrets".to_owned();
+    // Unique per test process: other checkouts may run this suite on the same machine, and
+    // the guard kills every process carrying the marker.
+    let marker = format!("SENTRY_SECRETS_MARKER=secrets-{}", std::process::id());
     let _guard = MarkerGuard(marker.clone());
     let phase = Arc::new(Mutex::new(Phase::Healthy(SHA_A)));
     let forge_phase = phase.clone();
@@ -173,7 +180,7 @@ fn scenario(qa_url: String, f: Fixture) {
             "env: {DEPLOY_LOG:",
             &format!("secret_env: [LITERAL]\n      env: {{T: \"${{DEPLOY_TOKEN}}\", LITERAL: '{LITERAL_SECRET}', DEPLOY_LOG:"),
         );
-    std::fs::write(&f.config, text).expect("config");
+    std::fs::write(&f.config, format!("secret_env: [EXTRA_SECRET]\n{text}")).expect("config");
     // The default env file, read from the working directory.
     write(
         f.root(),
@@ -192,6 +199,7 @@ fn scenario(qa_url: String, f: Fixture) {
             .env("DEPLOY_TOKEN", deploy_token)
             .env("GH_SECRET", GITHUB_SECRET)
             .env("GL_TOKEN", GITLAB_TOKEN)
+            .env("EXTRA_SECRET", EXTRA_SECRET)
             .args(["--log-level", "trace", "--log-format", format])
             .arg("-c")
             .arg(&f.config);
@@ -409,7 +417,7 @@ fn scenario(qa_url: String, f: Fixture) {
 
     // The output of the commands was there, masked.
     let log = bg.log();
-    for seen in ["token ***", "envfile ***", "literal ***"] {
+    for seen in ["token ***", "envfile ***", "literal ***", "extra ***"] {
         assert!(
             log.contains(seen),
             "command output {seen:?} not seen masked:\n{log}"

@@ -448,6 +448,15 @@ fn secret_env_values_and_single_references_are_masked() {
 }
 
 #[test]
+fn top_level_secret_env_masks_named_variables() {
+    let yaml = format!("secret_env: [GITLAB_USERNAME, NOT_SET, \"9bad\"]\n{SEED}");
+    assert!(errors_at(&yaml, "secret_env[2]")[0].contains("not a valid"));
+    let yaml = format!("secret_env: [GITLAB_USERNAME, NOT_SET]\n{SEED}");
+    let config = load_str(&yaml, &seed_env()).config.expect("valid");
+    assert!(config.secrets().iter().any(|s| s.expose_secret() == "qa"));
+}
+
+#[test]
 fn env_file_values_are_masked() {
     let mut file = std::collections::BTreeMap::new();
     file.insert("FILE_ONLY".to_owned(), "from-the-env-file".to_owned());
