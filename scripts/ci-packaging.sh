@@ -216,9 +216,11 @@ check_helm() {
         fi
     done
 
-    # The RBAC variants: the deployer's rules in the release namespace, and the
-    # cluster-wide opt-in, which must come with the NOTES.txt warning.
-    for args in "rbac.deployer=true" "rbac.deployer=true,rbac.clusterWide=true"; do
+    # The RBAC variants (the deployer's rules in the release namespace, and the
+    # cluster-wide opt-in, which must come with the NOTES.txt warning) and the
+    # separate webhook listener.
+    for args in "rbac.deployer=true" "rbac.deployer=true,rbac.clusterWide=true" \
+        "config.server.webhook_listen=0.0.0.0:8081"; do
         out="$WORK/rbac-${args//[^a-zA-Z]/_}.yaml"
         if quiet render_chart values.yaml "$out" --set "$args" \
             && quiet "$KUBEVAL" --strict --quiet -k "$K8S_VERSION" "$out"; then

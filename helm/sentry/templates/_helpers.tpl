@@ -156,3 +156,12 @@ deploy commands are granted rights (rbac.deployer), which they use through it.
 {{- define "sentry.automountToken" -}}
 {{- if or .Values.serviceAccount.automountToken (and .Values.rbac.create .Values.rbac.deployer) }}true{{ else }}false{{ end }}
 {{- end }}
+
+{{/*
+Webhook container port, from config.server.webhook_listen ("0.0.0.0:8081" -> 8081);
+empty when webhooks share server.listen.
+*/}}
+{{- define "sentry.webhookPort" -}}
+{{- $server := .Values.config.server | default dict }}
+{{- with $server.webhook_listen }}{{ last (splitList ":" (toString .)) | int }}{{ end }}
+{{- end }}
