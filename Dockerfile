@@ -61,6 +61,7 @@ RUN mkdir -p src \
 # 2. The real sources. The build metadata arguments are declared only here so
 #    that changing them never invalidates the dependency layer above.
 COPY src ./src
+COPY Makefile ./
 
 ARG VERSION=""
 ARG GIT_COMMIT=""
@@ -73,7 +74,7 @@ RUN if [ -n "${VERSION}" ]; then export SENTRY_VERSION="${VERSION}"; fi \
     && if [ -n "${GIT_COMMIT}" ]; then export SENTRY_GIT_COMMIT="${GIT_COMMIT}"; fi \
     && if [ -n "${BUILD_DATE}" ]; then export SENTRY_BUILD_DATE="${BUILD_DATE}"; fi \
     && cargo build --release --locked \
-    && install -D -m 0755 target/release/sentry /out/sentry
+    && make install DESTDIR=/out PREFIX=/usr/local INSTALL_BUILD=
 
 ############################################################################
 # Runtime stage
@@ -144,7 +145,8 @@ RUN groupadd --system --gid 65532 sentry \
     && install -d -o 65532 -g 65532 -m 0750 /var/lib/sentry /var/cache/sentry \
     && install -d -m 0755 /etc/sentry
 
-COPY --from=builder /out/sentry /usr/local/bin/sentry
+# The binary, its man page and bash/zsh/fish completions (`make install` in the builder).
+COPY --from=builder /out/usr/local/ /usr/local/
 # Smoke test: the binary starts and finds its shared libraries (libssl3).
 RUN ["sentry", "--version"]
 

@@ -26,7 +26,15 @@ CROSS_FEATURES ?= $(shell grep -qE '^vendored-openssl *=' Cargo.toml && echo --f
 
 PACKAGING := scripts/ci-packaging.sh
 
-.PHONY: help build release test lint audit fmt demo docker cross-compile \
+# `make install`: where to (PREFIX, and DESTDIR for staged installs such as packages and
+# the container image), which binary (INSTALL_BIN), and what builds it first
+# (INSTALL_BUILD; empty to install a binary built elsewhere).
+PREFIX        ?= /usr/local
+DESTDIR       ?=
+INSTALL_BIN   ?= target/release/sentry
+INSTALL_BUILD ?= release
+
+.PHONY: help build release install test lint audit fmt demo docker cross-compile \
         helm-lint k8s-validate dockerfile-lint packaging-tools packaging-check clean
 
 help: ## List the targets
@@ -41,6 +49,18 @@ build: ## Debug build (cargo build --locked)
 
 release: ## Optimised build: target/release/sentry
 	$(CARGO) build --release --locked
+
+install: $(INSTALL_BUILD) ## Install the binary, man pages and bash/zsh/fish completions under $(DESTDIR)$(PREFIX)
+	@set -euo pipefail; \
+	root="$(DESTDIR)$(PREFIX)"; \
+	install -D -m 0755 "$(INSTALL_BIN)" "$$root/bin/sentry"; \
+	install -d "$$root/share/man/man1" "$$root/share/bash-completion/completions" \
+		"$$root/share/zsh/site-functions" "$$root/share/fish/vendor_completions.d"; \
+	"$(INSTALL_BIN)" man --dir "$$root/share/man/man1"; \
+	"$(INSTALL_BIN)" completions bash > "$$root/share/bash-completion/completions/sentry"; \
+	"$(INSTALL_BIN)" completions zsh > "$$root/share/zsh/site-functions/_sentry"; \
+	"$(INSTALL_BIN)" completions fish > "$$root/share/fish/vendor_completions.d/sentry.fish"; \
+	echo "installed sentry, its man pages and completions under $$root"
 
 test: ## Run all tests
 	$(CARGO) test --locked --all-targets

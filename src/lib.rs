@@ -4,20 +4,27 @@
 //! The modules follow the data: [`cli`] → [`config`] → [`forge`] (asks GitHub, GitLab or any
 //! Git host for branch heads) → [`monitor`] (poll loop, change detection, state) → [`deploy`]
 //! (checkout, command runner, group strategies), with `server` (health, metrics, webhooks)
-//! and [`telemetry`] beside them. [`commands`] wires them into the subcommands.
+//! and [`telemetry`] beside them. [`commands`] wires them into the subcommands, printing
+//! through [`output`] (closed pipes, colour).
 
-pub mod build_info;
-pub mod cli;
-pub mod commands;
-pub mod config;
-pub mod deploy;
-pub mod forge;
-pub mod hardening;
-pub mod memory;
-pub mod monitor;
-pub mod server;
-pub mod shutdown;
-pub mod telemetry;
+// Everything is crate-private: the binary calls [`main`], tests and benches reach what
+// they drive through [`testing`]. So the compiler, not review, reports dead code.
+pub(crate) mod build_info;
+pub(crate) mod cli;
+pub(crate) mod commands;
+pub(crate) mod config;
+pub(crate) mod deploy;
+pub(crate) mod forge;
+pub(crate) mod hardening;
+pub(crate) mod memory;
+pub(crate) mod monitor;
+pub(crate) mod output;
+pub(crate) mod server;
+pub(crate) mod shutdown;
+pub(crate) mod telemetry;
+pub mod testing;
+
+pub use commands::main;
 
 /// How a run of Sentry ended, as the process exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

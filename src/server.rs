@@ -301,14 +301,7 @@ async fn github_webhook(State(s): State<S>, req: Request) -> Response {
     match header_str(headers, "x-github-event").unwrap_or_default() {
         "ping" => (StatusCode::OK, axum::Json(json!({ "status": "pong" }))).into_response(),
         "push" => match serde_json::from_slice::<Value>(&body) {
-            Ok(payload) => {
-                let repos = [
-                    ("repository", "full_name"),
-                    ("repository", "clone_url"),
-                    ("repository", "html_url"),
-                ];
-                schedule(&s, &payload, RepoType::Github, &repos)
-            }
+            Ok(payload) => schedule(&s, &payload, RepoType::Github),
             Err(_) => bad_json(),
         },
         other => ignored(&format!("event {other:?} is not a push")),
@@ -337,14 +330,7 @@ async fn gitlab_webhook(State(s): State<S>, req: Request) -> Response {
     }
     match header_str(headers, "x-gitlab-event").unwrap_or_default() {
         "Push Hook" => match serde_json::from_slice::<Value>(&body) {
-            Ok(payload) => {
-                let repos = [
-                    ("project", "path_with_namespace"),
-                    ("project", "git_http_url"),
-                    ("project", "web_url"),
-                ];
-                schedule(&s, &payload, RepoType::Gitlab, &repos)
-            }
+            Ok(payload) => schedule(&s, &payload, RepoType::Gitlab),
             Err(_) => bad_json(),
         },
         other => ignored(&format!("event {other:?} is not a push hook")),
@@ -529,7 +515,11 @@ pub fn github_signature_valid(secret: &[u8], body: &[u8], signature: Option<&str
 
 /// Finds the configured repositories a push names, and asks for an immediate check of
 /// those that watch the pushed branch.
-fn schedule(shared: &S, payload: &Value, forge: RepoType, ids: &[(&str, &str)]) -> Response {
+fn schedule(shared: &S, payload: &Value, forge: RepoType) -> Response {
+    let ids = crate::forge::kind::of(forge)
+        .webhook
+        .as_ref()
+        .map_or(&[][..], |w| w.ids);
     let Some(branch) = payload
         .get("ref")
         .and_then(Value::as_str)

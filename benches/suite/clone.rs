@@ -3,7 +3,7 @@
 //!
 //! The QA repository is generated with `git fast-import`: N small files, M commits each
 //! changing 100 of them, and a few branches, then repacked like a hosted repository.
-//! Sentry's side calls `sentry::deploy::checkout::clone_blocking` — the function every
+//! Sentry's side calls `sentry::testing::clone_blocking` — the function every
 //! deployment uses — in this process; git's side runs the `git` CLI. Runs alternate which
 //! goes first; both clones must be shallow and hold the files. Target: median ≤ 1.1× git.
 //! User CPU time is reported beside the wall time: most of a clone's wall time is the
@@ -19,7 +19,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, ensure};
 use serde_json::json;
 
-use sentry::deploy::checkout::{CloneRequest, clone_blocking};
+use sentry::testing::{CloneRequest, clone_blocking};
 
 use crate::Ctx;
 use crate::git_http::GitHttpServer;

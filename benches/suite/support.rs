@@ -216,7 +216,9 @@ fn read_log(reader: impl BufRead, pid: u32, tx: &Sender<Event>, tail: &Mutex<Vec
 
 fn parse_line(line: &str, pid: u32) -> Option<Event> {
     let value: serde_json::Value = serde_json::from_str(line).ok()?;
-    let fields = value.get("fields")?;
+    // JSON events are flattened (telemetry::init): the message and the fields sit at the
+    // top level of the object.
+    let fields = &value;
     let message = fields.get("message")?.as_str()?;
     if let Some(addr) = message.strip_prefix("http server listening on ") {
         return addr.trim().parse().ok().map(Event::Listening);

@@ -1,9 +1,9 @@
-//! Configuration parsing and validation: `sentry::config::load_str` must never panic, and
+//! Configuration parsing and validation: `sentry::testing::load_str` must never panic, and
 //! an accepted configuration must have no error diagnostics.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sentry::config::{Env, load_str};
+use sentry::testing::{Env, load_str};
 
 fuzz_target!(|data: &[u8]| {
     // The binary refuses files over 16 MiB and non-UTF-8 text before parsing.

@@ -11,11 +11,11 @@ use axum::body::Body;
 use axum::http::Request;
 use hmac::{Hmac, Mac};
 use libfuzzer_sys::fuzz_target;
-use sentry::config::{Config, Env, load_str};
-use sentry::monitor::Health;
-use sentry::server::{AppState, github_signature_valid, router};
-use sentry::shutdown::Shutdown;
-use sentry::telemetry::metrics::Metrics;
+use sentry::testing::{Config, Env, load_str};
+use sentry::testing::Health;
+use sentry::testing::{AppState, github_signature_valid, router};
+use sentry::testing::Shutdown;
+use sentry::testing::Metrics;
 use sha2::Sha256;
 use tower::ServiceExt;
 

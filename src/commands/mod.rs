@@ -1,34 +1,48 @@
 //! The subcommands: each turns parsed arguments into calls on the library and an [`Exit`].
 //!
-//! This is the edge of the program, where `anyhow` errors become messages on stderr and
-//! exit codes. Sync work (loading the env file and the config) happens before the tokio
-//! runtime starts.
+//! This is the edge of the program, where errors become messages and exit codes: every
+//! command returns `anyhow::Result<Exit>`, and [`run`] prints an error once, in the log
+//! format the user chose (`error: …` as text, one JSON object with `--log-format json`),
+//! and exits 2 — Sentry could not do its job. Sync work (loading the env file and the
+//! config) happens before the tokio runtime starts.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
+mod entry;
 mod status;
 mod trigger;
 mod watch;
 
-use crate::Exit;
-use crate::cli::{Cli, Command, OutputFormat, ValidateArgs};
+pub use entry::main;
+
+use crate::cli::{Cli, Command, CompletionsArgs, ManArgs, ValidateArgs, ValidateFormat};
 use crate::config::{self, Config, Diagnostic, Env, LoadError};
+use crate::telemetry::error;
+use crate::{Exit, outln};
+
+mod github;
 
 pub fn run(cli: Cli) -> Exit {
-    let env = match load_env(cli.env_file.as_deref()) {
-        Ok(env) => env,
-        Err(message) => {
-            eprintln!("error: {message}");
-            return Exit::CannotRun;
+    match run_command(&cli) {
+        Ok(exit) => exit,
+        Err(e) => {
+            error(format_args!("{e:#}"));
+            Exit::CannotRun
         }
-    };
+    }
+}
+
+fn run_command(cli: &Cli) -> anyhow::Result<Exit> {
+    let env = load_env(cli.env_file.as_deref()).map_err(anyhow::Error::msg)?;
     match &cli.command {
         Command::Validate(args) => validate(&cli.config, &env, args),
         Command::ConfigSchema => config_schema(),
-        Command::Trigger(args) => trigger::trigger(&cli, args, &env),
-        Command::Watch(args) => watch::watch(&cli, args, &env),
-        Command::Status(args) => status::status(&cli, args, &env),
+        Command::Completions(args) => Ok(completions(args)),
+        Command::Man(args) => man_pages(args),
+        Command::Trigger(args) => trigger::trigger(cli, args, &env),
+        Command::Watch(args) => watch::watch(cli, args, &env),
+        Command::Status(args) => status::status(cli, args, &env),
     }
 }
 
@@ -60,37 +74,27 @@ fn load_env(env_file: Option<&Path>) -> Result<Env, String> {
     Ok(Env::with_file_vars(vars))
 }
 
-/// Loads the configuration for commands that need a valid one; prints why not otherwise.
-/// Outside `validate`, a configuration that cannot be used means Sentry cannot do its job
-/// (exit 2), so that 1 always means "a deployment failed".
-pub fn load_config(path: &Path, env: &Env) -> Result<Config, Exit> {
-    match config::load_file(path, env) {
-        Ok((config, warnings)) => {
-            for w in warnings {
-                tracing::warn!(target: "sentry::config", "{w}");
-            }
-            Ok(config)
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            Err(Exit::CannotRun)
-        }
+/// Loads the configuration for commands that need a valid one. Outside `validate`, a
+/// configuration that cannot be used means Sentry cannot do its job (exit 2), so that 1
+/// always means "a deployment failed".
+pub fn load_config(path: &Path, env: &Env) -> anyhow::Result<Config> {
+    let (config, warnings) = config::load_file(path, env)?;
+    for w in warnings {
+        tracing::warn!(target: "sentry::config", "{w}");
     }
+    Ok(config)
 }
 
-fn validate(path: &Path, env: &Env, args: &ValidateArgs) -> Exit {
+fn validate(path: &Path, env: &Env, args: &ValidateArgs) -> anyhow::Result<Exit> {
     let text = match config::read_file(path) {
         Ok(text) => text,
-        Err(e @ LoadError::Read { .. }) | Err(e @ LoadError::Invalid { .. }) => {
-            eprintln!("error: {e}");
-            return Exit::CannotRun;
-        }
+        Err(e @ (LoadError::Read { .. } | LoadError::Invalid { .. })) => return Err(e.into()),
     };
     let loaded = config::load_str(&text, env);
     let errors = loaded.diagnostics.iter().filter(|d| d.is_error()).count();
     let warnings = loaded.diagnostics.len() - errors;
     match args.format {
-        OutputFormat::Json => {
+        ValidateFormat::Json => {
             let report = serde_json::json!({
                 "file": path.display().to_string(),
                 "valid": loaded.config.is_some(),
@@ -98,27 +102,32 @@ fn validate(path: &Path, env: &Env, args: &ValidateArgs) -> Exit {
                 "warnings": warnings,
                 "diagnostics": loaded.diagnostics,
             });
-            println!("{report:#}");
+            outln!("{report:#}");
         }
-        OutputFormat::Text => {
+        ValidateFormat::Github => {
             for diag in &loaded.diagnostics {
-                println!("{}", located(path, diag));
+                outln!("{}", github::annotation(path, diag));
+            }
+        }
+        ValidateFormat::Text => {
+            for diag in &loaded.diagnostics {
+                outln!("{}", located(path, diag));
             }
             match &loaded.config {
-                Some(config) => println!("config OK: {}", summary(config)),
-                None => println!(
+                Some(config) => outln!("config OK: {}", summary(config)),
+                None => outln!(
                     "config invalid: {}, {}",
                     plural(errors, "error"),
                     plural(warnings, "warning")
                 ),
-            }
+            };
         }
     }
-    if loaded.config.is_some() {
+    Ok(if loaded.config.is_some() {
         Exit::Success
     } else {
         Exit::JobFailed
-    }
+    })
 }
 
 /// `sentry.yaml:12:5: error: path: message`, the form editors and CI annotate from.
@@ -147,48 +156,92 @@ pub fn plural(n: usize, noun: &str) -> String {
     }
 }
 
-fn config_schema() -> Exit {
-    match serde_json::to_string_pretty(&config::json_schema()) {
-        Ok(text) => {
-            println!("{text}");
-            Exit::Success
-        }
-        Err(e) => {
-            eprintln!("error: cannot print the schema: {e}");
-            Exit::CannotRun
+fn config_schema() -> anyhow::Result<Exit> {
+    let text = serde_json::to_string_pretty(&config::json_schema())
+        .map_err(|e| anyhow::anyhow!("cannot print the schema: {e}"))?;
+    outln!("{text}");
+    Ok(Exit::Success)
+}
+
+/// `sentry completions SHELL`: the script clap_complete generates from the clap definitions.
+fn completions(args: &CompletionsArgs) -> Exit {
+    let mut script = Vec::new();
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    clap_complete::generate(args.shell, &mut cmd, "sentry", &mut script);
+    crate::output::write_stdout_bytes(&script);
+    Exit::Success
+}
+
+/// `sentry man`: the man page in roff, generated from the same clap definitions as `--help`;
+/// with `--dir`, that page and one per command, as `make install` installs them.
+fn man_pages(args: &ManArgs) -> anyhow::Result<Exit> {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    match &args.dir {
+        Some(dir) => clap_mangen::generate_to(cmd, dir),
+        None => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(cmd).render(&mut page).map(|()| {
+                let _ = crate::output::write_stdout_bytes(&page);
+            })
         }
     }
+    .map_err(|e| anyhow::anyhow!("cannot write the man page: {e}"))?;
+    Ok(Exit::Success)
 }
 
 /// The multi-threaded runtime for commands that do async work.
-pub fn runtime() -> Result<tokio::runtime::Runtime, Exit> {
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|e| {
-            eprintln!("error: cannot start the async runtime: {e}");
-            Exit::CannotRun
-        })
+        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))
 }
 
-/// Prints a left-aligned table with a header row.
+/// Prints a left-aligned table with a header row. Cells may be coloured
+/// ([`crate::output::paint`]): widths count only the visible characters.
 pub fn print_columns<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
-    let mut widths = header.map(str::len);
+    let mut widths = header.map(visible_width);
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
+            *w = (*w).max(visible_width(cell));
         }
     }
     let line = |cells: Vec<&str>| {
         let padded: Vec<String> = cells
             .iter()
             .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
+            .map(|(c, w)| format!("{c}{}", " ".repeat(w.saturating_sub(visible_width(c)))))
             .collect();
-        println!("{}", padded.join("  ").trim_end());
+        outln!("{}", padded.join("  ").trim_end());
     };
     line(header.to_vec());
     for row in rows {
         line(row.iter().map(String::as_str).collect());
+    }
+}
+
+/// Characters a terminal shows: ANSI colour sequences (`ESC [ … m`) take no room.
+fn visible_width(text: &str) -> usize {
+    let mut width = 0;
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            chars.by_ref().find(|&c| c == 'm');
+        } else {
+            width += 1;
+        }
+    }
+    width
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_sequences_take_no_width() {
+        assert_eq!(visible_width("failed"), 6);
+        assert_eq!(visible_width("\x1b[31mfailed\x1b[0m"), 6);
+        assert_eq!(visible_width("ok \x1b[32m✓\x1b[0m"), 4);
     }
 }

@@ -1,84 +1,110 @@
-//! `sentry status`: what the state file says, per repository and branch. No network; safe
-//! to run while `watch` writes the file (writes are atomic renames).
+//! `sentry status`: what the state says, per repository and branch — the handled SHA with
+//! its last deployment, and apart from it the change still pending and why. No network;
+//! safe to run while `watch` writes the file (writes are atomic renames, and status takes
+//! no lock).
 
 use serde::Serialize;
 
 use crate::Exit;
 use crate::cli::{Cli, OutputFormat, StatusArgs};
 use crate::config::Env;
-use crate::monitor::state::{DeployRecord, StateStore};
+use crate::monitor::state::{DeployRecord, PendingRecord, State, StateStore};
 
 #[derive(Serialize)]
 struct Row<'a> {
     repository: &'a str,
     branch: &'a str,
-    sha: &'a str,
-    seen_at: &'a str,
+    /// The handled SHA; `None` for a branch whose first change is still pending.
+    sha: Option<&'a str>,
+    seen_at: Option<&'a str>,
     last_deploy: Option<&'a DeployRecord>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pending: Option<&'a PendingRecord>,
 }
 
-pub fn status(cli: &Cli, args: &StatusArgs, env: &Env) -> Exit {
-    let config = match super::load_config(&cli.config, env) {
-        Ok(config) => config,
-        Err(exit) => return exit,
-    };
-    let store = match StateStore::load(&config.state_file) {
-        Ok(store) => store,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return Exit::CannotRun;
-        }
-    };
+pub fn status(cli: &Cli, args: &StatusArgs, env: &Env) -> anyhow::Result<Exit> {
+    let config = super::load_config(&cli.config, env)?;
+    let store = StateStore::load(&config.state_file)?;
     let state = store.snapshot();
-    let rows: Vec<Row> = state
-        .repositories
-        .iter()
-        .flat_map(|(repo, rs)| {
-            rs.branches.iter().map(move |(branch, b)| Row {
-                repository: repo,
-                branch,
-                sha: b.sha.as_str(),
-                seen_at: &b.seen_at,
-                last_deploy: b.last_deploy.as_ref(),
-            })
-        })
-        .collect();
+    let rows = rows(&state);
     match args.format {
-        OutputFormat::Json => match serde_json::to_string_pretty(&rows) {
-            Ok(text) => println!("{text}"),
-            Err(e) => {
-                eprintln!("error: {e}");
-                return Exit::CannotRun;
-            }
-        },
+        OutputFormat::Json => crate::outln!("{}", serde_json::to_string_pretty(&rows)?),
         OutputFormat::Text => print_table(&rows, &store),
     }
-    Exit::Success
+    Ok(Exit::Success)
+}
+
+/// One row per branch that has a handled SHA, a pending change, or both.
+fn rows(state: &State) -> Vec<Row<'_>> {
+    let mut rows = Vec::new();
+    for (repo, rs) in &state.repositories {
+        let mut branches: Vec<&String> = rs.branches.keys().chain(rs.pending.keys()).collect();
+        branches.sort();
+        branches.dedup();
+        for branch in branches {
+            let handled = rs.branches.get(branch);
+            rows.push(Row {
+                repository: repo,
+                branch,
+                sha: handled.map(|b| b.sha.as_str()),
+                seen_at: handled.map(|b| b.seen_at.as_str()),
+                last_deploy: handled.and_then(|b| b.last_deploy.as_ref()),
+                pending: rs.pending.get(branch),
+            });
+        }
+    }
+    rows
 }
 
 fn print_table(rows: &[Row], store: &StateStore) {
     if rows.is_empty() {
-        println!("no branches recorded yet in {}", store.path().display());
+        crate::outln!("no branches recorded yet in {}", store.describe());
         return;
     }
-    let table: Vec<[String; 5]> = rows
+    let table: Vec<[String; 4]> = rows
         .iter()
         .map(|r| {
-            let deploy = r.last_deploy.map_or_else(
-                || "-".to_owned(),
-                |d| format!("{} at {} (run {})", d.result, d.at, d.run_id),
-            );
             [
                 r.repository.to_owned(),
                 r.branch.to_owned(),
-                r.sha.chars().take(12).collect(),
-                r.seen_at.to_owned(),
-                deploy,
+                handled_text(r),
+                r.pending.map_or_else(|| "-".to_owned(), pending_text),
             ]
         })
         .collect();
-    super::print_columns(
-        ["REPOSITORY", "BRANCH", "SHA", "SEEN", "LAST DEPLOYMENT"],
-        &table,
+    super::print_columns(["REPOSITORY", "BRANCH", "HANDLED", "PENDING"], &table);
+}
+
+/// `abc12345 (failed at 2026-11-29T10:00:00Z, run …)`, or `abc12345 (baseline)`.
+fn handled_text(row: &Row) -> String {
+    let Some(sha) = row.sha else {
+        return "-".to_owned();
+    };
+    let short: String = sha.chars().take(8).collect();
+    match row.last_deploy {
+        Some(d) => format!(
+            "{short} ({} at {}, run {})",
+            crate::output::paint_result(&d.result),
+            d.at,
+            d.run_id
+        ),
+        None => format!("{short} (baseline, seen {})", row.seen_at.unwrap_or("-")),
+    }
+}
+
+/// `def56789 (cannot reach …; 3 tries could not run; next try 2026-…)`.
+fn pending_text(p: &PendingRecord) -> String {
+    let short: String = p.sha.as_str().chars().take(8).collect();
+    let mut text = format!(
+        "{short} ({}",
+        crate::output::paint(&p.reason, crate::output::Tone::Warn)
     );
+    if p.tries > 1 {
+        text.push_str(&format!("; {} tries could not run", p.tries));
+    }
+    match &p.next_try_at {
+        Some(at) => text.push_str(&format!("; next try {at})")),
+        None => text.push_str("; deployed after the next start)"),
+    }
+    text
 }

@@ -2,14 +2,15 @@
 
 use std::sync::Arc;
 
+use anyhow::Context as _;
 use tokio::sync::mpsc;
 
 use crate::Exit;
 use crate::cli::{Cli, WatchArgs};
 use crate::config::{Config, Env};
-use crate::deploy::{DeployOptions, Deployer, Trigger};
+use crate::deploy::{DeployOptions, Deployer, Observers, Trigger};
 use crate::forge::Forges;
-use crate::monitor::scheduler::{Observers, Scheduler};
+use crate::monitor::scheduler::Scheduler;
 use crate::monitor::state::StateStore;
 use crate::monitor::{self, Monitor, Scope};
 use crate::server::{self, AppState};
@@ -19,31 +20,25 @@ use crate::telemetry::metrics::Metrics;
 
 use super::{load_config, runtime};
 
-pub fn watch(cli: &Cli, args: &WatchArgs, env: &Env) -> Exit {
-    let config = match load_config(&cli.config, env) {
-        Ok(config) => Arc::new(config),
-        Err(exit) => return exit,
-    };
-    match runtime() {
-        Ok(rt) => rt.block_on(watch_async(config, args, env)),
-        Err(exit) => exit,
-    }
+pub fn watch(cli: &Cli, args: &WatchArgs, env: &Env) -> anyhow::Result<Exit> {
+    let config = Arc::new(load_config(&cli.config, env)?);
+    // The one writer of the state: a second watch stops here, before it reads anything.
+    let (state, _lock) = monitor::open_state_for_watch(&config)?;
+    runtime()?.block_on(watch_async(config, state, args, env))
 }
 
-async fn watch_async(config: Arc<Config>, args: &WatchArgs, env: &Env) -> Exit {
+async fn watch_async(
+    config: Arc<Config>,
+    state: Arc<StateStore>,
+    args: &WatchArgs,
+    env: &Env,
+) -> anyhow::Result<Exit> {
     let shutdown = Shutdown::new();
-    if let Err(e) = shutdown.listen_for_signals() {
-        eprintln!("error: cannot install signal handlers: {e}");
-        return Exit::CannotRun;
-    }
+    shutdown
+        .listen_for_signals()
+        .context("cannot install signal handlers")?;
     let metrics = Arc::new(Metrics::new());
-    let monitor = match build(&config, args, env, &shutdown, &metrics) {
-        Ok(monitor) => Arc::new(monitor),
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            return Exit::CannotRun;
-        }
-    };
+    let monitor = Arc::new(build(&config, state, args, env, &shutdown, &metrics)?);
     tracing::info!(
         version = crate::build_info::VERSION,
         "sentry watching {} every {}",
@@ -67,13 +62,10 @@ async fn watch_async(config: Arc<Config>, args: &WatchArgs, env: &Env) -> Exit {
             started: std::time::Instant::now(),
         };
         let addr = args.listen.unwrap_or(config.server.listen);
-        match server::serve(addr, state, server_stop.clone()).await {
-            Ok((_, handle)) => Some(handle),
-            Err(e) => {
-                eprintln!("error: cannot listen on {addr}: {e} (set server.listen or --listen)");
-                return Exit::CannotRun;
-            }
-        }
+        let (_, handle) = server::serve(addr, state, server_stop.clone())
+            .await
+            .with_context(|| format!("cannot listen on {addr} (set server.listen or --listen)"))?;
+        Some(handle)
     } else {
         None
     };
@@ -97,21 +89,22 @@ async fn watch_async(config: Arc<Config>, args: &WatchArgs, env: &Env) -> Exit {
         let _ = handle.await;
     }
     tracing::info!("stopped");
-    if saved {
-        Exit::Success
-    } else {
-        Exit::CannotRun
+    if !saved {
+        anyhow::bail!(
+            "the last state could not be saved (see above); the next start may deploy again"
+        );
     }
+    Ok(Exit::Success)
 }
 
-async fn watch_once(monitor: &Monitor, shutdown: &Shutdown) -> Exit {
+async fn watch_once(monitor: &Monitor, shutdown: &Shutdown) -> anyhow::Result<Exit> {
     let report = monitor
         .poll_once(Scope::All, Trigger::Poll, shutdown.token())
         .await;
     monitor.scheduler().wait_idle().await;
     if !monitor.save_state().await {
         // What was deployed is not recorded: an I/O failure, not a job result.
-        return Exit::CannotRun;
+        anyhow::bail!("the state could not be saved (see above)");
     }
     let failed = monitor.scheduler().failed_runs();
     if failed > 0 || report.errors > 0 {
@@ -119,28 +112,20 @@ async fn watch_once(monitor: &Monitor, shutdown: &Shutdown) -> Exit {
             "watch --once: {failed} group run(s) failed, {} branch check(s) failed",
             report.errors
         );
-        Exit::JobFailed
+        Ok(Exit::JobFailed)
     } else {
-        Exit::Success
+        Ok(Exit::Success)
     }
 }
 
 fn build(
     config: &Arc<Config>,
+    state: Arc<StateStore>,
     args: &WatchArgs,
     env: &Env,
     shutdown: &Shutdown,
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<Monitor> {
-    let state = Arc::new(StateStore::load(&config.state_file)?);
-    let dropped = state.retain_configured(config);
-    if !dropped.is_empty() {
-        tracing::info!(
-            "dropped from state (no longer configured): {}",
-            dropped.join(", ")
-        );
-        state.save()?;
-    }
     let deployer = Deployer::new(
         config.clone(),
         DeployOptions {
@@ -161,18 +146,15 @@ fn build(
         Err(e) => tracing::warn!("cannot sweep {}: {e}", config.work_dir.display()),
     }
     let forges = Forges::new(config)?.with_events(metrics.clone());
-    let audit = Audit::open(config.audit_log.as_deref())
-        .map_err(|e| anyhow::anyhow!("cannot open audit_log: {e}"))?;
-    let observers = Observers {
-        metrics: metrics.clone(),
-        audit: Arc::new(audit),
-    };
+    let audit = Audit::open(config.audit_log.as_deref()).context("cannot open audit_log")?;
+    let observers = Observers::new(vec![metrics.clone(), Arc::new(audit)]);
     let scheduler = Scheduler::new(
         config.clone(),
         deployer,
         state.clone(),
         shutdown.clone(),
         observers,
+        metrics.clone(),
     );
     Ok(Monitor::new(
         config.clone(),

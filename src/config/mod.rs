@@ -35,6 +35,9 @@ pub struct Config {
     pub audit_log: Option<PathBuf>,
     pub request_timeout: Duration,
     pub max_requests_per_host: usize,
+    /// Units deploying at once across all groups.
+    pub max_concurrent_units: usize,
+    pub pending_retry: PendingRetry,
     pub server: ServerConfig,
     pub webhooks: WebhookConfig,
     /// In the order of the file.
@@ -44,6 +47,22 @@ pub struct Config {
     /// Values masked in command output besides tokens and `deploy.env` secrets: every value
     /// the env file supplied, and the values of the variables named in `secret_env`.
     pub masked_values: Vec<SecretString>,
+}
+
+/// Backoff for units that could not run: `initial`, doubling up to `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingRetry {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+impl Default for PendingRetry {
+    fn default() -> Self {
+        PendingRetry {
+            initial: Duration::from_secs(60),
+            max: Duration::from_secs(30 * 60),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -97,12 +116,9 @@ pub enum RepoType {
 }
 
 impl RepoType {
+    /// As written in `repo_type:`.
     pub fn as_str(self) -> &'static str {
-        match self {
-            RepoType::Github => "github",
-            RepoType::Gitlab => "gitlab",
-            RepoType::Git => "git",
-        }
+        crate::forge::kind::of(self).name
     }
 }
 
@@ -112,6 +128,33 @@ pub struct Repository {
     pub group: String,
     pub monitor: Monitor,
     pub deploy: Deploy,
+}
+
+impl Repository {
+    /// The branch a manual run deploys when none is given: the first exact watched branch.
+    pub fn default_branch(&self) -> Option<&str> {
+        self.monitor.exact_branches().next()
+    }
+}
+
+/// Why a manual selection names nothing deployable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SelectError {
+    #[error("unknown group {group:?}; valid groups: {}", .valid.join(", "))]
+    UnknownGroup { group: String, valid: Vec<String> },
+    #[error("group {0:?} has no repositories")]
+    EmptyGroup(String),
+    #[error(
+        "unknown repository {}; valid repositories: {}",
+        .unknown.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", "),
+        .valid.join(", ")
+    )]
+    UnknownRepositories {
+        unknown: Vec<String>,
+        valid: Vec<String>,
+    },
+    #[error("give --repo NAME (repeatable) or --group NAME")]
+    NothingSelected,
 }
 
 #[derive(Debug, Clone)]
@@ -267,6 +310,53 @@ impl Config {
             .collect()
     }
 
+    /// The repositories a manual run names: every repository of `group`, or the named
+    /// ones; in configuration order, each once.
+    pub fn select(
+        &self,
+        names: &[String],
+        group: Option<&str>,
+    ) -> Result<Vec<&Repository>, SelectError> {
+        if let Some(group) = group {
+            if self.group(group).is_none() {
+                return Err(SelectError::UnknownGroup {
+                    group: group.to_owned(),
+                    valid: self.groups.iter().map(|g| g.name.clone()).collect(),
+                });
+            }
+            let repos: Vec<&Repository> = self
+                .repositories
+                .iter()
+                .map(Arc::as_ref)
+                .filter(|r| r.group == group)
+                .collect();
+            if repos.is_empty() {
+                return Err(SelectError::EmptyGroup(group.to_owned()));
+            }
+            return Ok(repos);
+        }
+        let unknown: Vec<String> = names
+            .iter()
+            .filter(|name| self.repository(name).is_none())
+            .cloned()
+            .collect();
+        if !unknown.is_empty() {
+            return Err(SelectError::UnknownRepositories {
+                unknown,
+                valid: self.repositories.iter().map(|r| r.name.clone()).collect(),
+            });
+        }
+        if names.is_empty() {
+            return Err(SelectError::NothingSelected);
+        }
+        Ok(self
+            .repositories
+            .iter()
+            .map(Arc::as_ref)
+            .filter(|r| names.contains(&r.name))
+            .collect())
+    }
+
     pub fn watched_branch_count(&self) -> usize {
         self.repositories
             .iter()
@@ -368,7 +458,16 @@ pub fn load_str(text: &str, env: &Env) -> Loaded {
         }
     };
     locate::add_locations(text, &mut diagnostics);
-    diagnostics.sort_by_key(|d| std::cmp::Reverse(d.severity));
+    // In file order, as a reader and an editor go through them; problems without a place
+    // (unset variables found after parsing) last; errors before warnings on one spot.
+    diagnostics.sort_by_key(|d| {
+        (
+            d.line.is_none(),
+            d.line,
+            d.column,
+            std::cmp::Reverse(d.severity),
+        )
+    });
     let config = config.filter(|_| !diagnostics.iter().any(Diagnostic::is_error));
     Loaded {
         config,

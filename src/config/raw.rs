@@ -32,6 +32,11 @@ pub struct RawConfig {
     pub request_timeout: Option<RawDuration>,
     /// At most this many requests in flight to one API host. Default 8.
     pub max_requests_per_host: Option<u32>,
+    /// At most this many units deploy at once, across all groups. Default 2 × CPUs.
+    pub max_concurrent_units: Option<u32>,
+    /// When a unit could not run (clone failed, checkout directory, skipped), how soon it
+    /// is tried again without a new push.
+    pub pending_retry: Option<RawPendingRetry>,
     /// `true` lets a token travel over plain `http://` to a host that is not loopback (a
     /// warning then); otherwise that is an error. Default `false`.
     pub allow_insecure_http: Option<bool>,
@@ -43,9 +48,22 @@ pub struct RawConfig {
     /// Webhook secrets; an endpoint whose secret is unset or empty answers 404.
     pub webhooks: Option<RawWebhooks>,
     /// Groups of repositories that are deployed together, by name.
+    // Here for the schema: `validate` extracts each group and repository on its own, so
+    // that one wrong type does not hide the problems of the others.
+    #[allow(dead_code)]
     pub groups: Option<BTreeMap<String, RawGroup>>,
     /// The watched repositories.
+    #[allow(dead_code)]
     pub repositories: Option<Vec<RawRepository>>,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct RawPendingRetry {
+    /// Delay before the first retry; it doubles (with jitter) after each failed try. Default `1m`.
+    pub initial: Option<RawDuration>,
+    /// The longest delay between two tries. Default `30m`.
+    pub max: Option<RawDuration>,
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]

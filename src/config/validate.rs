@@ -14,12 +14,16 @@ use secrecy::SecretString;
 use serde_yaml::Value as Yaml;
 
 use super::expand::{self, Env, ExpandError};
-use super::raw::{RawAuth, RawConfig, RawDeploy, RawDuration, RawGroup, RawMonitor, RawRepository};
+use super::raw::{
+    RawAuth, RawConfig, RawDeploy, RawDuration, RawGroup, RawMonitor, RawPendingRetry,
+    RawRepository,
+};
 use super::schema_keys::{check_unknown_keys, suggest};
 use super::{
     Auth, BranchPattern, BranchSpec, Config, Deploy, DeployScope, Diagnostic, Group, Monitor,
-    RepoType, Repository, ServerConfig, Strategy, WebhookConfig, from_value,
+    PendingRetry, RepoType, Repository, ServerConfig, Strategy, WebhookConfig, from_value,
 };
+use crate::forge::kind;
 
 /// Durations beyond this are a typo (an hour count written as seconds, say), not a plan.
 const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -384,14 +388,17 @@ impl Checker<'_> {
     }
 
     fn repo_type(&mut self, path: &str, value: Option<String>) -> Option<RepoType> {
-        match self.optional_text(path, value)?.as_str() {
-            "github" => Some(RepoType::Github),
-            "gitlab" => Some(RepoType::Gitlab),
-            "git" => Some(RepoType::Git),
-            other => {
+        let name = self.optional_text(path, value)?;
+        match kind::by_name(&name) {
+            Some(kind) => Some(kind.repo_type),
+            None => {
+                let valid: Vec<String> = kind::all()
+                    .iter()
+                    .map(|k| format!("\"{}\"", k.name))
+                    .collect();
                 self.error(
                     path,
-                    format!("unknown repo_type \"{other}\"; use \"github\", \"gitlab\" or \"git\""),
+                    format!("unknown repo_type \"{name}\"; use {}", valid.join(", ")),
                 );
                 None
             }
@@ -417,26 +424,19 @@ impl Checker<'_> {
                 return None;
             }
         };
-        let (api_url, project_path) = match repo_type {
-            RepoType::Git => {
+        let (api_url, project_path) = match &kind::of(repo_type).project {
+            None => {
                 self.warn_plain_http(&url_path, &remote, &auth);
                 (None, String::new())
             }
-            RepoType::Github | RepoType::Gitlab => {
+            Some(rule) => {
                 let Remote::Http(web) = &remote else {
                     self.error(&url_path, format!("a {} repo_url must be an https:// (or http://) URL; use repo_type \"git\" for file:// and local paths", repo_type.as_str()));
                     return None;
                 };
                 let project = project_path(web);
-                let enough = match repo_type {
-                    RepoType::Github => project.split('/').count() == 2,
-                    _ => project.split('/').count() >= 2,
-                };
-                if !enough {
-                    self.error(&url_path, match repo_type {
-                        RepoType::Github => "must name the owner and the repository, like https://github.com/OWNER/REPO",
-                        _ => "must name the group and the project, like https://gitlab.com/GROUP/PROJECT",
-                    });
+                if !rule.accepts(&project) {
+                    self.error(&url_path, rule.hint);
                 }
                 let api_path = format!("{path}.api_url");
                 let api = match self.optional_text(&api_path, raw.api_url) {
@@ -721,6 +721,15 @@ impl Checker<'_> {
             Some(n) => n as usize,
             None => 8,
         };
+        let max_concurrent_units = match raw.max_concurrent_units {
+            Some(0) => {
+                self.error("max_concurrent_units", "must be at least 1");
+                1
+            }
+            Some(n) => n as usize,
+            None => default_concurrent_units(),
+        };
+        let pending_retry = self.pending_retry(raw.pending_retry.unwrap_or_default());
         let server = raw.server.unwrap_or_default();
         let listen = match self.optional_text("server.listen", server.listen) {
             None => Some(SocketAddr::from(([0, 0, 0, 0], 8080))),
@@ -773,6 +782,8 @@ impl Checker<'_> {
             audit_log,
             request_timeout,
             max_requests_per_host,
+            max_concurrent_units,
+            pending_retry,
             server: ServerConfig {
                 enabled: server.enabled.unwrap_or(true),
                 listen: listen?,
@@ -786,6 +797,23 @@ impl Checker<'_> {
             repositories,
             masked_values,
         })
+    }
+
+    fn pending_retry(&mut self, raw: RawPendingRetry) -> PendingRetry {
+        let default = PendingRetry::default();
+        let initial = self.duration("pending_retry.initial", raw.initial, default.initial);
+        let max = self.duration("pending_retry.max", raw.max, default.max.max(initial));
+        if max < initial {
+            self.error(
+                "pending_retry.max",
+                format!(
+                    "{} is shorter than pending_retry.initial ({})",
+                    humantime::format_duration(max),
+                    humantime::format_duration(initial)
+                ),
+            );
+        }
+        PendingRetry { initial, max }
     }
 
     /// Every env-file value, and the values of the variables `secret_env` names (which must
@@ -943,24 +971,15 @@ fn default_api_url(repo_type: RepoType, web: &url::Url) -> Option<url::Url> {
         Some(port) => format!("{}://{host}:{port}", web.scheme()),
         None => format!("{}://{host}", web.scheme()),
     };
-    let api = match repo_type {
-        RepoType::Github if host == "github.com" || host == "www.github.com" => {
-            "https://api.github.com".to_owned()
-        }
-        RepoType::Github => format!("{origin}/api/v3"),
-        RepoType::Gitlab => format!("{origin}/api/v4"),
-        RepoType::Git => return None,
-    };
+    let api = (kind::of(repo_type).default_api)(host, &origin)?;
     url::Url::parse(&api).ok()
 }
 
 fn infer_repo_type(remote: &Remote) -> RepoType {
     match remote {
-        Remote::Http(url) => match url.host_str() {
-            Some("github.com") => RepoType::Github,
-            Some(h) if h.contains("gitlab") => RepoType::Gitlab,
-            _ => RepoType::Git,
-        },
+        Remote::Http(url) => url
+            .host_str()
+            .map_or(RepoType::Git, |host| kind::for_host(host).repo_type),
         Remote::Local => RepoType::Git,
     }
 }
@@ -986,3 +1005,9 @@ fn is_loopback(url: &url::Url) -> bool {
 
 #[cfg(test)]
 mod tests;
+
+/// Twice the CPUs Sentry may use: deploy commands mostly wait on the network and on
+/// child processes, but an unbounded number of clones and shells would starve the host.
+fn default_concurrent_units() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()) * 2
+}

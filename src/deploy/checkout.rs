@@ -18,7 +18,9 @@ use git2::build::RepoBuilder;
 use git2::{Cred, CredentialType, ErrorClass, FetchOptions, RemoteCallbacks, RemoteRedirect};
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::config::{Deploy, RepoType};
+use crate::config::Deploy;
+#[cfg(test)]
+use crate::config::RepoType;
 
 /// Every checkout directory (and its changes file) starts with this; the startup sweep
 /// removes nothing else.
@@ -57,12 +59,9 @@ pub fn clone_username(deploy: &Deploy) -> String {
     if let Some(user) = &deploy.auth.username {
         return user.clone();
     }
-    match deploy.repo_type {
-        RepoType::Gitlab => "oauth2",
-        RepoType::Github => "x-access-token",
-        RepoType::Git => "git",
-    }
-    .to_owned()
+    crate::forge::kind::of(deploy.repo_type)
+        .clone_username
+        .to_owned()
 }
 
 /// Why a clone failed, by what the caller does about it.

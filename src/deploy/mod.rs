@@ -2,19 +2,22 @@
 //! group run, under the group's strategy, and report each unit's result.
 //!
 //! Code map: [`checkout`] clones the QA repository (git2, in `spawn_blocking`) and owns the
-//! checkout directories; `runner` runs one attempt of one unit (commands in their own
-//! process groups, output streaming, timeouts, clean-up); [`strategy`] holds [`Deployer`],
-//! which drives a whole group run under its strategy; [`mask`] masks secrets in output;
-//! [`plan`] renders the `--dry-run` plan.
+//! checkout directories; [`executor`] is the seam for how one unit's commands run, with
+//! [`LocalExecutor`] (`runner`: commands in their own process groups, output streaming,
+//! timeouts, clean-up) as today's implementation; [`strategy`] holds [`Deployer`], which
+//! drives a whole group run under its strategy; [`observer`] is the seam through which
+//! metrics, the audit trail and the state hear of runs and units; [`mask`] masks secrets
+//! in output; [`plan`] renders the `--dry-run` plan.
 
 pub mod checkout;
+pub mod executor;
 pub mod mask;
+pub mod observer;
 pub mod plan;
 mod runner;
 pub mod strategy;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -22,12 +25,9 @@ use serde::Serialize;
 use crate::config::{Config, DeployScope, Group};
 use crate::forge::Sha;
 
+pub use observer::{Observers, RunObserver, RunRef};
 pub use plan::plan;
-pub use runner::SENTRY_VARIABLES;
 pub use strategy::{Deployer, format_duration};
-
-/// Called as each unit of a group run ends, with any status (skipped and cancelled too).
-pub type UnitHook = Arc<dyn Fn(&UnitResult) + Send + Sync>;
 
 /// How a [`Deployer`] runs units.
 #[derive(Debug, Clone, Default)]
@@ -41,17 +41,30 @@ pub struct DeployOptions {
     pub extra_env: Vec<(String, String)>,
 }
 
-/// A hook that does nothing.
-pub fn no_hook() -> UnitHook {
-    Arc::new(|_: &UnitResult| {})
-}
-
 /// A new run id: UTC time and a random suffix, e.g. `20261104T101500Z-3f9a1c`; safe in
 /// file names and unique per group run.
 pub fn new_run_id() -> String {
     let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     let compact: String = now.chars().filter(|c| !matches!(c, '-' | ':')).collect();
     format!("{compact}-{:06x}", rand::random::<u32>() & 0x00ff_ffff)
+}
+
+/// Splits units by their repository's group, groups in configuration order, each group's
+/// units in the order given; units of unknown repositories are dropped. The one place
+/// where changes (`watch`) and manual selections (`trigger`) become per-group work.
+pub fn by_group(config: &Config, units: Vec<Unit>) -> Vec<(&Group, Vec<Unit>)> {
+    let mut groups: Vec<(&Group, Vec<Unit>)> =
+        config.groups.iter().map(|g| (g, Vec::new())).collect();
+    for unit in units {
+        let Some(repo) = config.repository(&unit.repository) else {
+            continue;
+        };
+        if let Some((_, mine)) = groups.iter_mut().find(|(g, _)| g.name == repo.group) {
+            mine.push(unit);
+        }
+    }
+    groups.retain(|(_, units)| !units.is_empty());
+    groups
 }
 
 /// Applies the group's `deploy_scope` to the changed units of a group run and puts them in
@@ -112,6 +125,8 @@ pub struct Unit {
 pub enum Trigger {
     Poll,
     Webhook,
+    /// A retry of units that could not run (setup failed or skipped), after a backoff.
+    Retry,
     /// By hand, with the local user's name for the audit trail.
     Manual {
         user: String,
@@ -123,6 +138,7 @@ impl Trigger {
         match self {
             Trigger::Poll => "poll",
             Trigger::Webhook => "webhook",
+            Trigger::Retry => "retry",
             Trigger::Manual { .. } => "manual",
         }
     }
@@ -139,13 +155,23 @@ pub struct GroupRun {
     pub run_id: String,
 }
 
+/// How a unit ended. Only the first three mean its commands ran to an outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum UnitStatus {
+    /// Every command exited 0.
     Succeeded,
+    /// A command exited non-zero or was killed.
     Failed,
+    /// A command ran past `deploy.timeout` or the group's `global_timeout`.
     TimedOut,
+    /// Sentry could not get as far as the first command: the clone, the checkout
+    /// directory, the changes file or the shell failed.
+    SetupFailed,
+    /// Not started: an earlier unit failed (without `continue_on_error`) or the group's
+    /// `global_timeout` passed.
     Skipped,
+    /// Stopped or not started because Sentry is shutting down.
     Cancelled,
 }
 
@@ -155,15 +181,20 @@ impl UnitStatus {
             UnitStatus::Succeeded => "succeeded",
             UnitStatus::Failed => "failed",
             UnitStatus::TimedOut => "timed_out",
+            UnitStatus::SetupFailed => "setup_failed",
             UnitStatus::Skipped => "skipped",
             UnitStatus::Cancelled => "cancelled",
         }
     }
 
-    /// Whether the unit's change counts as handled, so its stored SHA may advance.
-    /// A unit cancelled by shutdown is not: it is deployed again after a restart.
-    pub fn ends_change(self) -> bool {
-        !matches!(self, UnitStatus::Cancelled)
+    /// Whether the unit's change is handled, so its stored SHA may advance: only when its
+    /// commands ran to an outcome. Everything else leaves the change pending, to be
+    /// deployed again (see `monitor::scheduler`).
+    pub fn is_handled(self) -> bool {
+        matches!(
+            self,
+            UnitStatus::Succeeded | UnitStatus::Failed | UnitStatus::TimedOut
+        )
     }
 }
 
@@ -179,6 +210,12 @@ pub struct UnitResult {
     pub output_tail: String,
     /// 1 + retries used.
     pub attempts: u32,
+    /// The command that failed or timed out, as `[2] make test` (secrets masked).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed_command: Option<String>,
+    /// Why a unit did not run to an outcome (`skipped: a@main failed`, the clone error).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -211,6 +248,7 @@ mod duration_secs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     const YAML: &str = "
 groups:
@@ -297,7 +335,11 @@ repositories:
         };
         assert_send(async move {
             deployer
-                .run_group(run, &crate::shutdown::Shutdown::new(), no_hook())
+                .run_group(
+                    run,
+                    &crate::shutdown::Shutdown::new(),
+                    &Observers::default(),
+                )
                 .await
         });
     }

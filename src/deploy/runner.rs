@@ -21,6 +21,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::checkout::{self, CheckoutError, CloneRequest};
+use super::executor::Outcome;
 use super::mask::{Masker, Tail};
 use super::{Trigger, Unit, UnitStatus};
 use crate::config::{Config, Repository};
@@ -43,7 +44,7 @@ const GROUP_POLL: Duration = Duration::from_millis(50);
 
 /// What every unit of one group run shares.
 #[derive(Debug)]
-pub(crate) struct RunInfo {
+pub struct RunInfo {
     pub group: String,
     pub run_id: String,
     pub trigger: Trigger,
@@ -55,31 +56,21 @@ pub(crate) struct RunInfo {
     pub keep_workdir: bool,
 }
 
-/// How an attempt ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Outcome {
-    pub status: UnitStatus,
-    pub exit_code: Option<i32>,
-}
-
-impl Outcome {
-    fn new(status: UnitStatus, exit_code: Option<i32>) -> Outcome {
-        Outcome { status, exit_code }
-    }
-}
-
 /// Where a unit's output goes: masked, then logged, optionally printed, and kept.
-pub(crate) struct OutputSink {
+pub struct OutputSink {
     repo: String,
+    /// `repo@branch`, the prefix of live lines.
+    label: String,
     masker: Masker,
     live: bool,
     tail: Mutex<Tail>,
 }
 
 impl OutputSink {
-    pub fn new(repo: &str, masker: Masker, live: bool) -> OutputSink {
+    pub fn new(unit: &Unit, masker: Masker, live: bool) -> OutputSink {
         OutputSink {
-            repo: repo.to_owned(),
+            repo: unit.repository.clone(),
+            label: format!("{}@{}", unit.repository, unit.branch),
             masker,
             live,
             tail: Mutex::new(Tail::new(TAIL_BYTES)),
@@ -97,7 +88,7 @@ impl OutputSink {
             // Shown on stdout already; the log keeps it at debug to avoid doubling it.
             tracing::debug!(target: "sentry::deploy::output", repository = %self.repo, "{line}");
             let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "[{}] {line}", self.repo);
+            let _ = writeln!(out, "[{}] {line}", self.label);
         } else {
             tracing::info!(target: "sentry::deploy::output", repository = %self.repo, "{line}");
         }
@@ -110,7 +101,7 @@ impl OutputSink {
         tracing::warn!(repository = %self.repo, "{message}");
         if self.live {
             let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "[{}] sentry: {message}", self.repo);
+            let _ = writeln!(out, "[{}] sentry: {message}", self.label);
         }
         self.keep(&format!("sentry: {message}"));
     }
@@ -132,7 +123,7 @@ impl OutputSink {
 }
 
 /// Everything one attempt needs.
-pub(crate) struct Attempt<'a> {
+pub(super) struct Attempt<'a> {
     pub config: &'a Config,
     pub repo: &'a Repository,
     pub unit: &'a Unit,
@@ -165,7 +156,7 @@ struct Leftovers {
 }
 
 /// Runs one attempt of a unit to the end and cleans up after it.
-pub(crate) async fn run_attempt(a: &Attempt<'_>) -> Outcome {
+pub(super) async fn run_attempt(a: &Attempt<'_>) -> Outcome {
     let work_dir = a.config.work_dir.clone();
     let (run_id, repo) = (a.run.run_id.clone(), a.repo.name.clone());
     let created = tokio::task::spawn_blocking(move || {
@@ -174,8 +165,8 @@ pub(crate) async fn run_attempt(a: &Attempt<'_>) -> Outcome {
     .await;
     let dir = match created {
         Ok(Ok(dir)) => dir,
-        Ok(Err(e)) => return failed(a, &format!("cannot create a checkout directory: {e}")),
-        Err(e) => return failed(a, &format!("cannot create a checkout directory: {e}")),
+        Ok(Err(e)) => return setup_failed(a, &format!("cannot create a checkout directory: {e}")),
+        Err(e) => return setup_failed(a, &format!("cannot create a checkout directory: {e}")),
     };
     let mut leftovers = Leftovers::default();
     let outcome = prepare_and_run(a, &dir, &mut leftovers).await;
@@ -183,15 +174,16 @@ pub(crate) async fn run_attempt(a: &Attempt<'_>) -> Outcome {
     outcome
 }
 
-fn failed(a: &Attempt<'_>, message: &str) -> Outcome {
+/// Sentry could not get as far as the first command; the change stays pending.
+fn setup_failed(a: &Attempt<'_>, message: &str) -> Outcome {
     a.sink.note(message);
-    Outcome::new(UnitStatus::Failed, None)
+    Outcome::new(UnitStatus::SetupFailed, None)
 }
 
 async fn prepare_and_run(a: &Attempt<'_>, dir: &Path, leftovers: &mut Leftovers) -> Outcome {
     let changes = checkout::changes_file(dir);
     if let Err(e) = checkout::write_changes_file(&changes, a.run.changes_json.as_bytes()).await {
-        return failed(a, &format!("cannot write {}: {e}", changes.display()));
+        return setup_failed(a, &format!("cannot write {}: {e}", changes.display()));
     }
     if let Err(outcome) = clone(a, dir).await {
         return outcome;
@@ -216,9 +208,9 @@ async fn clone(a: &Attempt<'_>, dir: &Path) -> Result<(), Outcome> {
     };
     match joined {
         Some(Ok(Ok(()))) => Ok(()),
-        Some(Ok(Err(CheckoutError::Stopped { .. }))) | None => Err(interrupted_outcome(a)),
-        Some(Ok(Err(e))) => Err(failed(a, &e.to_string())),
-        Some(Err(e)) => Err(failed(a, &format!("the clone task failed: {e}"))),
+        Some(Ok(Err(CheckoutError::Stopped { .. }))) | None => Err(clone_interrupted(a)),
+        Some(Ok(Err(e))) => Err(setup_failed(a, &e.to_string())),
+        Some(Err(e)) => Err(setup_failed(a, &format!("the clone task failed: {e}"))),
     }
 }
 
@@ -230,13 +222,17 @@ async fn interrupted(a: &Attempt<'_>) {
     }
 }
 
-fn interrupted_outcome(a: &Attempt<'_>) -> Outcome {
-    let why = if a.shutdown.is_requested() {
-        Interrupt::Cancelled
+/// A clone stopped by shutdown is cancelled; one cut off by the group deadline never
+/// reached a command, so the change stays pending.
+fn clone_interrupted(a: &Attempt<'_>) -> Outcome {
+    if a.shutdown.is_requested() {
+        Outcome::new(UnitStatus::Cancelled, None)
     } else {
-        Interrupt::TimedOut
-    };
-    Outcome::new(why.status(), None)
+        setup_failed(
+            a,
+            "the clone did not finish before the group's global_timeout",
+        )
+    }
 }
 
 /// Sentry's environment, then the env file's, then `deploy.env`, then the `SENTRY_*` variables.
@@ -310,6 +306,7 @@ async fn run_commands(
             command = %a.sink.masker.mask(command),
             "running command {}/{}", index + 1, commands.len()
         );
+        let shown = || Some(format!("[{}] {}", index + 1, a.sink.masker.mask(command)));
         match run_command(a, command, dir, env, deadline, leftovers).await {
             CommandEnd::Exited(status) if status.success() => last_code = Some(0),
             CommandEnd::Exited(status) => {
@@ -319,7 +316,10 @@ async fn run_commands(
                         index + 1
                     ));
                 }
-                return Outcome::new(UnitStatus::Failed, status.code());
+                return Outcome {
+                    failed_command: shown(),
+                    ..Outcome::new(UnitStatus::Failed, status.code())
+                };
             }
             CommandEnd::Interrupted(why) => {
                 let what = match why {
@@ -327,10 +327,13 @@ async fn run_commands(
                     Interrupt::Cancelled => "was stopped by shutdown",
                 };
                 a.sink.note(&format!("command {} {what}", index + 1));
-                return Outcome::new(why.status(), None);
+                return Outcome {
+                    failed_command: shown(),
+                    ..Outcome::new(why.status(), None)
+                };
             }
             CommandEnd::SpawnFailed(e) => {
-                return failed(
+                return setup_failed(
                     a,
                     &format!(
                         "cannot start {} for command {}: {e}",
@@ -512,30 +515,35 @@ where
     R: AsyncRead + Unpin + Send + 'static,
 {
     let sink = Arc::clone(sink);
-    tokio::spawn(async move {
-        let mut reader = BufReader::new(reader);
-        let mut buf = Vec::new();
-        // A line longer than MAX_LINE arrives in pieces: the stream keeps a secret that
-        // straddles two pieces whole.
-        let mut stream = sink.mask_stream();
-        loop {
-            buf.clear();
-            match read_line_capped(&mut reader, &mut buf, MAX_LINE).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let line_end = buf.ends_with(b"\n");
-                    let line = buf.strip_suffix(b"\n").unwrap_or(&buf);
-                    let line = line.strip_suffix(b"\r").unwrap_or(line);
-                    if let Some(masked) = stream.feed(line, line_end) {
-                        sink.masked_line(&masked);
+    // In the unit's span, so that every output line carries the group, run and unit.
+    let span = tracing::Span::current();
+    tokio::spawn(tracing::Instrument::instrument(
+        async move {
+            let mut reader = BufReader::new(reader);
+            let mut buf = Vec::new();
+            // A line longer than MAX_LINE arrives in pieces: the stream keeps a secret that
+            // straddles two pieces whole.
+            let mut stream = sink.mask_stream();
+            loop {
+                buf.clear();
+                match read_line_capped(&mut reader, &mut buf, MAX_LINE).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let line_end = buf.ends_with(b"\n");
+                        let line = buf.strip_suffix(b"\n").unwrap_or(&buf);
+                        let line = line.strip_suffix(b"\r").unwrap_or(line);
+                        if let Some(masked) = stream.feed(line, line_end) {
+                            sink.masked_line(&masked);
+                        }
                     }
                 }
             }
-        }
-        if let Some(masked) = stream.finish() {
-            sink.masked_line(&masked);
-        }
-    })
+            if let Some(masked) = stream.finish() {
+                sink.masked_line(&masked);
+            }
+        },
+        span,
+    ))
 }
 
 /// Reads up to and including the next `\n`, or `max` bytes, whichever comes first.

@@ -14,8 +14,21 @@ use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
 use super::http::{Http, cancelled, retry_delay};
+use super::kind::Kind;
 use super::{ForgeError, Observation, Sha, assemble};
-use crate::config::Repository;
+use crate::config::{RepoType, Repository};
+
+/// Any Git host: no API, so no project rule, no rate-limit headers and no webhooks.
+pub(crate) static KIND: Kind = Kind {
+    repo_type: RepoType::Git,
+    name: "git",
+    clone_username: "git",
+    project: None,
+    default_api: |_, _| None,
+    owns_host: |_| false,
+    rate_limit_headers: None,
+    webhook: None,
+};
 
 const TRIES: u32 = 3;
 /// Username sent with a token when none is configured; GitLab needs `oauth2` for OAuth

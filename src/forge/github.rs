@@ -18,15 +18,45 @@ use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
 use super::http::{Call, Http};
+use super::kind::{Kind, ProjectRule, WebhookIds};
 use super::{
     BranchPattern, Forge, ForgeError, Listing, ListingFormat, Sha, api_base, encode, fetch_sha,
     parse_url, secret_header, walk_listing,
 };
-use crate::config::Repository;
+use crate::config::{RepoType, Repository};
 
 const API_VERSION: &str = "2022-11-28";
 const ACCEPT_SHA: &str = "application/vnd.github.sha";
 const ACCEPT_JSON: &str = "application/vnd.github+json";
+
+/// GitHub and GitHub Enterprise Server.
+pub(crate) static KIND: Kind = Kind {
+    repo_type: RepoType::Github,
+    name: "github",
+    clone_username: "x-access-token",
+    project: Some(ProjectRule {
+        exact_segments: Some(2),
+        min_segments: 2,
+        hint: "must name the owner and the repository, like https://github.com/OWNER/REPO",
+    }),
+    default_api: |host, origin| {
+        Some(if host == "github.com" || host == "www.github.com" {
+            "https://api.github.com".to_owned()
+        } else {
+            // GitHub Enterprise Server.
+            format!("{origin}/api/v3")
+        })
+    },
+    owns_host: |host| host == "github.com",
+    rate_limit_headers: Some(("x-ratelimit-remaining", "x-ratelimit-reset")),
+    webhook: Some(WebhookIds {
+        ids: &[
+            ("repository", "full_name"),
+            ("repository", "clone_url"),
+            ("repository", "html_url"),
+        ],
+    }),
+};
 
 #[derive(Clone)]
 pub(crate) struct GitHub {

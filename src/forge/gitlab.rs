@@ -17,11 +17,35 @@ use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
 use super::http::{Call, Http};
+use super::kind::{Kind, ProjectRule, WebhookIds};
 use super::{
     BranchPattern, Forge, ForgeError, Listing, ListingFormat, Sha, api_base, encode, fetch_sha,
     parse_url, secret_header, walk_listing,
 };
-use crate::config::Repository;
+use crate::config::{RepoType, Repository};
+
+/// gitlab.com and self-hosted GitLab.
+pub(crate) static KIND: Kind = Kind {
+    repo_type: RepoType::Gitlab,
+    name: "gitlab",
+    // What GitLab expects with an OAuth token; a personal access token works with any name.
+    clone_username: "oauth2",
+    project: Some(ProjectRule {
+        exact_segments: None,
+        min_segments: 2,
+        hint: "must name the group and the project, like https://gitlab.com/GROUP/PROJECT",
+    }),
+    default_api: |_, origin| Some(format!("{origin}/api/v4")),
+    owns_host: |host| host.contains("gitlab"),
+    rate_limit_headers: Some(("ratelimit-remaining", "ratelimit-reset")),
+    webhook: Some(WebhookIds {
+        ids: &[
+            ("project", "path_with_namespace"),
+            ("project", "git_http_url"),
+            ("project", "web_url"),
+        ],
+    }),
+};
 
 #[derive(Clone)]
 pub(crate) struct GitLab {

@@ -461,15 +461,14 @@ pub(crate) struct RateSignals {
 }
 
 impl RateSignals {
-    /// GitHub's `x-ratelimit-*`, GitLab's `RateLimit-*`, and `Retry-After` (seconds).
+    /// Every forge kind's rate-limit headers (GitHub's `x-ratelimit-*`, GitLab's
+    /// `RateLimit-*`), and `Retry-After` (seconds).
     pub fn read(headers: &HeaderMap, now: SystemTime) -> RateSignals {
-        let number = |names: &[&str]| {
-            names
-                .iter()
-                .find_map(|n| headers.get(*n)?.to_str().ok()?.trim().parse::<u64>().ok())
-        };
-        let remaining = number(&["x-ratelimit-remaining", "ratelimit-remaining"]);
-        let reset = number(&["x-ratelimit-reset", "ratelimit-reset"]).map(|n| {
+        let number = |name: &str| headers.get(name)?.to_str().ok()?.trim().parse::<u64>().ok();
+        let kinds = super::kind::all();
+        let pairs = || kinds.iter().filter_map(|k| k.rate_limit_headers);
+        let remaining = pairs().find_map(|(remaining, _)| number(remaining));
+        let reset = pairs().find_map(|(_, reset)| number(reset)).map(|n| {
             // Epoch seconds as documented; small values are delta-seconds (IETF draft style).
             if n < 1_000_000_000 {
                 now + Duration::from_secs(n)
@@ -477,7 +476,7 @@ impl RateSignals {
                 UNIX_EPOCH + Duration::from_secs(n)
             }
         });
-        let retry_after = number(&["retry-after"]).map(Duration::from_secs);
+        let retry_after = number("retry-after").map(Duration::from_secs);
         RateSignals {
             remaining,
             reset,

@@ -18,6 +18,7 @@ mod git;
 mod github;
 mod gitlab;
 mod http;
+pub mod kind;
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;

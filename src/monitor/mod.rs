@@ -21,14 +21,16 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Repository};
-use crate::deploy::{Trigger, Unit, expand_scope};
+use crate::deploy::{Trigger, Unit, by_group, expand_scope};
 use crate::forge::{Forges, Observation, Sha, Watcher};
 use crate::shutdown::Shutdown;
 use crate::telemetry::metrics::Metrics;
 
 use detect::{Change, Detection, detect};
 use scheduler::Scheduler;
-use state::{BranchState, StateStore, now_rfc3339};
+use state::{
+    BranchState, FileBackend, StateBackend as _, StateError, StateStore, WriterLock, now_rfc3339,
+};
 
 /// How many repositories are observed at once (the forges bound requests per host too).
 const OBSERVE_CONCURRENCY: usize = 64;
@@ -324,6 +326,7 @@ impl Monitor {
             }
             for branch in &detection.gone {
                 entry.branches.remove(branch);
+                entry.pending.remove(branch);
             }
             entry
                 .baselined_patterns
@@ -340,25 +343,19 @@ impl Monitor {
         current: &HashMap<&str, BTreeMap<String, Sha>>,
         trigger: Trigger,
     ) {
-        let mut by_group: BTreeMap<&str, Vec<Unit>> = BTreeMap::new();
-        for change in changes {
-            let Some(repo) = self.config.repository(&change.repository) else {
-                continue;
-            };
-            by_group.entry(repo.group.as_str()).or_default().push(Unit {
+        let units = changes
+            .into_iter()
+            .map(|change| Unit {
                 repository: change.repository,
                 branch: change.branch,
                 previous_sha: change.previous,
                 sha: change.sha,
-            });
-        }
-        for (group_name, units) in by_group {
-            let Some(group) = self.config.group(group_name) else {
-                continue;
-            };
-            let heads = self.current_heads(group_name, current);
+            })
+            .collect();
+        for (group, units) in by_group(&self.config, units) {
+            let heads = self.current_heads(&group.name, current);
             let units = expand_scope(&self.config, group, units, &heads);
-            self.scheduler.submit(group_name, units, trigger.clone());
+            self.scheduler.submit(&group.name, units, trigger.clone());
         }
     }
 
@@ -389,6 +386,24 @@ impl Monitor {
     pub async fn save_state(&self) -> bool {
         self.state.save_async().await
     }
+}
+
+/// Opens the state for `watch`, its one writer: takes the writer lock first (so that a
+/// second `watch` fails before it reads anything), loads, and drops what the
+/// configuration no longer watches. The lock is held until the returned guard is dropped.
+pub fn open_state_for_watch(config: &Config) -> Result<(Arc<StateStore>, WriterLock), StateError> {
+    let backend = FileBackend::new(&config.state_file);
+    let lock = backend.lock()?;
+    let state = StateStore::open(Box::new(backend))?;
+    let dropped = state.retain_configured(config);
+    if !dropped.is_empty() {
+        tracing::info!(
+            "dropped from state (no longer configured): {}",
+            dropped.join(", ")
+        );
+        state.save()?;
+    }
+    Ok((Arc::new(state), lock))
 }
 
 fn log_cycle(r: &CycleReport) {

@@ -1,28 +1,39 @@
-//! Group runs in `watch`: at most one run in progress and one pending per group.
+//! Group runs in `watch`: at most one run in progress and one pending per group, and the
+//! units that could not run, held until they do.
 //!
 //! Changes that arrive while a group runs merge into its pending run, the newest SHA per
 //! branch winning; when the run ends, the pending one starts. Different groups run
-//! concurrently. A unit's stored SHA advances when the unit ends (see
-//! [`crate::deploy::UnitStatus::ends_change`]), never before, so a crash mid-run deploys
-//! it again after a restart. On shutdown nothing new starts; pending runs are dropped
-//! (their SHAs were never stored, so the next start finds them again).
+//! concurrently.
+//!
+//! A unit's life: a change is *handled* — its stored SHA advances — only when its commands
+//! ran to an outcome ([`crate::deploy::UnitStatus::is_handled`]). A unit that could not run
+//! (setup failed: clone, checkout directory, changes file) or was skipped (an earlier unit
+//! failed, `global_timeout` passed) is *deferred*: it stays in flight for the monitor, is
+//! recorded as pending in the state with its reason, joins the next run of its group, and
+//! a timer starts such a run after a jittered backoff (`pending_retry`: doubling from
+//! `initial` to `max` for setup failures, `initial` for skips) even if nothing else moves.
+//! A unit cancelled by shutdown stays pending in the state; the next start finds it again.
+//!
+//! The state and metrics hear of units through [`StateObserver`], one of the run observers.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, DeployScope, Group};
+use crate::config::{Config, DeployScope, Group, PendingRetry};
 use crate::deploy::{
-    Deployer, GroupRun, Trigger, Unit, UnitHook, UnitResult, expand_scope, new_run_id,
+    Deployer, GroupResult, GroupRun, Observers, RunObserver, RunRef, Trigger, Unit, UnitResult,
+    UnitStatus, expand_scope, new_run_id,
 };
 use crate::forge::Sha;
 use crate::shutdown::Shutdown;
-use crate::telemetry::audit::Audit;
 use crate::telemetry::metrics::Metrics;
 
-use super::state::{BranchState, DeployRecord, StateStore, now_rfc3339};
+use super::state::{BranchState, DeployRecord, PendingRecord, StateStore, now_rfc3339};
 
 type BranchKey = (String, String);
 
@@ -30,6 +41,13 @@ type BranchKey = (String, String);
 struct Slot {
     running: Option<BTreeMap<BranchKey, Sha>>,
     pending: Option<Pending>,
+    /// Units that could not run, waiting for the group's next run.
+    deferred: BTreeMap<BranchKey, Deferred>,
+    /// Setup failures in a row per branch, until one of its units is handled; kept apart
+    /// from `deferred`, which empties whenever the group runs.
+    setup_failures: BTreeMap<BranchKey, u32>,
+    /// When the armed retry timer fires, if one is armed.
+    timer: Option<Instant>,
 }
 
 struct Pending {
@@ -37,11 +55,9 @@ struct Pending {
     trigger: Trigger,
 }
 
-/// Where group runs and units are reported as they end.
-#[derive(Clone, Default)]
-pub struct Observers {
-    pub metrics: Arc<Metrics>,
-    pub audit: Arc<Audit>,
+struct Deferred {
+    unit: Unit,
+    not_before: Instant,
 }
 
 #[derive(Clone)]
@@ -57,7 +73,9 @@ struct Inner {
     slots: Mutex<HashMap<String, Slot>>,
     tracker: TaskTracker,
     failed_runs: AtomicUsize,
+    /// Metrics, audit and any other observers; the state observer is added per run.
     observers: Observers,
+    metrics: Arc<Metrics>,
 }
 
 impl Scheduler {
@@ -67,6 +85,7 @@ impl Scheduler {
         state: Arc<StateStore>,
         shutdown: Shutdown,
         observers: Observers,
+        metrics: Arc<Metrics>,
     ) -> Scheduler {
         Scheduler {
             inner: Arc::new(Inner {
@@ -78,11 +97,12 @@ impl Scheduler {
                 tracker: TaskTracker::new(),
                 failed_runs: AtomicUsize::new(0),
                 observers,
+                metrics,
             }),
         }
     }
 
-    /// The newest SHA of a branch that is pending or being deployed, if any.
+    /// The newest SHA of a branch that is pending, being deployed, or waiting for a retry.
     pub fn in_flight(&self, repo: &str, branch: &str) -> Option<Sha> {
         let key = (repo.to_owned(), branch.to_owned());
         self.inner.with_slots(|slots| {
@@ -91,11 +111,13 @@ impl Scheduler {
                 pending
                     .map(|u| u.sha.clone())
                     .or_else(|| slot.running.as_ref()?.get(&key).cloned())
+                    .or_else(|| slot.deferred.get(&key).map(|d| d.unit.sha.clone()))
             })
         })
     }
 
-    /// Starts a run of `units` for `group`, or merges them into its pending run.
+    /// Starts a run of `units` (plus the group's deferred units) for `group`, or merges
+    /// them into its pending run.
     pub fn submit(&self, group: &str, units: Vec<Unit>, trigger: Trigger) {
         if units.is_empty() || self.inner.shutdown.is_requested() {
             return;
@@ -115,24 +137,23 @@ impl Scheduler {
                     pending = pending.units.len(),
                     "group is running; changes queued for the next run"
                 );
-                self.inner.observers.metrics.set_pending(group, true);
+                self.inner.metrics.set_pending(group, true);
                 None
             } else {
-                let units = self.inner.in_config_order(group, units);
-                slot.running = Some(running_set(&units));
-                Some((units, trigger))
+                let mut merged = BTreeMap::new();
+                for unit in units {
+                    merge(&mut merged, unit);
+                }
+                Some((self.inner.start(group, slot, merged), trigger))
             }
         });
         if let Some((units, trigger)) = start {
-            let inner = self.inner.clone();
-            let group = group.to_owned();
-            self.inner
-                .tracker
-                .spawn(async move { inner.run_until_idle(group, units, trigger).await });
+            self.inner.spawn_run(group, units, trigger);
         }
     }
 
-    /// Waits until every run, pending ones included, has ended.
+    /// Waits until every run, pending ones included, has ended. Deferred units whose retry
+    /// is not due do not count: `watch --once` does not wait for a backoff.
     pub async fn wait_idle(&self) {
         self.inner.tracker.close();
         self.inner.tracker.wait().await;
@@ -168,6 +189,35 @@ impl Inner {
         f(&mut guard)
     }
 
+    /// Marks `slot` running with `units` plus every deferred unit of the group (a newer SHA
+    /// of the same branch wins); returns the run's units in configuration order.
+    fn start(
+        &self,
+        group: &str,
+        slot: &mut Slot,
+        mut units: BTreeMap<BranchKey, Unit>,
+    ) -> Vec<Unit> {
+        for (key, deferred) in std::mem::take(&mut slot.deferred) {
+            let newer = units.remove(&key);
+            let mut unit = deferred.unit;
+            if let Some(newer) = newer {
+                unit.sha = newer.sha;
+            }
+            units.insert(key, unit);
+        }
+        self.metrics.set_pending_units(group, 0);
+        let units = self.in_config_order(group, units.into_values().collect());
+        slot.running = Some(running_set(&units));
+        units
+    }
+
+    fn spawn_run(self: &Arc<Self>, group: &str, units: Vec<Unit>, trigger: Trigger) {
+        let inner = self.clone();
+        let group = group.to_owned();
+        self.tracker
+            .spawn(async move { inner.run_until_idle(group, units, trigger).await });
+    }
+
     async fn run_until_idle(
         self: Arc<Self>,
         group: String,
@@ -175,19 +225,19 @@ impl Inner {
         mut trigger: Trigger,
     ) {
         loop {
-            let run_id = new_run_id();
-            let hook = self.unit_hook(&group, &run_id, &trigger);
             let run = GroupRun {
                 group: group.clone(),
                 units,
                 trigger,
-                run_id,
+                run_id: new_run_id(),
             };
-            let metrics = &self.observers.metrics;
-            metrics.group_run_started(&group);
-            let result = self.deployer.run_group(run, &self.shutdown, hook).await;
-            metrics.group_run_ended(&group, result.succeeded(), result.duration);
-            self.observers.audit.group_run(&result);
+            let observers = self.observers.with(Arc::new(StateObserver {
+                inner: self.clone(),
+            }));
+            let result = self
+                .deployer
+                .run_group(run, &self.shutdown, &observers)
+                .await;
             if !result.succeeded() {
                 self.failed_runs.fetch_add(1, Ordering::Relaxed);
             }
@@ -195,9 +245,7 @@ impl Inner {
                 let slot = slots.entry(group.clone()).or_default();
                 match slot.pending.take() {
                     Some(p) if !self.shutdown.is_requested() => {
-                        let units = self.in_config_order(&group, p.units.into_values().collect());
-                        slot.running = Some(running_set(&units));
-                        Some((units, p.trigger))
+                        Some((self.start(&group, slot, p.units), p.trigger))
                     }
                     _ => {
                         slot.running = None;
@@ -205,70 +253,69 @@ impl Inner {
                     }
                 }
             });
-            metrics.set_pending(&group, false);
+            self.metrics.set_pending(&group, false);
             self.state.save_async().await;
             match next {
                 Some((u, t)) => (units, trigger) = (u, t),
-                None => return,
+                None => {
+                    self.arm_retry(&group);
+                    return;
+                }
             }
         }
     }
 
-    /// Records each ended unit in the state (and on disk) as it ends.
-    fn unit_hook(self: &Arc<Self>, group: &str, run_id: &str, trigger: &Trigger) -> UnitHook {
+    /// Arms the group's retry timer for its earliest deferred unit, unless an earlier
+    /// timer is armed already or nothing is deferred.
+    fn arm_retry(self: &Arc<Self>, group: &str) {
+        if self.shutdown.is_requested() {
+            return;
+        }
+        let at = self.with_slots(|slots| {
+            let slot = slots.get_mut(group)?;
+            let due = slot.deferred.values().map(|d| d.not_before).min()?;
+            if slot.timer.is_some_and(|t| t <= due) {
+                return None;
+            }
+            slot.timer = Some(due);
+            Some(due)
+        });
+        let Some(at) = at else { return };
         let inner = self.clone();
         let group = group.to_owned();
-        let run_id = run_id.to_owned();
-        let trigger = trigger.clone();
-        Arc::new(move |result: &UnitResult| {
-            let unit = &result.unit;
-            inner
-                .observers
-                .metrics
-                .unit_ended(&unit.repository, result.status.as_str());
-            inner
-                .observers
-                .audit
-                .unit(&run_id, &group, &trigger, result);
-            // The stored SHA advances before the unit stops being in flight: the monitor
-            // reads "in flight" before the stored state, so between the two it sees one of
-            // them, never neither (which deployed the same move twice).
-            let key = (unit.repository.clone(), unit.branch.clone());
-            let not_in_flight = || {
-                inner.with_slots(|slots| {
-                    if let Some(running) = slots.get_mut(&group).and_then(|s| s.running.as_mut()) {
-                        running.remove(&key);
-                    }
-                })
-            };
-            if !result.status.ends_change() {
-                not_in_flight();
-                return;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep_until(at) => inner.retry_due(&group, at),
+                _ = inner.shutdown.requested() => {}
             }
-            inner.state.with(|state| {
-                let repo = state
-                    .repositories
-                    .entry(unit.repository.clone())
-                    .or_default();
-                let now = now_rfc3339();
-                repo.branches.insert(
-                    unit.branch.clone(),
-                    BranchState {
-                        sha: unit.sha.clone(),
-                        seen_at: now.clone(),
-                        last_deploy: Some(DeployRecord {
-                            sha: unit.sha.clone(),
-                            result: result.status.as_str().to_owned(),
-                            at: now,
-                            run_id: run_id.clone(),
-                        }),
-                    },
-                );
-            });
-            not_in_flight();
-            let state = inner.state.clone();
-            tokio::spawn(async move { state.save_async().await });
-        })
+        });
+    }
+
+    /// The retry timer armed for `at` fired: start a run of the deferred units if the
+    /// group is idle (a running group takes them into its next run, or re-arms).
+    fn retry_due(self: &Arc<Self>, group: &str, at: Instant) {
+        if self.shutdown.is_requested() {
+            return;
+        }
+        let start = self.with_slots(|slots| {
+            let slot = slots.get_mut(group)?;
+            if slot.timer != Some(at) {
+                return None; // superseded by an earlier timer
+            }
+            slot.timer = None;
+            if slot.running.is_some() || slot.deferred.is_empty() {
+                return None;
+            }
+            Some(self.start(group, slot, BTreeMap::new()))
+        });
+        if let Some(units) = start {
+            tracing::info!(
+                group,
+                units = units.len(),
+                "retrying units that could not run"
+            );
+            self.spawn_run(group, units, Trigger::Retry);
+        }
     }
 
     /// Units in the order of `repositories:` (scope expansion already happened).
@@ -284,6 +331,144 @@ impl Inner {
             None => units,
         }
     }
+
+    /// A handled unit: its SHA becomes the stored one, with the deployment's record.
+    fn handled(&self, run: RunRef<'_>, result: &UnitResult) {
+        let unit = &result.unit;
+        let key = (unit.repository.clone(), unit.branch.clone());
+        self.with_slots(|slots| {
+            if let Some(slot) = slots.get_mut(run.group) {
+                slot.setup_failures.remove(&key);
+            }
+        });
+        self.state.with(|state| {
+            let repo = state
+                .repositories
+                .entry(unit.repository.clone())
+                .or_default();
+            let now = now_rfc3339();
+            repo.branches.insert(
+                unit.branch.clone(),
+                BranchState {
+                    sha: unit.sha.clone(),
+                    seen_at: now.clone(),
+                    last_deploy: Some(DeployRecord {
+                        sha: unit.sha.clone(),
+                        result: result.status.as_str().to_owned(),
+                        at: now,
+                        run_id: run.run_id.to_owned(),
+                    }),
+                },
+            );
+            repo.pending.remove(&unit.branch);
+        });
+    }
+
+    /// A unit that did not run to an outcome: held for a retry (unless shutting down) and
+    /// recorded as pending.
+    fn not_handled(&self, run: RunRef<'_>, result: &UnitResult) {
+        let unit = &result.unit;
+        let reason = result
+            .reason
+            .clone()
+            .unwrap_or_else(|| result.status.as_str().to_owned());
+        let key = (unit.repository.clone(), unit.branch.clone());
+        let retry =
+            (result.status != UnitStatus::Cancelled && !self.shutdown.is_requested()).then(|| {
+                self.with_slots(|slots| {
+                    let slot = slots.entry(run.group.to_owned()).or_default();
+                    let tries = slot.setup_failures.entry(key.clone()).or_default();
+                    *tries += u32::from(result.status == UnitStatus::SetupFailed);
+                    let tries = *tries;
+                    let delay = retry_delay(self.config.pending_retry, tries);
+                    slot.deferred.insert(
+                        key.clone(),
+                        Deferred {
+                            unit: unit.clone(),
+                            not_before: Instant::now() + delay,
+                        },
+                    );
+                    self.metrics
+                        .set_pending_units(run.group, slot.deferred.len());
+                    (tries, delay)
+                })
+            });
+        if let Some((tries, delay)) = retry {
+            self.metrics
+                .retry_scheduled(&unit.repository, result.status.as_str());
+            tracing::warn!(
+                repository = %unit.repository, branch = %unit.branch, sha = %unit.sha.short(),
+                "{}@{} stays pending ({reason}); next try in {} unless the group runs earlier{}",
+                unit.repository, unit.branch, humantime::format_duration(round_secs(delay)),
+                if tries > 1 { format!(" ({tries} tries could not run)") } else { String::new() },
+            );
+        }
+        let next_try_at = retry.map(|(_, delay)| {
+            humantime::format_rfc3339_seconds(std::time::SystemTime::now() + delay).to_string()
+        });
+        self.state.with(|state| {
+            let repo = state
+                .repositories
+                .entry(unit.repository.clone())
+                .or_default();
+            let since = repo
+                .pending
+                .get(&unit.branch)
+                .map_or_else(now_rfc3339, |p| p.since.clone());
+            repo.pending.insert(
+                unit.branch.clone(),
+                PendingRecord {
+                    sha: unit.sha.clone(),
+                    reason,
+                    tries: retry.map_or(0, |(tries, _)| tries),
+                    next_try_at,
+                    since,
+                },
+            );
+        });
+    }
+}
+
+/// Advances stored SHAs and keeps pending ones as units end. Added to every run's
+/// observers by the scheduler.
+struct StateObserver {
+    inner: Arc<Inner>,
+}
+
+impl RunObserver for StateObserver {
+    fn unit_ended(&self, run: RunRef<'_>, result: &UnitResult) {
+        let inner = &self.inner;
+        if result.status.is_handled() {
+            inner.handled(run, result);
+        } else {
+            inner.not_handled(run, result);
+        }
+        // The stored (or deferred) SHA is in place before the unit stops being in flight:
+        // the monitor reads "in flight" before the stored state, so between the two it sees
+        // one of them, never neither (which deployed the same move twice).
+        let key = (result.unit.repository.clone(), result.unit.branch.clone());
+        inner.with_slots(|slots| {
+            if let Some(running) = slots.get_mut(run.group).and_then(|s| s.running.as_mut()) {
+                running.remove(&key);
+            }
+        });
+        let state = inner.state.clone();
+        tokio::spawn(async move { state.save_async().await });
+    }
+
+    fn group_ended(&self, _result: &GroupResult) {}
+}
+
+/// `initial` for a skip (0 setup failures), then doubling per setup failure up to `max`,
+/// with up to 10 % jitter so that many deferred units do not retry in lockstep.
+fn retry_delay(policy: PendingRetry, setup_failures: u32) -> Duration {
+    let exp = setup_failures.saturating_sub(1).min(20);
+    let base = policy.initial.saturating_mul(1 << exp).min(policy.max);
+    base + (base / 10).mul_f64(rand::random::<f64>())
+}
+
+fn round_secs(d: Duration) -> Duration {
+    Duration::from_secs(d.as_secs().max(1))
 }
 
 /// The newest SHA wins; the previous SHA stays the one before the first queued move.
@@ -329,5 +514,22 @@ mod tests {
         let main = &pending[&("r".to_string(), "main".to_string())];
         assert_eq!(main.sha, unit("main", 'd', None).sha);
         assert_eq!(main.previous_sha, unit("main", 'a', Some('a')).previous_sha);
+    }
+
+    #[test]
+    fn retry_delay_doubles_per_setup_failure_up_to_max_with_bounded_jitter() {
+        let policy = PendingRetry {
+            initial: Duration::from_secs(60),
+            max: Duration::from_secs(30 * 60),
+        };
+        let within = |d: Duration, base: u64| {
+            d >= Duration::from_secs(base) && d <= Duration::from_secs(base) * 11 / 10
+        };
+        assert!(within(retry_delay(policy, 0), 60), "a skip waits initial");
+        assert!(within(retry_delay(policy, 1), 60));
+        assert!(within(retry_delay(policy, 2), 120));
+        assert!(within(retry_delay(policy, 3), 240));
+        assert!(within(retry_delay(policy, 10), 1800));
+        assert!(within(retry_delay(policy, u32::MAX), 1800));
     }
 }

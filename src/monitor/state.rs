@@ -1,12 +1,19 @@
 //! The persisted state: per (repository, branch) the last handled SHA, when it was seen,
-//! and the last deployment's outcome. Written atomically (temp file, fsync, rename) so a
-//! crash at any point leaves either the old file or the new one, never a torn one.
+//! the last deployment's outcome, and — apart from those — the change still pending and
+//! why (a unit that could not run, or was skipped or cancelled).
+//!
+//! Where it is kept is the [`StateBackend`] seam: load, save, and the exclusive writer
+//! lock that makes `watch` the one writer. [`FileBackend`] (a JSON file written atomically
+//! — temp file, fsync, rename — beside a `flock`ed `<file>.lock`) is the one backend today.
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::fs::{File, OpenOptions};
+use std::io::{Read as _, Seek as _, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
@@ -14,6 +21,10 @@ use crate::forge::Sha;
 pub use crate::telemetry::now_rfc3339;
 
 const FORMAT_VERSION: u32 = 1;
+
+/// Names of the temp files a save writes before renaming them over the state file.
+const TEMP_PREFIX: &str = ".state-";
+const TEMP_SUFFIX: &str = ".tmp";
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -30,6 +41,26 @@ pub struct RepoState {
     /// of these that appears later is a change.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub baselined_patterns: Vec<String>,
+    /// Branches with a change that is not handled yet, and why; kept apart from
+    /// `branches` so that the handled SHA never moves before the commands ran.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pending: BTreeMap<String, PendingRecord>,
+}
+
+/// A change that did not run to an outcome yet.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PendingRecord {
+    pub sha: Sha,
+    /// `skipped: a@main failed`, the clone error, `cancelled: Sentry is shutting down`.
+    pub reason: String,
+    /// Tries that could not run, in a row.
+    pub tries: u32,
+    /// When it is tried again (RFC 3339), unless the group runs earlier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_try_at: Option<String>,
+    /// When it became pending (RFC 3339).
+    pub since: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -71,45 +102,201 @@ pub enum StateError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "another sentry watch{} holds the lock {lock}: only one watch may use the state file {state}; \
+         stop it, or give this one its own state_file",
+        holder.map(|pid| format!(" (pid {pid})")).unwrap_or_default()
+    )]
+    Locked {
+        lock: PathBuf,
+        state: PathBuf,
+        holder: Option<u32>,
+    },
+    #[error("cannot lock {lock}: {source}")]
+    Lock {
+        lock: PathBuf,
+        source: std::io::Error,
+    },
 }
 
-/// The state shared by the poll loop and the deploy hooks, and its file.
+/// Where the state is kept. One implementation per kind of storage.
+pub trait StateBackend: Send + Sync + std::fmt::Debug {
+    /// For messages: `state file .sentry/state.json`.
+    fn describe(&self) -> String;
+    /// The stored state; `None` when nothing was stored yet.
+    fn load(&self) -> Result<Option<State>, StateError>;
+    /// Replaces the stored state with `state`, atomically. Blocking.
+    fn save(&self, state: &State) -> Result<(), StateError>;
+    /// Takes the exclusive writer lock, held until the returned guard is dropped; fails at
+    /// once (never waits) when another process holds it.
+    fn lock(&self) -> Result<WriterLock, StateError>;
+}
+
+/// Proof of the writer lock; released on drop (or when the process dies).
+pub struct WriterLock(#[allow(dead_code)] Box<dyn Send + Sync>);
+
+impl std::fmt::Debug for WriterLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WriterLock")
+    }
+}
+
+/// The state as a JSON file, with `<file>.lock` beside it.
+#[derive(Debug, Clone)]
+pub struct FileBackend {
+    path: PathBuf,
+}
+
+impl FileBackend {
+    pub fn new(path: &Path) -> FileBackend {
+        FileBackend {
+            path: path.to_owned(),
+        }
+    }
+
+    fn lock_path(&self) -> PathBuf {
+        let mut name = self.path.as_os_str().to_owned();
+        name.push(".lock");
+        PathBuf::from(name)
+    }
+}
+
+impl StateBackend for FileBackend {
+    fn describe(&self) -> String {
+        format!("state file {}", self.path.display())
+    }
+
+    fn load(&self) -> Result<Option<State>, StateError> {
+        match std::fs::read(&self.path) {
+            Ok(bytes) => parse(&bytes)
+                .map(Some)
+                .map_err(|reason| StateError::Corrupt {
+                    path: self.path.clone(),
+                    reason,
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StateError::Read {
+                path: self.path.clone(),
+                source,
+            }),
+        }
+    }
+
+    fn save(&self, state: &State) -> Result<(), StateError> {
+        let write_error = |source| StateError::Write {
+            path: self.path.clone(),
+            source,
+        };
+        let bytes =
+            serde_json::to_vec_pretty(state).map_err(|e| write_error(std::io::Error::other(e)))?;
+        write_atomically(&self.path, &bytes).map_err(write_error)
+    }
+
+    fn lock(&self) -> Result<WriterLock, StateError> {
+        let lock = self.lock_path();
+        let failed = |source| StateError::Lock {
+            lock: lock.clone(),
+            source,
+        };
+        if let Some(dir) = lock.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(failed)?;
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock)
+            .map_err(failed)?;
+        let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(locked) => locked,
+            Err((mut file, Errno::EWOULDBLOCK)) => {
+                return Err(StateError::Locked {
+                    holder: holder_pid(&mut file),
+                    lock,
+                    state: self.path.clone(),
+                });
+            }
+            Err((_, errno)) => return Err(failed(errno.into())),
+        };
+        sweep_temp_files(&self.path);
+        // The pid is for the message a second watch prints; the lock itself is the flock.
+        let written = file
+            .set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| writeln!(file, "{}", std::process::id()))
+            .and_then(|()| file.flush());
+        if let Err(e) = written {
+            tracing::warn!("cannot write the pid into {}: {e}", lock.display());
+        }
+        Ok(WriterLock(Box::new(file)))
+    }
+}
+
+/// Removes temp files a killed writer left beside the state file. Only the lock holder
+/// calls this: no other writer can be halfway through a save.
+fn sweep_temp_files(state: &Path) {
+    let dir = match state.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(TEMP_PREFIX) && name.ends_with(TEMP_SUFFIX) {
+            if let Err(e) = std::fs::remove_file(entry.path()) {
+                tracing::warn!("cannot remove the stale temp file {name}: {e}");
+            }
+        }
+    }
+}
+
+fn holder_pid(file: &mut File) -> Option<u32> {
+    let mut text = String::new();
+    file.read_to_string(&mut text).ok()?;
+    text.trim().parse().ok()
+}
+
+/// The state shared by the poll loop and the deploy observers, and its backend.
 #[derive(Debug)]
 pub struct StateStore {
-    path: PathBuf,
+    backend: Box<dyn StateBackend>,
     state: Mutex<State>,
     /// Serialises writers so that an older snapshot never lands after a newer one.
     write_lock: Mutex<()>,
 }
 
 impl StateStore {
-    /// Reads `path`; a missing file is an empty state, an unreadable or corrupt one an error.
+    /// Reads the state file at `path` ([`FileBackend`]); a missing file is an empty state,
+    /// an unreadable or corrupt one an error.
     pub fn load(path: &Path) -> Result<StateStore, StateError> {
-        let state = match std::fs::read(path) {
-            Ok(bytes) => parse(&bytes).map_err(|reason| StateError::Corrupt {
-                path: path.to_owned(),
-                reason,
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State {
-                version: FORMAT_VERSION,
-                ..State::default()
-            },
-            Err(source) => {
-                return Err(StateError::Read {
-                    path: path.to_owned(),
-                    source,
-                });
-            }
-        };
+        StateStore::open(Box::new(FileBackend::new(path)))
+    }
+
+    /// Reads the state from `backend`; nothing stored yet is an empty state.
+    pub fn open(backend: Box<dyn StateBackend>) -> Result<StateStore, StateError> {
+        let state = backend.load()?.unwrap_or_else(|| State {
+            version: FORMAT_VERSION,
+            ..State::default()
+        });
         Ok(StateStore {
-            path: path.to_owned(),
+            backend,
             state: Mutex::new(state),
             write_lock: Mutex::new(()),
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// `state file .sentry/state.json`, for messages.
+    pub fn describe(&self) -> String {
+        self.backend.describe()
+    }
+
+    /// The writer lock of the backend; see [`StateBackend::lock`].
+    pub fn lock(&self) -> Result<WriterLock, StateError> {
+        self.backend.lock()
     }
 
     /// Runs `f` on the state under the lock.
@@ -132,16 +319,8 @@ impl StateStore {
     /// Writes the current state atomically. Blocking: call from `spawn_blocking` in async code.
     pub fn save(&self) -> Result<(), StateError> {
         let _writer = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let bytes = self
-            .with(|s| serde_json::to_vec_pretty(s))
-            .map_err(|e| StateError::Write {
-                path: self.path.clone(),
-                source: std::io::Error::other(e),
-            })?;
-        write_atomically(&self.path, &bytes).map_err(|source| StateError::Write {
-            path: self.path.clone(),
-            source,
-        })
+        let snapshot = self.snapshot();
+        self.backend.save(&snapshot)
     }
 
     /// [`StateStore::save`] off the async threads; logs a failure and returns whether the
@@ -178,6 +357,9 @@ impl StateStore {
                     }
                     keep
                 });
+                repo_state
+                    .pending
+                    .retain(|branch, _| repo.monitor.watches(branch));
                 let patterns: Vec<&str> =
                     repo.monitor.patterns().map(|p| p.glob.as_str()).collect();
                 repo_state
@@ -209,8 +391,8 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     };
     std::fs::create_dir_all(dir)?;
     let mut tmp = tempfile::Builder::new()
-        .prefix(".state-")
-        .suffix(".tmp")
+        .prefix(TEMP_PREFIX)
+        .suffix(TEMP_SUFFIX)
         .tempfile_in(dir)?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
@@ -286,12 +468,54 @@ mod tests {
         let before = std::fs::read(&path).unwrap();
         // A directory where the temp file would go makes the write fail midway.
         let blocked = StateStore {
-            path: dir.path().join("missing-parent-is-a-file/state.json"),
+            backend: Box::new(FileBackend::new(
+                &dir.path().join("missing-parent-is-a-file/state.json"),
+            )),
             state: Mutex::new(sample()),
             write_lock: Mutex::new(()),
         };
         std::fs::write(dir.path().join("missing-parent-is-a-file"), b"x").unwrap();
         assert!(matches!(blocked.save(), Err(StateError::Write { .. })));
         assert_eq!(std::fs::read(&path).unwrap(), before);
+    }
+
+    #[test]
+    fn the_writer_lock_is_exclusive_and_names_its_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = FileBackend::new(&dir.path().join("state.json"));
+        let held = backend.lock().unwrap();
+        // A second open file description conflicts, as a second process would.
+        let err = backend.lock().unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(err, StateError::Locked { holder: Some(pid), .. } if pid == std::process::id()),
+            "{text}"
+        );
+        assert!(text.contains("state.json.lock"), "{text}");
+        drop(held);
+        assert!(backend.lock().is_ok(), "released on drop");
+    }
+
+    #[test]
+    fn pending_records_round_trip_apart_from_the_handled_sha() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let store = StateStore::load(&path).unwrap();
+        let mut state = sample();
+        state.repositories.get_mut("rag").unwrap().pending.insert(
+            "main".into(),
+            PendingRecord {
+                sha: sha('b'),
+                reason: "skipped: a@main failed".into(),
+                tries: 0,
+                next_try_at: None,
+                since: now_rfc3339(),
+            },
+        );
+        store.with(|s| *s = state.clone());
+        store.save().unwrap();
+        let again = StateStore::load(&path).unwrap().snapshot();
+        assert_eq!(again, state);
+        assert_eq!(again.repositories["rag"].branches["main"].sha, sha('a'));
     }
 }

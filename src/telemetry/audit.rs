@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
-use crate::deploy::{GroupResult, Trigger, UnitResult};
+use crate::deploy::{GroupResult, RunObserver, RunRef, Trigger, UnitResult};
 
 #[derive(Debug, Serialize)]
 struct Record<'a> {
@@ -34,6 +34,10 @@ struct Record<'a> {
     exit_code: Option<i32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     units: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failed_command: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
 }
 
 #[derive(Debug, Default)]
@@ -70,6 +74,8 @@ impl Audit {
             duration_seconds: result.duration.as_secs_f64(),
             exit_code: result.exit_code,
             units: None,
+            failed_command: result.failed_command.as_deref(),
+            reason: result.reason.as_deref(),
             ..base(run_id, group, trigger)
         });
     }
@@ -89,6 +95,8 @@ impl Audit {
     }
 
     fn write(&self, record: Record) {
+        log(&record);
+        let Some(file) = &self.file else { return };
         let line = match serde_json::to_string(&record) {
             Ok(line) => line,
             Err(e) => {
@@ -96,16 +104,50 @@ impl Audit {
                 return;
             }
         };
-        tracing::info!(target: "audit", "{line}");
-        if let Some(file) = &self.file {
-            let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
-            let written = file
-                .write_all(format!("{line}\n").as_bytes())
-                .and_then(|()| file.flush());
-            if let Err(e) = written {
-                tracing::error!("cannot append to the audit log: {e}");
-            }
+        let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
+        let written = file
+            .write_all(format!("{line}\n").as_bytes())
+            .and_then(|()| file.flush());
+        if let Err(e) = written {
+            tracing::error!("cannot append to the audit log: {e}");
         }
+    }
+}
+
+/// The record as an event of target `audit`, each part a field of its own (log pipelines
+/// index fields; a JSON string inside the message they cannot).
+fn log(r: &Record) {
+    tracing::info!(
+        target: "audit",
+        kind = r.kind,
+        run_id = r.run_id,
+        trigger = r.trigger,
+        user = r.user,
+        group = r.group,
+        repository = r.repository,
+        branch = r.branch,
+        previous_sha = r.previous_sha,
+        sha = r.sha,
+        result = r.result,
+        duration_seconds = r.duration_seconds,
+        exit_code = r.exit_code,
+        units = r.units,
+        failed_command = r.failed_command,
+        reason = r.reason,
+        "audit: {} {}",
+        r.kind,
+        r.result
+    );
+}
+
+/// Every unit and every group run, whatever started it (`watch` or `trigger`).
+impl RunObserver for Audit {
+    fn unit_ended(&self, run: RunRef<'_>, result: &UnitResult) {
+        self.unit(run.run_id, run.group, run.trigger, result);
+    }
+
+    fn group_ended(&self, result: &GroupResult) {
+        self.group_run(result);
     }
 }
 
@@ -128,6 +170,8 @@ fn base<'a>(run_id: &'a str, group: &'a str, trigger: &'a Trigger) -> Record<'a>
         duration_seconds: 0.0,
         exit_code: None,
         units: None,
+        failed_command: None,
+        reason: None,
     }
 }
 
@@ -155,6 +199,8 @@ mod tests {
             duration: Duration::from_millis(1500),
             output_tail: "secret-free".into(),
             attempts: 1,
+            failed_command: Some("[1] make test".into()),
+            reason: None,
         };
         let trigger = Trigger::Manual {
             user: "alice".into(),

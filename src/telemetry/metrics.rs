@@ -15,6 +15,8 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
+use crate::deploy::{GroupResult, RunObserver, RunRef, Unit, UnitResult};
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HostStatus {
     host: String,
@@ -76,6 +78,8 @@ pub struct Metrics {
     unit_runs: Family<RepoResult, Counter>,
     deployments_in_progress: Family<Group, Gauge>,
     pending_runs: Family<Group, Gauge>,
+    pending_units: Family<Group, Gauge>,
+    unit_retries: Family<RepoResult, Counter>,
     last_successful_cycle: FloatGauge,
 }
 
@@ -103,6 +107,8 @@ impl Metrics {
             unit_runs: Family::default(),
             deployments_in_progress: Family::default(),
             pending_runs: Family::default(),
+            pending_units: Family::default(),
+            unit_retries: Family::default(),
             last_successful_cycle: FloatGauge::default(),
             registry: Registry::default(),
         };
@@ -161,6 +167,16 @@ impl Metrics {
             "pending_runs",
             "Group runs waiting for the running one to end",
             m.pending_runs.clone(),
+        );
+        registry.register(
+            "pending_units",
+            "Units that could not run (setup failed, skipped) and wait for a retry, by group",
+            m.pending_units.clone(),
+        );
+        registry.register(
+            "unit_retries_scheduled",
+            "Retries scheduled for units that could not run, by repository and the status that caused them",
+            m.unit_retries.clone(),
         );
         registry.register(
             "last_successful_cycle_timestamp_seconds",
@@ -273,6 +289,38 @@ impl Metrics {
         self.pending_runs
             .get_or_create(&group_label(group))
             .set(i64::from(pending));
+    }
+
+    /// How many units of `group` wait for a retry.
+    pub fn set_pending_units(&self, group: &str, count: usize) {
+        self.pending_units
+            .get_or_create(&group_label(group))
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// A retry was scheduled for a unit of `repository` that ended with `status`.
+    pub fn retry_scheduled(&self, repository: &str, status: &str) {
+        self.unit_retries
+            .get_or_create(&RepoResult {
+                repository: repository.to_owned(),
+                result: status.to_owned(),
+            })
+            .inc();
+    }
+}
+
+/// Deployments feed the in-progress gauge, the run and unit counters and the durations.
+impl RunObserver for Metrics {
+    fn group_started(&self, run: RunRef<'_>, _units: &[Unit]) {
+        self.group_run_started(run.group);
+    }
+
+    fn unit_ended(&self, _run: RunRef<'_>, result: &UnitResult) {
+        Metrics::unit_ended(self, &result.unit.repository, result.status.as_str());
+    }
+
+    fn group_ended(&self, result: &GroupResult) {
+        self.group_run_ended(&result.group, result.succeeded(), result.duration);
     }
 }
 

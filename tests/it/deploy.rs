@@ -7,12 +7,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sentry::config::{Config, Env};
-use sentry::deploy::{
-    DeployOptions, Deployer, GroupResult, GroupRun, Trigger, Unit, UnitHook, UnitResult, UnitStatus,
+use sentry::testing::Sha;
+use sentry::testing::Shutdown;
+use sentry::testing::{Config, Env};
+use sentry::testing::{
+    DeployOptions, Deployer, GroupResult, GroupRun, Observers, RunObserver, RunRef, Trigger, Unit,
+    UnitResult, UnitStatus,
 };
-use sentry::forge::Sha;
-use sentry::shutdown::Shutdown;
 
 use crate::support::git_http::GitHttpServer;
 use crate::support::{commit, git, init_repo, tempdir};
@@ -81,7 +82,7 @@ fn config(work: &Path, group: &[(&str, &str)], grace: &str, repos: &[Repo]) -> C
             y.push_str(&format!("      {line}\n"));
         }
     }
-    let loaded = sentry::config::load_str(&y, &Env::fixed([("HOME", "/nonexistent")]));
+    let loaded = sentry::testing::load_str(&y, &Env::fixed([("HOME", "/nonexistent")]));
     match loaded.config {
         Some(config) => config,
         None => panic!("test config invalid: {:?}\n{y}", loaded.diagnostics),
@@ -105,12 +106,19 @@ fn units(names: &[&str]) -> Vec<Unit> {
     names.iter().map(|n| unit(n, "main", None, SHA_A)).collect()
 }
 
-/// A hook that records every result it sees.
-fn recorder() -> (UnitHook, Arc<Mutex<Vec<UnitResult>>>) {
+/// An observer that records every unit result it hears of.
+struct Recorder(Arc<Mutex<Vec<UnitResult>>>);
+
+impl RunObserver for Recorder {
+    fn unit_ended(&self, _run: RunRef<'_>, result: &UnitResult) {
+        self.0.lock().expect("recorder").push(result.clone());
+    }
+}
+
+fn recorder() -> (Observers, Arc<Mutex<Vec<UnitResult>>>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let sink = Arc::clone(&seen);
-    let hook: UnitHook = Arc::new(move |r: &UnitResult| sink.lock().expect("hook").push(r.clone()));
-    (hook, seen)
+    let observers = Observers::new(vec![Arc::new(Recorder(Arc::clone(&seen)))]);
+    (observers, seen)
 }
 
 async fn run_with(
@@ -127,7 +135,7 @@ async fn run_with(
         trigger: Trigger::Poll,
         run_id: "test-run".to_owned(),
     };
-    let result = deployer.run_group(run, shutdown, hook).await;
+    let result = deployer.run_group(run, shutdown, &hook).await;
     let seen = seen.lock().expect("hook").clone();
     (result, seen)
 }
@@ -268,7 +276,7 @@ async fn a_wrong_token_fails_fast_without_looping() {
     )
     .await;
     let elapsed = started.elapsed();
-    assert_eq!(statuses(&result), [UnitStatus::Failed], "{result:#?}");
+    assert_eq!(statuses(&result), [UnitStatus::SetupFailed], "{result:#?}");
     assert!(elapsed < Duration::from_secs(20), "took {elapsed:?}");
     assert!(
         server.requests() <= 6,

@@ -5,8 +5,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use sentry::config::{Config, Env, Repository, load_str};
-use sentry::forge::{ForgeError, ForgeEvents, Forges, Observation, Sha};
+use sentry::testing::{Config, Env, Repository, load_str};
+use sentry::testing::{ForgeError, ForgeEvents, Forges, Observation, Sha};
 use tokio_util::sync::CancellationToken;
 use wiremock::matchers::{header, method, path, query_param, query_param_is_missing};
 use wiremock::{Mock, MockServer, Request, ResponseTemplate};

@@ -2,6 +2,9 @@
 //! Git repositories and fake forge servers on 127.0.0.1. Shared helpers live in `support`.
 //! Modules declared here: add `mod <name>;` for each test file.
 
+// Tests may unwrap: a panic is a failed test. Library code may not (Cargo.toml [lints]).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 mod cli;
@@ -11,6 +14,8 @@ mod faults;
 mod forge;
 mod hostile;
 mod monitor;
+mod output;
+mod promise;
 mod secrets;
 mod security;
 mod server;

@@ -4,14 +4,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sentry::config::{Env, load_str};
-use sentry::deploy::{DeployOptions, Deployer, Trigger};
-use sentry::forge::Forges;
-use sentry::monitor::scheduler::{Observers, Scheduler};
-use sentry::monitor::state::StateStore;
-use sentry::monitor::{Monitor, Scope};
-use sentry::shutdown::Shutdown;
-use sentry::telemetry::metrics::Metrics;
+use sentry::testing::Forges;
+use sentry::testing::Metrics;
+use sentry::testing::Observers;
+use sentry::testing::Scheduler;
+use sentry::testing::Shutdown;
+use sentry::testing::StateStore;
+use sentry::testing::{DeployOptions, Deployer, Trigger};
+use sentry::testing::{Env, load_str};
+use sentry::testing::{Monitor, Scope};
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
@@ -39,6 +40,7 @@ fn monitor(api: &str, dir: &std::path::Path) -> (Monitor, Arc<StateStore>) {
         state.clone(),
         Shutdown::new(),
         Observers::default(),
+        Arc::new(Metrics::new()),
     );
     let forges = Forges::new(&config).expect("forges");
     (

@@ -78,7 +78,8 @@ fn a_successful_trigger_streams_prefixed_output_and_exits_0() {
     let out = s.trigger(&["--repo", "a", "--sha", SHA]);
     assert_eq!(out.code, Some(0), "{out:?}");
     assert!(
-        out.stdout.contains(&format!("[a] hello from a at {SHA}")),
+        out.stdout
+            .contains(&format!("[a@main] hello from a at {SHA}")),
         "{}",
         out.stdout
     );
@@ -99,9 +100,13 @@ fn a_failed_unit_exits_1_and_shows_its_exit_code() {
     let row = out
         .stdout
         .lines()
-        .find(|l| l.contains("a@main"))
+        .find(|l| l.contains("a@main ("))
         .unwrap_or_else(|| panic!("no summary row: {}", out.stdout));
     assert!(row.contains("failed") && row.contains(" 4 "), "{row}");
+    assert!(
+        row.contains("[1] echo failing; exit 4"),
+        "the summary names the failing command: {row}"
+    );
 }
 
 #[test]
@@ -139,8 +144,8 @@ fn secrets_in_command_output_are_masked() {
     );
     let out = s.trigger(&["--repo", "a", "--sha", SHA]);
     assert_eq!(out.code, Some(0), "{out:?}");
-    assert!(out.stdout.contains("[a] token=***"), "{}", out.stdout);
-    assert!(out.stdout.contains("[a] again ***"), "{}", out.stdout);
+    assert!(out.stdout.contains("[a@main] token=***"), "{}", out.stdout);
+    assert!(out.stdout.contains("[a@main] again ***"), "{}", out.stdout);
     assert!(
         !out.all().contains(SECRET),
         "the secret leaked: {}",
@@ -189,7 +194,8 @@ fn a_hostile_branch_name_reaches_commands_only_as_data() {
     let out = s.trigger(&["--repo", "a", "--branch", &branch, "--sha", SHA]);
     assert_eq!(out.code, Some(0), "{out:?}");
     assert!(
-        out.stdout.contains(&format!("[a] branch={branch}")),
+        out.stdout
+            .contains(&format!("[a@{branch}] branch={branch}")),
         "{}",
         out.stdout
     );
@@ -209,12 +215,12 @@ fn a_group_trigger_deploys_every_repository_at_its_branch_head() {
     assert_eq!(out.code, Some(0), "{out:?}");
     assert!(
         out.stdout
-            .contains(&format!("[a] sha={head_a} trigger=manual")),
+            .contains(&format!("[a@main] sha={head_a} trigger=manual")),
         "{}",
         out.stdout
     );
     assert!(
-        out.stdout.contains(&format!("[b] sha={head_b}")),
+        out.stdout.contains(&format!("[b@main] sha={head_b}")),
         "{}",
         out.stdout
     );
@@ -252,14 +258,14 @@ fn sigterm_stops_a_trigger_gracefully() {
     let out = Run::from(child.wait_with_output().expect("output"));
     assert_eq!(out.code, Some(1), "{out:?}");
     assert!(
-        out.stdout.contains("[a] got-term"),
+        out.stdout.contains("[a@main] got-term"),
         "grace for the command: {}",
         out.stdout
     );
     let row = out
         .stdout
         .lines()
-        .find(|l| l.contains("a@main"))
+        .find(|l| l.contains("a@main ("))
         .unwrap_or_else(|| panic!("no summary row: {}", out.stdout));
     assert!(row.contains("cancelled"), "{row}");
     assert!(

@@ -252,7 +252,7 @@ fn status_prints_state_in_both_formats() {
     assert_eq!(text.code, Some(0));
     assert!(
         text.stdout.contains("REPOSITORY")
-            && text.stdout.contains(&new[..12])
+            && text.stdout.contains(&new[..8])
             && text.stdout.contains("succeeded"),
         "{}",
         text.stdout

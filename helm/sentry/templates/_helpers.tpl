@@ -38,12 +38,24 @@ app.kubernetes.io/name: {{ include "sentry.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
-{{- define "sentry.labels" -}}
+{{/*
+Labels of every object, without the component.
+*/}}
+{{- define "sentry.commonLabels" -}}
 helm.sh/chart: {{ include "sentry.chart" . }}
 {{ include "sentry.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: sentry
+{{- end }}
+
+{{/*
+Labels of the poller's objects. The component is not a selector label:
+selectors are immutable, and adding it there would break upgrades.
+*/}}
+{{- define "sentry.labels" -}}
+{{ include "sentry.commonLabels" . }}
+app.kubernetes.io/component: poller
 {{- end }}
 
 {{- define "sentry.serviceAccountName" -}}
@@ -111,6 +123,33 @@ Container port, taken from config.server.listen ("0.0.0.0:8080" -> 8080).
 {{- end }}
 
 {{/*
+A duration in the forms Sentry's config accepts, as milliseconds; -1 when it is
+not one. Integer seconds ("90"), or humantime text: numbers with units, parts
+optionally separated by spaces ("90s", "15m", "1h30m", "1m 30s", "500ms").
+*/}}
+{{- define "sentry.durationMillis" -}}
+{{- $text := . | toString | trim }}
+{{- if regexMatch "^[0-9]+$" $text }}
+{{- mul (int64 $text) 1000 }}
+{{- else if regexMatch "^([0-9]+ *[a-zA-Zµ]+ *)+$" $text }}
+{{- $units := dict "nanos" 0 "nsec" 0 "ns" 0 "usec" 0 "us" 0 "µs" 0 "millis" 1 "msec" 1 "ms" 1 "seconds" 1000 "second" 1000 "secs" 1000 "sec" 1000 "s" 1000 "minutes" 60000 "minute" 60000 "min" 60000 "mins" 60000 "m" 60000 "hours" 3600000 "hour" 3600000 "hr" 3600000 "hrs" 3600000 "h" 3600000 "days" 86400000 "day" 86400000 "d" 86400000 "weeks" 604800000 "week" 604800000 "wk" 604800000 "wks" 604800000 "w" 604800000 "months" 2630016000 "month" 2630016000 "M" 2630016000 "years" 31557600000 "year" 31557600000 "yr" 31557600000 "yrs" 31557600000 "y" 31557600000 }}
+{{- $total := int64 0 }}
+{{- $bad := false }}
+{{- range regexFindAll "[0-9]+ *[a-zA-Zµ]+" $text -1 }}
+{{- $unit := regexReplaceAll "^[0-9]+ *" . "" }}
+{{- if hasKey $units $unit }}
+{{- $total = add $total (mul (int64 (regexFind "^[0-9]+" .)) (get $units $unit)) }}
+{{- else }}
+{{- $bad = true }}
+{{- end }}
+{{- end }}
+{{- if $bad }}-1{{ else }}{{ $total }}{{ end }}
+{{- else }}
+{{- -1 }}
+{{- end }}
+{{- end }}
+
+{{/*
 Checks that must hold for any rendering. Included by deployment.yaml and
 hpa.yaml; renders nothing or fails.
 */}}
@@ -130,19 +169,15 @@ hpa.yaml; renders nothing or fails.
 {{- fail (printf "config.audit_log (%s) must be in the directory of config.state_file (%s): only that directory, work_dir and /tmp are writable (readOnlyRootFilesystem)." .Values.config.audit_log (include "sentry.stateDir" .)) }}
 {{- end }}
 {{- end }}
-{{- $grace := .Values.config.shutdown_grace | default "20s" | toString }}
-{{- $graceSeconds := 0 }}
-{{- if regexMatch "^[0-9]+$" $grace }}
-{{- $graceSeconds = int $grace }}
-{{- else if regexMatch "^[0-9]+s$" $grace }}
-{{- $graceSeconds = int (trimSuffix "s" $grace) }}
-{{- else if regexMatch "^[0-9]+m$" $grace }}
-{{- $graceSeconds = mul (int (trimSuffix "m" $grace)) 60 }}
-{{- else if regexMatch "^[0-9]+h$" $grace }}
-{{- $graceSeconds = mul (int (trimSuffix "h" $grace)) 3600 }}
+{{- $grace := .Values.config.shutdown_grace | default "20s" | toString | trim }}
+{{- if not (contains "${" $grace) }}
+{{- $graceMillis := include "sentry.durationMillis" $grace | int64 }}
+{{- if lt $graceMillis 0 }}
+{{- fail (printf "config.shutdown_grace (%s) is not a duration: write integer seconds or text such as 90s, 15m, 1h30m." $grace) }}
 {{- end }}
-{{- if ge (int $graceSeconds) (int .Values.terminationGracePeriodSeconds) }}
+{{- if ge $graceMillis (mul (int64 .Values.terminationGracePeriodSeconds) 1000) }}
 {{- fail (printf "terminationGracePeriodSeconds (%d) must be longer than config.shutdown_grace (%s): otherwise the kubelet kills Sentry before it has stopped its commands and saved its state." (int .Values.terminationGracePeriodSeconds) $grace) }}
+{{- end }}
 {{- end }}
 {{- if and .Values.existingSecret (not (kindIs "string" .Values.existingSecret)) }}
 {{- fail "existingSecret must be the name of a Secret" }}

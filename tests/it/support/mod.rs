@@ -701,3 +701,11 @@ pub fn run_bounded(
         elapsed,
     )
 }
+
+/// A stdout or stderr whose reader has already gone: every write gets `EPIPE`, as when
+/// `sentry … | head -1` has exited. Deterministic, unlike racing a reader that closes.
+pub fn closed_pipe() -> std::process::Stdio {
+    let (read, write) = nix::unistd::pipe().expect("pipe");
+    drop(read);
+    std::process::Stdio::from(write)
+}

@@ -1,0 +1,140 @@
+//! The forge-kind seam: everything Sentry knows about one kind of Git host — GitHub
+//! (and GitHub Enterprise), GitLab, plain Git — as plain data, one [`Kind`] per kind,
+//! defined beside that kind's client (`github.rs`, `gitlab.rs`, `git.rs`).
+//!
+//! Configuration validation asks it for the default API URL, the project path rule and
+//! the kind a URL's host implies; the QA checkout for the user name sent with a token;
+//! the HTTP layer for rate-limit header names; the server for webhook identities.
+//! [`of`] is the one `match` on [`RepoType`] outside this module's kinds, and it has no
+//! catch-all arm: adding a kind is a variant in the config's enum, a `Kind` beside its
+//! client, and an arm here — the compiler finds every other place.
+
+use crate::config::RepoType;
+
+/// What one kind of forge is.
+#[derive(Debug)]
+pub struct Kind {
+    pub repo_type: RepoType,
+    /// As written in `repo_type:`.
+    pub name: &'static str,
+    /// User name sent with a token over HTTPS when `auth.username` is not set.
+    pub clone_username: &'static str,
+    /// How a web URL names a project; `None` for plain Git, which has no API.
+    pub project: Option<ProjectRule>,
+    /// The API root for a web URL at `origin` (`https://host[:port]`) on `host`.
+    pub default_api: fn(host: &str, origin: &str) -> Option<String>,
+    /// Whether a QA URL on this host is of this kind when `repo_type` is not given.
+    pub owns_host: fn(host: &str) -> bool,
+    /// Response headers with the remaining API quota and its reset time (epoch seconds).
+    pub rate_limit_headers: Option<(&'static str, &'static str)>,
+    /// Where a push webhook's payload names the repository.
+    pub webhook: Option<WebhookIds>,
+}
+
+/// The rule a project path (`owner/repo`, `group/sub/project`) must follow.
+#[derive(Debug)]
+pub struct ProjectRule {
+    /// Exactly this many segments, or at least `min_segments` when `None`.
+    pub exact_segments: Option<usize>,
+    pub min_segments: usize,
+    /// The message when the path breaks the rule.
+    pub hint: &'static str,
+}
+
+impl ProjectRule {
+    pub fn accepts(&self, project: &str) -> bool {
+        let segments = project.split('/').filter(|s| !s.is_empty()).count();
+        match self.exact_segments {
+            Some(n) => segments == n,
+            None => segments >= self.min_segments,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct WebhookIds {
+    /// (object, key) pairs, each naming the project by path or URL.
+    pub ids: &'static [(&'static str, &'static str)],
+}
+
+/// The kind of a configured `repo_type`.
+pub fn of(repo_type: RepoType) -> &'static Kind {
+    match repo_type {
+        RepoType::Github => &super::github::KIND,
+        RepoType::Gitlab => &super::gitlab::KIND,
+        RepoType::Git => &super::git::KIND,
+    }
+}
+
+/// Every kind, in the order `repo_type` errors list them.
+pub fn all() -> [&'static Kind; 3] {
+    [
+        &super::github::KIND,
+        &super::gitlab::KIND,
+        &super::git::KIND,
+    ]
+}
+
+/// The kind written `name` in `repo_type:`.
+pub fn by_name(name: &str) -> Option<&'static Kind> {
+    all().into_iter().find(|k| k.name == name)
+}
+
+/// The kind a URL's host implies; plain Git when no API kind claims the host.
+pub fn for_host(host: &str) -> &'static Kind {
+    all()
+        .into_iter()
+        .find(|k| (k.owns_host)(host))
+        .unwrap_or(&super::git::KIND)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_is_found_by_its_name_and_type() {
+        for kind in all() {
+            assert_eq!(
+                by_name(kind.name).map(|k| k.repo_type),
+                Some(kind.repo_type)
+            );
+            assert_eq!(of(kind.repo_type).name, kind.name);
+        }
+        assert!(by_name("bitbucket").is_none());
+    }
+
+    #[test]
+    fn hosts_imply_kinds() {
+        assert_eq!(for_host("github.com").repo_type, RepoType::Github);
+        assert_eq!(for_host("gitlab.example.com").repo_type, RepoType::Gitlab);
+        assert_eq!(for_host("git.example.com").repo_type, RepoType::Git);
+    }
+
+    #[test]
+    fn default_api_urls() {
+        let api = |t: RepoType, host: &str| (of(t).default_api)(host, &format!("https://{host}"));
+        assert_eq!(
+            api(RepoType::Github, "github.com").as_deref(),
+            Some("https://api.github.com")
+        );
+        assert_eq!(
+            api(RepoType::Github, "ghe.corp").as_deref(),
+            Some("https://ghe.corp/api/v3")
+        );
+        assert_eq!(
+            api(RepoType::Gitlab, "gitlab.com").as_deref(),
+            Some("https://gitlab.com/api/v4")
+        );
+        assert_eq!(api(RepoType::Git, "git.corp"), None);
+    }
+
+    #[test]
+    fn project_rules() {
+        let github = of(RepoType::Github).project.as_ref().unwrap();
+        assert!(github.accepts("o/r") && !github.accepts("o/r/x") && !github.accepts("o"));
+        let gitlab = of(RepoType::Gitlab).project.as_ref().unwrap();
+        assert!(gitlab.accepts("g/p") && gitlab.accepts("g/s/p") && !gitlab.accepts("g"));
+        assert!(of(RepoType::Git).project.is_none());
+    }
+}
