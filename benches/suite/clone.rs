@@ -253,7 +253,7 @@ fn sentry_clone(url: &str, dest: &Path) -> Result<(f64, f64)> {
     };
     let cpu = thread_user_ms();
     let started = Instant::now();
-    clone_blocking(&request, &|| false)?;
+    clone_blocking(&request, &|| false, &|_| {})?;
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     Ok((ms, thread_user_ms() - cpu))
 }

@@ -50,7 +50,33 @@ pub fn trigger(cli: &Cli, args: &TriggerArgs, env: &Env) -> anyhow::Result<Exit>
 struct Target {
     repository: String,
     branch: String,
-    sha: Option<Sha>,
+    sha: Commit,
+}
+
+/// What `--sha` says.
+#[derive(Debug, Clone)]
+enum Commit {
+    /// Not given: the branch's head.
+    Head,
+    Full(Sha),
+    /// 7 to 39 hex characters, resolved through the forge.
+    Abbreviated(String),
+}
+
+impl Commit {
+    fn parse(text: Option<&str>) -> anyhow::Result<Commit> {
+        let Some(text) = text else {
+            return Ok(Commit::Head);
+        };
+        if let Some(sha) = Sha::parse(text) {
+            return Ok(Commit::Full(sha));
+        }
+        let text = text.trim();
+        if (7..40).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(Commit::Abbreviated(text.to_ascii_lowercase()));
+        }
+        bail!("--sha {text:?} is not a commit SHA: give 7 to 40 hex characters")
+    }
 }
 
 async fn trigger_async(
@@ -99,14 +125,8 @@ async fn trigger_async(
 /// Checks the selection against the configuration; every target in configuration order.
 fn select(config: &Config, args: &TriggerArgs) -> anyhow::Result<Vec<Target>> {
     let repos = config.select(&args.repos, args.group.as_deref())?;
-    let sha = match &args.sha {
-        None => None,
-        Some(text) => Some(
-            Sha::parse(text)
-                .with_context(|| format!("--sha {text:?} is not a full 40-hex commit SHA"))?,
-        ),
-    };
-    if sha.is_some() && repos.len() > 1 {
+    let sha = Commit::parse(args.sha.as_deref())?;
+    if !matches!(sha, Commit::Head) && repos.len() > 1 {
         bail!(
             "--sha names one commit, but {} repositories are selected; give it with a single --repo",
             repos.len()
@@ -139,24 +159,28 @@ fn branch_for(repo: &Repository, given: Option<&str>) -> anyhow::Result<String> 
     }
 }
 
-/// Fills in missing SHAs with the branch heads from the forge.
+/// Fills in missing and abbreviated SHAs through the forge.
 async fn resolve_shas(config: &Config, targets: Vec<Target>) -> anyhow::Result<Vec<Unit>> {
-    let mut forges = None;
+    let mut forges: Option<Forges> = None;
     let mut units = Vec::with_capacity(targets.len());
     for t in targets {
+        let repo = config
+            .repository(&t.repository)
+            .with_context(|| format!("unknown repository {:?}", t.repository))?;
         let sha = match t.sha {
-            Some(sha) => sha,
-            None => {
-                let repo = config
-                    .repository(&t.repository)
-                    .with_context(|| format!("unknown repository {:?}", t.repository))?;
-                let forges = match &mut forges {
-                    Some(forges) => forges,
-                    None => forges.insert(Forges::new(config)?),
-                };
+            Commit::Full(sha) => sha,
+            Commit::Head => {
+                let forges = client(&mut forges, config)?;
                 forges.branch_head(repo, &t.branch).await.with_context(|| {
                     format!("cannot get the head of {:?} of {}", t.branch, t.repository)
                 })?
+            }
+            Commit::Abbreviated(prefix) => {
+                let forges = client(&mut forges, config)?;
+                forges
+                    .resolve_commit(repo, &prefix)
+                    .await
+                    .with_context(|| format!("cannot resolve --sha {prefix} in {}", t.repository))?
             }
         };
         units.push(Unit {
@@ -167,6 +191,14 @@ async fn resolve_shas(config: &Config, targets: Vec<Target>) -> anyhow::Result<V
         });
     }
     Ok(units)
+}
+
+/// The forge clients, built on first use (a run with full SHAs asks no forge).
+fn client<'a>(forges: &'a mut Option<Forges>, config: &Config) -> anyhow::Result<&'a Forges> {
+    Ok(match forges {
+        Some(forges) => forges,
+        None => forges.insert(Forges::new(config)?),
+    })
 }
 
 /// Who runs this: the name of the process's real uid (not `$USER`, which anyone can

@@ -100,7 +100,7 @@ pub enum DeployScope {
 pub struct Group {
     pub name: String,
     pub execution_strategy: Strategy,
-    /// `None`: no limit.
+    /// Units at once with `parallel` (default 4); `None` with `sequential`.
     pub max_parallel: Option<usize>,
     pub continue_on_error: bool,
     pub global_timeout: Duration,

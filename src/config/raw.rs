@@ -98,7 +98,7 @@ pub struct RawWebhooks {
 pub struct RawGroup {
     /// `parallel` (default) or `sequential`.
     pub execution_strategy: Option<String>,
-    /// With `parallel`: at most this many units at once. Default: no limit.
+    /// With `parallel`: at most this many units at once. Default 4.
     pub max_parallel: Option<i64>,
     /// Keep starting units after one failed. Default `false`.
     pub continue_on_error: Option<bool>,

@@ -250,7 +250,7 @@ impl Checker<'_> {
                 Strategy::Parallel
             }
         };
-        let max_parallel = match raw.max_parallel {
+        let explicit = match raw.max_parallel {
             Some(n) if n < 1 => {
                 self.error(
                     format!("{path}.max_parallel"),
@@ -261,12 +261,16 @@ impl Checker<'_> {
             Some(n) => Some(usize::try_from(n).unwrap_or(usize::MAX)),
             None => None,
         };
-        if max_parallel.is_some() && execution_strategy == Strategy::Sequential {
+        if explicit.is_some() && execution_strategy == Strategy::Sequential {
             self.warn(
                 format!("{path}.max_parallel"),
                 "ignored with execution_strategy \"sequential\"",
             );
         }
+        // A finite default: forty pattern branches moving at once must not mean forty
+        // clones and shells (max_concurrent_units bounds all groups together as well).
+        let max_parallel =
+            explicit.or((execution_strategy == Strategy::Parallel).then_some(DEFAULT_MAX_PARALLEL));
         let scope_path = format!("{path}.deploy_scope");
         let deploy_scope = match self.optional_text(&scope_path, raw.deploy_scope).as_deref() {
             None | Some("changed") => DeployScope::Changed,
@@ -1005,6 +1009,9 @@ fn is_loopback(url: &url::Url) -> bool {
 
 #[cfg(test)]
 mod tests;
+
+/// Units of one `parallel` group at once when `max_parallel` is not set.
+const DEFAULT_MAX_PARALLEL: usize = 4;
 
 /// Twice the CPUs Sentry may use: deploy commands mostly wait on the network and on
 /// child processes, but an unbounded number of clones and shells would starve the host.

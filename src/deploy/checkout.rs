@@ -100,11 +100,21 @@ pub fn is_http(url: &str) -> bool {
     lower.starts_with("https://") || lower.starts_with("http://")
 }
 
+/// How far a clone's transfer is, as libgit2 reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloneProgress {
+    pub received_objects: usize,
+    pub total_objects: usize,
+    pub received_bytes: usize,
+}
+
 /// Clones `req` into `req.dest` (an existing, empty directory). `stop` is polled by the
 /// transfer callbacks and between tries; when it returns true the clone is abandoned.
+/// `progress` hears every transfer update (many per second: it must be cheap).
 pub fn clone_blocking(
     req: &CloneRequest,
     stop: &(dyn Fn() -> bool + Sync),
+    progress: &(dyn Fn(CloneProgress) + Sync),
 ) -> Result<(), CheckoutError> {
     crate::forge::prepare_libgit2();
     let mut shallow = is_http(&req.url);
@@ -112,7 +122,7 @@ pub fn clone_blocking(
     loop {
         tries += 1;
         reset_dir(&req.dest).map_err(|e| other(req, &e.to_string()))?;
-        let attempt = clone_once(req, shallow, stop);
+        let attempt = clone_once(req, shallow, stop, progress);
         let error = match attempt {
             Ok(()) => return Ok(()),
             Err(_) if stop() => {
@@ -170,11 +180,12 @@ fn clone_once(
     req: &CloneRequest,
     shallow: bool,
     stop: &(dyn Fn() -> bool + Sync),
+    progress: &(dyn Fn(CloneProgress) + Sync),
 ) -> Result<(), Failure> {
     let auth_failure = std::sync::Mutex::new(None::<String>);
     let result = {
         let mut fetch = FetchOptions::new();
-        fetch.remote_callbacks(callbacks(req, stop, &auth_failure));
+        fetch.remote_callbacks(callbacks(req, stop, progress, &auth_failure));
         // libgit2 follows a redirect to another host on the first request by default; a
         // QA host must not be able to send the clone (and its token) elsewhere.
         fetch.follow_redirects(RemoteRedirect::None);
@@ -201,6 +212,7 @@ fn clone_once(
 fn callbacks<'a>(
     req: &'a CloneRequest,
     stop: &'a (dyn Fn() -> bool + Sync),
+    progress: &'a (dyn Fn(CloneProgress) + Sync),
     auth_failure: &'a std::sync::Mutex<Option<String>>,
 ) -> RemoteCallbacks<'a> {
     let calls = AtomicU32::new(0);
@@ -230,7 +242,14 @@ fn callbacks<'a>(
             }
         }
     });
-    cb.transfer_progress(move |_| !stop());
+    cb.transfer_progress(move |p| {
+        progress(CloneProgress {
+            received_objects: p.received_objects(),
+            total_objects: p.total_objects(),
+            received_bytes: p.received_bytes(),
+        });
+        !stop()
+    });
     cb.sideband_progress(move |_| !stop());
     cb
 }

@@ -6,7 +6,7 @@
 //! and changes file are gone (unless `keep_workdir`). Remote data (branch, SHAs) reaches the
 //! commands only through `SENTRY_*` variables, never through the command string.
 
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -20,7 +20,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::checkout::{self, CheckoutError, CloneRequest};
+use super::checkout::{self, CheckoutError, CloneProgress, CloneRequest};
 use super::executor::Outcome;
 use super::mask::{Masker, Tail};
 use super::{Trigger, Unit, UnitStatus};
@@ -38,6 +38,10 @@ const CLONE_STOP_SLACK: Duration = Duration::from_secs(10);
 
 /// How long output readers get to drain after their command ended.
 const READER_SETTLE: Duration = Duration::from_secs(1);
+
+/// How often clone progress is logged, and redrawn as a bar on a terminal.
+const LOG_EVERY: Duration = Duration::from_secs(5);
+const BAR_EVERY: Duration = Duration::from_millis(200);
 
 /// How often a process group is checked for leftovers while waiting for it to empty.
 const GROUP_POLL: Duration = Duration::from_millis(50);
@@ -63,6 +67,10 @@ pub struct OutputSink {
     label: String,
     masker: Masker,
     live: bool,
+    /// Draw clone progress as a bar on stderr (live output to a terminal).
+    bar: bool,
+    /// When clone progress was last shown.
+    progress: Mutex<Option<std::time::Instant>>,
     tail: Mutex<Tail>,
 }
 
@@ -73,6 +81,8 @@ impl OutputSink {
             label: format!("{}@{}", unit.repository, unit.branch),
             masker,
             live,
+            bar: live && std::io::stderr().is_terminal(),
+            progress: Mutex::new(None),
             tail: Mutex::new(Tail::new(TAIL_BYTES)),
         }
     }
@@ -106,6 +116,46 @@ impl OutputSink {
         self.keep(&format!("sentry: {message}"));
     }
 
+    /// A clone's progress: a bar on a terminal with live output (`trigger`), else a log
+    /// line every few seconds, so a long clone is never silent.
+    pub fn clone_progress(&self, p: CloneProgress, started: std::time::Instant) {
+        let now = std::time::Instant::now();
+        let mut last = self.progress.lock().unwrap_or_else(PoisonError::into_inner);
+        let every = if self.bar { BAR_EVERY } else { LOG_EVERY };
+        // A clone shorter than `every` stays quiet.
+        if p.total_objects == 0 || now.duration_since(last.unwrap_or(started)) < every {
+            return;
+        }
+        *last = Some(now);
+        let detail = progress_detail(p, now.duration_since(started));
+        if self.bar {
+            let mut err = std::io::stderr().lock();
+            let _ = write!(
+                err,
+                "\r[{}] cloning {}{detail}\x1b[K",
+                self.label,
+                progress_bar(p)
+            );
+            let _ = err.flush();
+        } else {
+            tracing::info!("cloning the QA repository: {detail}");
+        }
+    }
+
+    /// Ends the progress bar's line, if one was drawn.
+    pub fn clone_done(&self, started: std::time::Instant) {
+        let drew = self
+            .progress
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .is_some();
+        if self.bar && drew {
+            let _ = writeln!(std::io::stderr().lock());
+        }
+        tracing::debug!("clone ended after {:.1}s", started.elapsed().as_secs_f64());
+    }
+
     fn keep(&self, line: &str) {
         self.tail
             .lock()
@@ -120,6 +170,31 @@ impl OutputSink {
             .clone()
             .into_string()
     }
+}
+
+/// `45% (900/2000 objects, 12.3 MiB, 7s)`.
+fn progress_detail(p: CloneProgress, elapsed: Duration) -> String {
+    format!(
+        "{}% ({}/{} objects, {:.1} MiB, {:.0}s)",
+        percent(p),
+        p.received_objects,
+        p.total_objects,
+        p.received_bytes as f64 / (1024.0 * 1024.0),
+        elapsed.as_secs_f64()
+    )
+}
+
+/// `[#########-----------] `: 20 cells, one per 5 %.
+fn progress_bar(p: CloneProgress) -> String {
+    let filled = (percent(p) / 5).min(20);
+    format!("[{}{}] ", "#".repeat(filled), "-".repeat(20 - filled))
+}
+
+fn percent(p: CloneProgress) -> usize {
+    (p.received_objects * 100)
+        .checked_div(p.total_objects)
+        .unwrap_or(0)
+        .min(100)
 }
 
 /// Everything one attempt needs.
@@ -198,9 +273,15 @@ async fn clone(a: &Attempt<'_>, dir: &Path) -> Result<(), Outcome> {
     let shutdown = a.shutdown.clone();
     let deadline = a.run.deadline.into_std();
     tracing::info!(repository = %a.repo.name, url = %req.url, branch = %req.branch, "cloning the QA repository");
+    let sink = Arc::clone(a.sink);
+    let span = tracing::Span::current();
+    let started = std::time::Instant::now();
     let mut handle = tokio::task::spawn_blocking(move || {
         let stop = move || shutdown.is_requested() || std::time::Instant::now() >= deadline;
-        checkout::clone_blocking(&req, &stop)
+        let progress = |p| span.in_scope(|| sink.clone_progress(p, started));
+        let cloned = checkout::clone_blocking(&req, &stop, &progress);
+        span.in_scope(|| sink.clone_done(started));
+        cloned
     });
     let joined = tokio::select! {
         joined = &mut handle => Some(joined),
@@ -577,6 +658,64 @@ async fn read_line_capped<R: AsyncBufRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clone_progress_reads_well() {
+        let p = CloneProgress {
+            received_objects: 900,
+            total_objects: 2000,
+            received_bytes: 12_900_000,
+        };
+        assert_eq!(
+            progress_detail(p, Duration::from_secs(7)),
+            "45% (900/2000 objects, 12.3 MiB, 7s)"
+        );
+        assert_eq!(progress_bar(p), "[#########-----------] ");
+        let done = CloneProgress {
+            received_objects: 2000,
+            ..p
+        };
+        assert_eq!(progress_bar(done), format!("[{}] ", "#".repeat(20)));
+        let unknown = CloneProgress {
+            total_objects: 0,
+            ..p
+        };
+        assert_eq!(percent(unknown), 0);
+    }
+
+    #[test]
+    fn long_clones_report_progress_and_short_ones_stay_quiet() {
+        let unit = Unit {
+            repository: "r".into(),
+            branch: "main".into(),
+            previous_sha: None,
+            sha: crate::forge::Sha::parse(&"a".repeat(40)).unwrap(),
+        };
+        let sink = OutputSink::new(&unit, Masker::new(Vec::new()), false);
+        let p = CloneProgress {
+            received_objects: 1,
+            total_objects: 2,
+            received_bytes: 10,
+        };
+        sink.clone_progress(p, std::time::Instant::now());
+        assert!(
+            sink.progress.lock().unwrap().is_none(),
+            "a fresh clone is quiet"
+        );
+        let long_ago = std::time::Instant::now() - LOG_EVERY - Duration::from_secs(1);
+        sink.clone_progress(p, long_ago);
+        let shown = *sink.progress.lock().unwrap();
+        assert!(
+            shown.is_some(),
+            "a clone running longer than LOG_EVERY reports"
+        );
+        sink.clone_progress(p, long_ago);
+        assert_eq!(
+            *sink.progress.lock().unwrap(),
+            shown,
+            "then at most every LOG_EVERY"
+        );
+    }
 
     #[tokio::test]
     async fn long_lines_are_split_and_short_ones_kept_whole() {

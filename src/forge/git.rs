@@ -67,6 +67,34 @@ pub(crate) async fn branch_head(
     pick(&repo, &listed, branch)
 }
 
+/// The full SHA an abbreviated one names, among the heads the remote advertises: the Git
+/// protocol cannot look up an arbitrary commit, only what the server lists.
+pub(crate) async fn commit(
+    http: Arc<Http>,
+    repo: Arc<Repository>,
+    prefix: &str,
+    cancel: &CancellationToken,
+) -> Result<Sha, ForgeError> {
+    let heads = ls_remote(&http, &repo, cancel).await?;
+    let mut found: Vec<&Sha> = heads
+        .values()
+        .filter(|sha| sha.as_str().starts_with(prefix))
+        .collect();
+    found.dedup();
+    match found.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => Err(ForgeError::NotFound(format!(
+            "{}: {prefix} is not the head of any branch of {}; a plain Git host can resolve only those, so give the full 40-hex SHA",
+            repo.name,
+            redact(&repo.monitor.repo_url)
+        ))),
+        _ => Err(ForgeError::NotFound(format!(
+            "{}: {prefix} names more than one branch head; give more characters",
+            repo.name
+        ))),
+    }
+}
+
 fn pick(
     repo: &Repository,
     listed: &Result<BTreeMap<String, Sha>, ForgeError>,

@@ -143,6 +143,32 @@ impl GitHub {
     }
 }
 
+impl GitHub {
+    /// The full SHA of the commit an abbreviated SHA names (`commits/{sha}` answers for
+    /// any unambiguous prefix of at least 7 hex characters; 422 when none or ambiguous).
+    pub async fn commit(
+        &self,
+        prefix: &str,
+        cancel: &CancellationToken,
+    ) -> Result<Sha, ForgeError> {
+        let url = self.url(&format!("commits/{}", encode(prefix)), None);
+        let call = self.call(url, &self.sha_headers, cancel);
+        fetch_sha(
+            &self.http,
+            call,
+            |body| Sha::parse(std::str::from_utf8(body).ok()?),
+            |status, _| match status {
+                StatusCode::UNPROCESSABLE_ENTITY => ForgeError::NotFound(format!(
+                    "{}: no single commit {prefix} in {}",
+                    self.repo.name, self.repo.monitor.project_path
+                )),
+                other => self.refused(other, None),
+            },
+        )
+        .await
+    }
+}
+
 impl Forge for GitHub {
     async fn head(&self, branch: &str, cancel: &CancellationToken) -> Result<Sha, ForgeError> {
         let url = self.url(&format!("commits/refs/heads/{}", encode(branch)), None);

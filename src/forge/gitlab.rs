@@ -86,6 +86,36 @@ impl GitLab {
         })
     }
 
+    /// The full SHA of the commit an abbreviated SHA names:
+    /// `GET …/repository/commits/{sha}` → `id`.
+    pub async fn commit(
+        &self,
+        prefix: &str,
+        cancel: &CancellationToken,
+    ) -> Result<Sha, ForgeError> {
+        let commits_api = self
+            .branches_api
+            .replace("/repository/branches", "/repository/commits");
+        let url = format!("{commits_api}/{}", encode(prefix));
+        let call = self.call(&url, cancel)?;
+        fetch_sha(
+            &self.http,
+            call,
+            |body| {
+                let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+                Sha::parse(value.get("id")?.as_str()?)
+            },
+            |status, body| match status {
+                StatusCode::NOT_FOUND => ForgeError::NotFound(format!(
+                    "{}: no single commit {prefix} in {}",
+                    self.repo.name, self.repo.monitor.project_path
+                )),
+                other => self.refused(other, body, None),
+            },
+        )
+        .await
+    }
+
     fn call<'a>(
         &'a self,
         url: &str,

@@ -248,6 +248,27 @@ impl Forges {
         }
     }
 
+    /// The full SHA of the commit `prefix` (7 to 39 hex characters) names in `repo`, for
+    /// `sentry trigger --sha abc1234`.
+    pub async fn resolve_commit(&self, repo: &Repository, prefix: &str) -> Result<Sha, ForgeError> {
+        let repo = Arc::new(repo.clone());
+        let cancel = CancellationToken::new();
+        let prefix = prefix.to_ascii_lowercase();
+        match repo.monitor.repo_type {
+            RepoType::Git => git::commit(self.http.clone(), repo, &prefix, &cancel).await,
+            RepoType::Github => {
+                github::GitHub::new(self.http.clone(), repo)?
+                    .commit(&prefix, &cancel)
+                    .await
+            }
+            RepoType::Gitlab => {
+                gitlab::GitLab::new(self.http.clone(), repo)?
+                    .commit(&prefix, &cancel)
+                    .await
+            }
+        }
+    }
+
     /// Cumulative counters since start.
     pub fn stats(&self) -> ForgeStats {
         self.http.stats()

@@ -1120,3 +1120,48 @@ async fn git_ls_remote_over_http_with_credentials() {
     let error = only_failure(&observe(&forges, &repo).await, Some("main"));
     assert!(matches!(error, ForgeError::Auth(_)), "{error:?}");
 }
+
+#[tokio::test]
+async fn abbreviated_shas_resolve_through_github_and_gitlab() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/repos/octo/app/commits/abc1234"))
+        .and(header("accept", "application/vnd.github.sha"))
+        .respond_with(ResponseTemplate::new(200).set_body_string(SHA_A))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/repos/octo/app/commits/0000000"))
+        .respond_with(
+            ResponseTemplate::new(422).set_body_string("{\"message\":\"No commit found\"}"),
+        )
+        .mount(&server)
+        .await;
+    let (forges, repo) = github(&server, "", &["main"]);
+    assert_eq!(
+        forges.resolve_commit(&repo, "ABC1234").await.unwrap(),
+        sha(SHA_A)
+    );
+    let err = forges.resolve_commit(&repo, "0000000").await.unwrap_err();
+    assert!(matches!(err, ForgeError::NotFound(_)), "{err:?}");
+    assert!(
+        err.to_string().contains("no single commit 0000000"),
+        "{err}"
+    );
+
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path(
+            "/api/v4/projects/grp%2Fsub%2Fproj/repository/commits/def5678",
+        ))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"id": SHA_B})))
+        .mount(&server)
+        .await;
+    let (forges, repo) = gitlab(&server, &["main"]);
+    assert_eq!(
+        forges.resolve_commit(&repo, "def5678").await.unwrap(),
+        sha(SHA_B)
+    );
+    let err = forges.resolve_commit(&repo, "9999999").await.unwrap_err();
+    assert!(matches!(err, ForgeError::NotFound(_)), "{err:?}");
+}

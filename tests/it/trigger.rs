@@ -276,3 +276,49 @@ fn sigterm_stops_a_trigger_gracefully() {
         "checkout removed"
     );
 }
+
+#[test]
+fn an_abbreviated_sha_is_resolved_to_the_branch_head_it_names() {
+    let s = setup(SEQUENTIAL, &["echo sha=$SENTRY_COMMIT_SHA"], &["true"]);
+    let head = commit(&s.watched[0], "moved");
+    let out = s.trigger(&["--repo", "a", "--sha", &head[..9]]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(
+        out.stdout.contains(&format!("[a@main] sha={head}")),
+        "{}",
+        out.stdout
+    );
+    // A plain Git host can resolve only what it advertises.
+    let out = s.trigger(&["--repo", "a", "--sha", "abcdef0"]);
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert!(
+        out.stderr.contains("give the full 40-hex SHA"),
+        "{}",
+        out.stderr
+    );
+    for bad in [
+        "abc12",
+        "xyz1234",
+        "0123456789abcdef0123456789abcdef012345678",
+    ] {
+        let out = s.trigger(&["--repo", "a", "--sha", bad]);
+        assert_eq!(out.code, Some(2), "{bad}: {out:?}");
+        assert!(out.stderr.contains("7 to 40 hex"), "{bad}: {}", out.stderr);
+    }
+}
+
+#[test]
+fn format_json_prints_one_document_with_every_unit() {
+    let s = setup(SEQUENTIAL, &["echo failing; exit 4"], &["echo fine"]);
+    let out = s.trigger(&["--group", "g", "-o", "json"]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    let doc: serde_json::Value = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}): {}", out.stdout));
+    let units = &doc["runs"][0]["units"];
+    assert_eq!(units[0]["unit"]["repository"], "a", "{doc:#}");
+    assert_eq!(units[0]["status"], "failed");
+    assert_eq!(units[0]["exit_code"], 4);
+    assert_eq!(units[0]["failed_command"], "[1] echo failing; exit 4");
+    assert_eq!(units[1]["status"], "skipped");
+    assert_eq!(units[1]["reason"], "skipped: a@main failed");
+}

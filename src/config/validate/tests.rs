@@ -61,7 +61,9 @@ fn defaults_apply() {
     let config = load_str(yaml, &seed_env()).config.unwrap();
     let g = &config.groups[0];
     assert_eq!(g.execution_strategy, Strategy::Parallel);
-    assert_eq!(g.max_parallel, None);
+    assert_eq!(g.max_parallel, Some(4), "a finite default");
+    assert!(config.max_concurrent_units >= 2);
+    assert_eq!(config.pending_retry, crate::config::PendingRetry::default());
     assert!(!g.continue_on_error);
     assert_eq!(g.deploy_scope, DeployScope::Changed);
     let d = &config.repositories[0].deploy;

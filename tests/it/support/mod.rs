@@ -103,6 +103,18 @@ pub fn init_repo(path: &Path) -> PathBuf {
     path.to_owned()
 }
 
+/// A QA repository at `path` whose one commit on `main` holds an executable `deploy.sh`
+/// with `script` as its text.
+pub fn qa_repo(path: &Path, script: &str) -> PathBuf {
+    std::fs::create_dir_all(path).expect("qa dir");
+    git(path, &["init", "-q"]);
+    write(path, "deploy.sh", script);
+    git(path, &["add", "."]);
+    git(path, &["update-index", "--chmod=+x", "deploy.sh"]);
+    git(path, &["commit", "-q", "-m", "qa"]);
+    path.to_owned()
+}
+
 /// Commits a change to `file.txt` with message `msg`; returns the new HEAD SHA.
 pub fn commit(repo: &Path, msg: &str) -> String {
     let file = repo.join("file.txt");
