@@ -396,8 +396,10 @@ fn replayed_deliveries_and_hint_storms_cost_one_check_per_gap() {
         bg.log()
     );
     std::thread::sleep(Duration::from_secs(1));
-    // 1 first poll + 1 check for delivery-1 + 1 merged check for the storm.
-    assert_eq!(cycles(), 3, "{}", bg.log());
+    // 1 first poll + 1 check for delivery-1 + 1 merged check for the storm (one more if
+    // a slow machine spread the storm over two gaps) — not one per delivery.
+    let checks = cycles();
+    assert!((3..=4).contains(&checks), "{checks} cycles:\n{}", bg.log());
 }
 
 #[test]
