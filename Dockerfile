@@ -1,4 +1,4 @@
-# syntax=docker/dockerfile:1
+# syntax=docker/dockerfile:1@sha256:ecfaec9ed6d810b56388c508f4121597bfbba70d41a6dfeee4d8cad5f295fc32
 #
 # Sentry container image.
 #
@@ -12,17 +12,27 @@
 #
 # Deploy commands usually need kubectl and/or tkn. Add them at build time:
 #
-#   docker build --build-arg EXTRA_TOOLS=kubectl,tkn -t sentry:0.1.0-tools .
+#   docker build --build-arg EXTRA_TOOLS=kubectl \
+#     --build-arg KUBECTL_SHA256=<sha256 of the kubectl binary> -t sentry:0.1.0-tools .
 #
-# Versions are pinned by KUBECTL_VERSION and TKN_VERSION; every download is
-# checked against the checksum its publisher ships next to it.
+# Versions are pinned by KUBECTL_VERSION and TKN_VERSION. The checksum of each
+# download must be given as a build argument (KUBECTL_SHA256, TKN_SHA256), taken
+# from a source you trust other than the download server (release notes, your
+# artifact store): a checksum fetched from the same server as the file proves
+# nothing when that server is compromised. Without it the build fails.
+#
+# Base images are pinned by digest (the digests docker.io served for
+# rust:1.95-bookworm and debian:bookworm-slim on 2026-09-27). To move them:
+#   docker buildx imagetools inspect docker.io/library/debian:bookworm-slim
+# and update the ARGs below (or pass --build-arg RUST_IMAGE=/RUNTIME_IMAGE=).
 
-ARG RUST_VERSION=1.95
+ARG RUST_IMAGE=docker.io/library/rust:1.95-bookworm@sha256:6258907abe69656e41cd992e0b705cdcfabcbbe3db374f92ed2d47121282d4a1
+ARG RUNTIME_IMAGE=docker.io/library/debian:bookworm-slim@sha256:3783cc01769c7b2b1b83a5c5ad96c815348e28ed7da68e2e3687004faa906251
 
 ############################################################################
 # Build stage
 ############################################################################
-FROM rust:${RUST_VERSION}-bookworm AS builder
+FROM ${RUST_IMAGE} AS builder
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
@@ -69,7 +79,7 @@ RUN if [ -n "${VERSION}" ]; then export SENTRY_VERSION="${VERSION}"; fi \
 ############################################################################
 # Runtime stage
 ############################################################################
-FROM debian:bookworm-slim AS runtime
+FROM ${RUNTIME_IMAGE} AS runtime
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
@@ -90,7 +100,9 @@ RUN apt-get update \
 # "tkn" (empty = none). TARGETARCH is set by BuildKit (amd64 or arm64).
 ARG EXTRA_TOOLS=""
 ARG KUBECTL_VERSION=v1.30.6
+ARG KUBECTL_SHA256=""
 ARG TKN_VERSION=0.39.1
+ARG TKN_SHA256=""
 ARG TARGETARCH=amd64
 RUN set -eu; \
     tools=",$(echo "${EXTRA_TOOLS}" | tr -d ' '),"; \
@@ -102,24 +114,24 @@ RUN set -eu; \
     done; \
     case "${tools}" in \
       *,kubectl,*) \
+        if [ -z "${KUBECTL_SHA256}" ]; then echo "kubectl: pass --build-arg KUBECTL_SHA256=<sha256 from a source you trust>" >&2; exit 1; fi; \
         curl -fsSLo /tmp/kubectl "https://dl.k8s.io/release/${KUBECTL_VERSION}/bin/linux/${TARGETARCH}/kubectl"; \
-        echo "$(curl -fsSL "https://dl.k8s.io/release/${KUBECTL_VERSION}/bin/linux/${TARGETARCH}/kubectl.sha256")  /tmp/kubectl" | sha256sum -c -; \
+        echo "${KUBECTL_SHA256}  /tmp/kubectl" | sha256sum -c -; \
         install -m 0755 /tmp/kubectl /usr/local/bin/kubectl; \
         rm -f /tmp/kubectl; \
         kubectl version --client ;; \
     esac; \
     case "${tools}" in \
       *,tkn,*) \
+        if [ -z "${TKN_SHA256}" ]; then echo "tkn: pass --build-arg TKN_SHA256=<sha256 from a source you trust>" >&2; exit 1; fi; \
         case "${TARGETARCH}" in \
           amd64) tkn_arch=x86_64 ;; \
           arm64) tkn_arch=aarch64 ;; \
           *) echo "tkn: unsupported architecture ${TARGETARCH}" >&2; exit 1 ;; \
         esac; \
         tkn_tar="tkn_${TKN_VERSION}_Linux_${tkn_arch}.tar.gz"; \
-        tkn_url="https://github.com/tektoncd/cli/releases/download/v${TKN_VERSION}"; \
-        curl -fsSLo "/tmp/${tkn_tar}" "${tkn_url}/${tkn_tar}"; \
-        tkn_sum="$(curl -fsSL "${tkn_url}/checksums.txt" | awk -v f="${tkn_tar}" '$2 == f { print $1 }')"; \
-        echo "${tkn_sum}  /tmp/${tkn_tar}" | sha256sum -c -; \
+        curl -fsSLo "/tmp/${tkn_tar}" "https://github.com/tektoncd/cli/releases/download/v${TKN_VERSION}/${tkn_tar}"; \
+        echo "${TKN_SHA256}  /tmp/${tkn_tar}" | sha256sum -c -; \
         tar -xzf "/tmp/${tkn_tar}" -C /usr/local/bin tkn; \
         rm -f "/tmp/${tkn_tar}"; \
         tkn version ;; \
@@ -141,13 +153,14 @@ RUN ["sentry", "--version"]
 ARG VERSION=""
 ARG GIT_COMMIT=""
 ARG BUILD_DATE=""
+ARG RUNTIME_IMAGE
 LABEL org.opencontainers.image.title="sentry" \
       org.opencontainers.image.description="Watches Git repositories and runs QA deploy commands for groups of repositories when a watched branch moves" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${GIT_COMMIT}" \
       org.opencontainers.image.created="${BUILD_DATE}" \
       org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.base.name="docker.io/library/debian:bookworm-slim"
+      org.opencontainers.image.base.name="${RUNTIME_IMAGE}"
 
 ENV SENTRY_CONFIG=/etc/sentry/sentry.yaml \
     HOME=/home/sentry

@@ -12,6 +12,10 @@ BUILD_DATE := $(shell date -u +%Y-%m-%dT%H:%M:%SZ)
 TAG        ?= $(VERSION)
 # Extra tools baked into the image: "", "kubectl", "tkn" or "kubectl,tkn".
 EXTRA_TOOLS ?=
+# SHA-256 of the kubectl binary and of the tkn tarball, from a source you trust
+# (required when EXTRA_TOOLS names the tool; see the Dockerfile).
+KUBECTL_SHA256 ?=
+TKN_SHA256 ?=
 
 CROSS_TARGETS := x86_64-unknown-linux-musl aarch64-unknown-linux-musl
 DIST_DIR      := dist
@@ -30,7 +34,7 @@ DESTDIR       ?=
 INSTALL_BIN   ?= target/release/sentry
 INSTALL_BUILD ?= release
 
-.PHONY: help build release install test lint fmt demo docker cross-compile \
+.PHONY: help build release install test lint audit fmt demo docker cross-compile \
         helm-lint k8s-validate dockerfile-lint packaging-tools packaging-check clean
 
 help: ## List the targets
@@ -61,9 +65,17 @@ install: $(INSTALL_BUILD) ## Install the binary, man pages and bash/zsh/fish com
 test: ## Run all tests
 	$(CARGO) test --locked --all-targets
 
-lint: ## rustfmt check and clippy with warnings as errors
+lint: ## rustfmt check, clippy with warnings as errors, cargo deny (licenses, bans, sources)
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
+	@command -v cargo-deny >/dev/null 2>&1 || { \
+		echo "lint: cargo-deny is not installed; install it with: cargo install --locked cargo-deny" >&2; exit 1; }
+	$(CARGO) deny --locked check licenses bans sources
+
+audit: ## cargo deny check advisories (fetches the RustSec database: needs the network)
+	@command -v cargo-deny >/dev/null 2>&1 || { \
+		echo "audit: cargo-deny is not installed; install it with: cargo install --locked cargo-deny" >&2; exit 1; }
+	$(CARGO) deny --locked check advisories
 
 fmt: ## Format the code
 	$(CARGO) fmt --all
@@ -77,6 +89,8 @@ docker: ## Build the container image IMAGE:TAG (default sentry:<crate version>) 
 		--build-arg GIT_COMMIT="$(GIT_COMMIT)" \
 		--build-arg BUILD_DATE="$(BUILD_DATE)" \
 		--build-arg EXTRA_TOOLS="$(EXTRA_TOOLS)" \
+		--build-arg KUBECTL_SHA256="$(KUBECTL_SHA256)" \
+		--build-arg TKN_SHA256="$(TKN_SHA256)" \
 		-t "$(IMAGE):$(TAG)" .
 
 cross-compile: ## Static musl binaries for x86_64 and aarch64 Linux into dist/ (cross or cargo-zigbuild)

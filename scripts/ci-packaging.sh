@@ -179,6 +179,25 @@ render_chart() { # values-file output-file [extra helm args...]
         --kube-version "$K8S_VERSION" -f "$CHART_DIR/$values" "$@" > "$out"
 }
 
+# Prints NOTES.txt as rendered with `--set $1`. `helm template` skips NOTES.txt and
+# `helm install --dry-run` needs a cluster, so a copy of the chart renders it
+# through `tpl` inside a ConfigMap.
+render_notes() { # set-args
+    local copy="$WORK/notes-chart"
+    rm -rf "$copy" && cp -r "$CHART_DIR" "$copy" || return 1
+    cp "$copy/templates/NOTES.txt" "$copy/notes-check.txt"
+    cat > "$copy/templates/zz-notes-check.yaml" <<'TPL'
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: notes-check
+data:
+  notes: {{ tpl (.Files.Get "notes-check.txt") . | quote }}
+TPL
+    "$HELM" template sentry "$copy" --namespace sentry-system \
+        --kube-version "$K8S_VERSION" --set "$1" --show-only templates/zz-notes-check.yaml
+}
+
 check_helm() {
     log "helm ($("$HELM" version --short)) on $CHART_DIR"
     local v out crate_version app_version
@@ -209,6 +228,38 @@ check_helm() {
             fail "helm template -f $v"
         fi
     done
+
+    # The RBAC variants (the deployer's rules in the release namespace, and the
+    # cluster-wide opt-in, which must come with the NOTES.txt warning) and the
+    # separate webhook listener.
+    for args in "rbac.deployer=true" "rbac.deployer=true,rbac.clusterWide=true" \
+        "config.server.webhook_listen=0.0.0.0:8081"; do
+        out="$WORK/rbac-${args//[^a-zA-Z]/_}.yaml"
+        if quiet render_chart values.yaml "$out" --set "$args" \
+            && quiet "$KUBEVAL" --strict --quiet -k "$K8S_VERSION" "$out"; then
+            ok "helm template --set $args | kubernetes-validate --strict"
+        else
+            fail "helm template --set $args | kubernetes-validate --strict"
+        fi
+        if quiet "$HELM" lint --strict "$CHART_DIR" --set "$args"; then
+            ok "helm lint --strict --set $args"
+        else
+            fail "helm lint --strict --set $args"
+        fi
+    done
+    if render_notes "rbac.deployer=true,rbac.clusterWide=true" | grep -q "EVERY namespace"; then
+        ok "NOTES.txt warns about rbac.clusterWide=true"
+    else
+        fail "NOTES.txt does not warn about rbac.clusterWide=true"
+    fi
+    # The default must stay namespace-scoped and token-less.
+    out="$WORK/rendered-values.yaml"
+    if grep -qE "^kind: Cluster(Role|RoleBinding)" "$out" \
+        || ! grep -q "automountServiceAccountToken: false" "$out"; then
+        fail "the default chart grants cluster-wide rights or mounts the ServiceAccount token"
+    else
+        ok "the default chart is namespace-scoped and mounts no token"
+    fi
 
     # Sentry has no leader election: these must refuse to render.
     local args msg

@@ -15,6 +15,7 @@ pub(crate) mod commands;
 pub(crate) mod config;
 pub(crate) mod deploy;
 pub(crate) mod forge;
+pub(crate) mod hardening;
 pub(crate) mod memory;
 pub(crate) mod monitor;
 pub(crate) mod output;

@@ -5,32 +5,61 @@
 //! Nothing from a payload (SHA, branch, URL) reaches a deployment. Each webhook endpoint
 //! answers 404 unless its secret is configured; signatures and tokens are compared in
 //! constant time.
+//!
+//! The server faces strangers, so every resource a client can hold is bounded: the time to
+//! send headers (`server.header_timeout`) and to finish a request
+//! (`server.request_timeout`), the connections per listener (`server.max_connections`),
+//! and the webhook bodies buffered at once ([`MAX_BODY_READS`]). A webhook request without
+//! its signature or token header is refused before its body is read. Verified deliveries
+//! seen before are dropped, and hints for one repository are coalesced to one per
+//! [`HINT_MIN_GAP`]. With `server.webhook_listen`, webhooks get a listener of their own
+//! and the main one serves only probes and metrics.
 
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use hmac::{Hmac, Mac};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tokio::sync::mpsc;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, RepoType};
+use crate::config::{Config, RepoType, ServerConfig};
 use crate::monitor::Health;
 use crate::shutdown::Shutdown;
 use crate::telemetry::metrics::Metrics;
 
 /// Webhook bodies beyond this are refused with 413.
 pub const MAX_WEBHOOK_BODY: usize = 5 * 1024 * 1024;
+
+/// Webhook bodies read at once; more requests wait (within the request timeout), so that
+/// strangers cannot make Sentry buffer more than this many times [`MAX_WEBHOOK_BODY`].
+pub const MAX_BODY_READS: usize = 4;
+
+/// At most one check per repository is asked for within this gap; hints inside it are
+/// merged into one check at its end.
+pub const HINT_MIN_GAP: Duration = Duration::from_secs(5);
+
+/// Delivery ids remembered to drop replays (oldest forgotten first).
+const MAX_DELIVERIES: usize = 4096;
+
+/// At most one WARN line per endpoint per this period for rejected webhooks; the others
+/// are counted and logged at debug.
+const WARN_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
 pub struct AppState {
@@ -43,42 +72,156 @@ pub struct AppState {
     pub started: Instant,
 }
 
+/// What the handlers share: the application state and the server's own bookkeeping.
+struct Shared {
+    app: AppState,
+    body_reads: Semaphore,
+    deliveries: Mutex<Deliveries>,
+    hints: Mutex<HintGate>,
+    github_warn: RateLimitedWarn,
+    gitlab_warn: RateLimitedWarn,
+}
+
+type S = Arc<Shared>;
+
+fn shared(state: AppState) -> S {
+    Arc::new(Shared {
+        app: state,
+        body_reads: Semaphore::new(MAX_BODY_READS),
+        deliveries: Mutex::new(Deliveries::default()),
+        hints: Mutex::new(HintGate::default()),
+        github_warn: RateLimitedWarn::default(),
+        gitlab_warn: RateLimitedWarn::default(),
+    })
+}
+
+/// Every endpoint on one router.
 pub fn router(state: AppState) -> Router {
+    let timeout = state.config.server.request_timeout;
+    let s = shared(state);
+    timed(probes(s.clone()).merge(webhooks(s)), timeout)
+}
+
+fn probes(s: S) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/webhooks/github", post(github_webhook))
-        .route("/webhooks/gitlab", post(gitlab_webhook))
-        .layer(DefaultBodyLimit::max(MAX_WEBHOOK_BODY))
-        .with_state(state)
+        .with_state(s)
 }
 
-/// Binds `addr` and serves until `stop` is cancelled. Returns the bound address (useful
-/// with port 0) once listening; serving continues in a spawned task.
+fn webhooks(s: S) -> Router {
+    Router::new()
+        .route("/webhooks/github", post(github_webhook))
+        .route("/webhooks/gitlab", post(gitlab_webhook))
+        .with_state(s)
+}
+
+/// Answers 408 when a request (body included) takes longer than `limit`.
+async fn limit_time(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => StatusCode::REQUEST_TIMEOUT.into_response(),
+    }
+}
+
+/// `app` with every request bounded by `limit`.
+fn timed(app: Router, limit: Duration) -> Router {
+    app.layer(axum::middleware::from_fn_with_state(limit, limit_time))
+}
+
+/// Binds the listener(s) and serves until `stop` is cancelled. Returns the main bound
+/// address (useful with port 0) once listening; serving continues in a spawned task.
 pub async fn serve(
     addr: SocketAddr,
     state: AppState,
     stop: CancellationToken,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let limits = state.config.server.clone();
+    let timeout = limits.request_timeout;
+    let s = shared(state);
+    let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
+    let mut tasks = Vec::new();
+    let main_app = match limits.webhook_listen {
+        Some(hook_addr) => {
+            let hooks = TcpListener::bind(hook_addr).await?;
+            tracing::info!("webhook server listening on {}", hooks.local_addr()?);
+            let app = timed(webhooks(s.clone()), timeout);
+            tasks.push(tokio::spawn(accept_loop(
+                hooks,
+                app,
+                limits.clone(),
+                stop.clone(),
+            )));
+            probes(s)
+        }
+        None => probes(s.clone()).merge(webhooks(s)),
+    };
     tracing::info!("http server listening on {bound}");
-    let app = router(state);
+    let app = timed(main_app, timeout);
+    tasks.push(tokio::spawn(accept_loop(listener, app, limits, stop)));
     let handle = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
-        if let Err(e) = served {
-            tracing::error!("http server failed: {e}");
+        for task in tasks {
+            let _ = task.await;
         }
     });
     Ok((bound, handle))
 }
 
+/// Accepts at most `max_connections` connections at once and serves each with HTTP/1.1,
+/// a header-read timeout and a bound on its lifetime.
+async fn accept_loop(
+    listener: TcpListener,
+    app: Router,
+    limits: ServerConfig,
+    stop: CancellationToken,
+) {
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // A keep-alive connection lives at most this long, so a slow client cannot hold a
+    // slot by trickling requests.
+    let lifetime = limits.request_timeout * 4;
+    loop {
+        let permit = tokio::select! {
+            () = stop.cancelled() => break,
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
+        let stream = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, typically: back off instead of spinning.
+                    tracing::debug!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .serve_connection(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _ = tokio::time::timeout(lifetime, connection).await;
+        });
+    }
+    drop(listener);
+    // Requests in flight get a moment to finish.
+    let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
+}
+
 /// 503 once the last completed cycle is older than 3 polling intervals plus the request
 /// timeout: the loop has stalled and the pod should be restarted.
-async fn healthz(State(s): State<AppState>) -> Response {
+async fn healthz(State(s): State<S>) -> Response {
+    let s = &s.app;
     let limit = s.config.polling_interval * 3 + s.config.request_timeout;
     let (healthy, last, age) = match s.health.last_cycle_end() {
         Some(last) => {
@@ -102,7 +245,8 @@ async fn healthz(State(s): State<AppState>) -> Response {
     (code, axum::Json(body)).into_response()
 }
 
-async fn readyz(State(s): State<AppState>) -> Response {
+async fn readyz(State(s): State<S>) -> Response {
+    let s = &s.app;
     let ready = s.health.is_ready() && !s.shutdown.is_requested();
     let (code, status) = if ready {
         (StatusCode::OK, "ready")
@@ -117,51 +261,240 @@ async fn readyz(State(s): State<AppState>) -> Response {
     (code, axum::Json(json!({ "status": status }))).into_response()
 }
 
-async fn metrics(State(s): State<AppState>) -> Response {
+async fn metrics(State(s): State<S>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        s.metrics.encode(),
+        s.app.metrics.encode(),
     )
         .into_response()
 }
 
-async fn github_webhook(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    let Some(secret) = &s.config.webhooks.github_secret else {
+async fn github_webhook(State(s): State<S>, req: Request) -> Response {
+    let Some(secret) = s.app.config.webhooks.github_secret.clone() else {
         return StatusCode::NOT_FOUND.into_response();
     };
-    let signature = header_str(&headers, "x-hub-signature-256");
-    if !github_signature_valid(secret.expose_secret().as_bytes(), &body, signature) {
-        tracing::warn!("github webhook rejected: missing or wrong X-Hub-Signature-256");
+    let (parts, body) = req.into_parts();
+    let headers = &parts.headers;
+    // Refused before the body is read: a stranger costs a header parse, not 5 MiB.
+    let Some(signature) = header_str(headers, "x-hub-signature-256")
+        .filter(|sig| sig.starts_with("sha256=") && sig.len() == 7 + 64)
+    else {
+        s.github_warn
+            .warn("github webhook rejected: missing or malformed X-Hub-Signature-256");
+        return StatusCode::UNAUTHORIZED.into_response();
+    };
+    let body = match read_body(&s, headers, body).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    if !github_signature_valid(secret.expose_secret().as_bytes(), &body, Some(signature)) {
+        s.github_warn
+            .warn("github webhook rejected: wrong X-Hub-Signature-256");
         return StatusCode::UNAUTHORIZED.into_response();
     }
-    match header_str(&headers, "x-github-event").unwrap_or_default() {
+    if s.replayed(header_str(headers, "x-github-delivery")) {
+        return ignored("delivery already received");
+    }
+    match header_str(headers, "x-github-event").unwrap_or_default() {
         "ping" => (StatusCode::OK, axum::Json(json!({ "status": "pong" }))).into_response(),
         "push" => match serde_json::from_slice::<Value>(&body) {
-            Ok(payload) => schedule(&s, &payload, RepoType::Github).await,
+            Ok(payload) => schedule(&s, &payload, RepoType::Github),
             Err(_) => bad_json(),
         },
         other => ignored(&format!("event {other:?} is not a push")),
     }
 }
 
-async fn gitlab_webhook(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    let Some(expected) = &s.config.webhooks.gitlab_token else {
+async fn gitlab_webhook(State(s): State<S>, req: Request) -> Response {
+    let Some(expected) = s.app.config.webhooks.gitlab_token.clone() else {
         return StatusCode::NOT_FOUND.into_response();
     };
-    let given = header_str(&headers, "x-gitlab-token").unwrap_or_default();
-    if !bool::from(given.as_bytes().ct_eq(expected.expose_secret().as_bytes())) {
-        tracing::warn!("gitlab webhook rejected: missing or wrong X-Gitlab-Token");
+    let (parts, body) = req.into_parts();
+    let headers = &parts.headers;
+    // GitLab sends the token itself, so it is checked before the body is read.
+    let given = header_str(headers, "x-gitlab-token").unwrap_or_default();
+    if !gitlab_token_valid(expected.expose_secret(), given) {
+        s.gitlab_warn
+            .warn("gitlab webhook rejected: missing or wrong X-Gitlab-Token");
         return StatusCode::UNAUTHORIZED.into_response();
     }
-    match header_str(&headers, "x-gitlab-event").unwrap_or_default() {
+    let body = match read_body(&s, headers, body).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    if s.replayed(header_str(headers, "x-gitlab-event-uuid")) {
+        return ignored("delivery already received");
+    }
+    match header_str(headers, "x-gitlab-event").unwrap_or_default() {
         "Push Hook" => match serde_json::from_slice::<Value>(&body) {
-            Ok(payload) => schedule(&s, &payload, RepoType::Gitlab).await,
+            Ok(payload) => schedule(&s, &payload, RepoType::Gitlab),
             Err(_) => bad_json(),
         },
         other => ignored(&format!("event {other:?} is not a push hook")),
+    }
+}
+
+/// Reads a webhook body of at most [`MAX_WEBHOOK_BODY`] bytes, at most
+/// [`MAX_BODY_READS`] at once.
+async fn read_body(s: &Shared, headers: &HeaderMap, body: Body) -> Result<Bytes, Response> {
+    let declared = header_str(headers, "content-length").and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_WEBHOOK_BODY as u64) {
+        return Err(StatusCode::PAYLOAD_TOO_LARGE.into_response());
+    }
+    let Ok(_permit) = s.body_reads.acquire().await else {
+        return Err(StatusCode::SERVICE_UNAVAILABLE.into_response());
+    };
+    axum::body::to_bytes(body, MAX_WEBHOOK_BODY)
+        .await
+        .map_err(|_| StatusCode::PAYLOAD_TOO_LARGE.into_response())
+}
+
+/// Compares SHA-256 digests in constant time: neither the token's content nor its length
+/// shows in the time the comparison takes.
+pub fn gitlab_token_valid(expected: &str, given: &str) -> bool {
+    let expected = Sha256::digest(expected.as_bytes());
+    let given = Sha256::digest(given.as_bytes());
+    bool::from(expected.ct_eq(&given))
+}
+
+impl Shared {
+    /// Whether a verified delivery id was seen before (then it is dropped).
+    fn replayed(&self, id: Option<&str>) -> bool {
+        let Some(id) = id.filter(|id| !id.is_empty() && id.len() <= 128) else {
+            return false;
+        };
+        let replayed = !self
+            .deliveries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id);
+        if replayed {
+            tracing::debug!(delivery = %id.escape_debug(), "webhook delivery replayed; dropped");
+        }
+        replayed
+    }
+}
+
+/// The last [`MAX_DELIVERIES`] delivery ids.
+#[derive(Default)]
+struct Deliveries {
+    order: VecDeque<String>,
+    seen: HashSet<String>,
+}
+
+impl Deliveries {
+    /// Remembers `id`; false when it was already there.
+    fn insert(&mut self, id: &str) -> bool {
+        if self.seen.contains(id) {
+            return false;
+        }
+        if self.order.len() >= MAX_DELIVERIES {
+            if let Some(oldest) = self.order.pop_front() {
+                self.seen.remove(&oldest);
+            }
+        }
+        self.order.push_back(id.to_owned());
+        self.seen.insert(id.to_owned());
+        true
+    }
+}
+
+/// Per-repository coalescing of webhook hints: a repository is asked for at most once per
+/// [`HINT_MIN_GAP`]; hints inside the gap are merged into one at its end.
+#[derive(Default)]
+struct HintGate {
+    last: HashMap<String, Instant>,
+    pending: BTreeSet<String>,
+    flush_scheduled: bool,
+}
+
+impl HintGate {
+    /// Splits `repos` into those to check now and those deferred; returns the first and
+    /// whether a flush must be scheduled.
+    fn offer(&mut self, repos: Vec<String>, now: Instant) -> (Vec<String>, bool) {
+        let mut due = Vec::new();
+        for repo in repos {
+            let recent = self
+                .last
+                .get(&repo)
+                .is_some_and(|at| now.duration_since(*at) < HINT_MIN_GAP);
+            if recent {
+                self.pending.insert(repo);
+            } else {
+                self.last.insert(repo.clone(), now);
+                due.push(repo);
+            }
+        }
+        let schedule = !self.pending.is_empty() && !self.flush_scheduled;
+        if schedule {
+            self.flush_scheduled = true;
+        }
+        (due, schedule)
+    }
+
+    /// The deferred repositories, now due.
+    fn flush(&mut self, now: Instant) -> Vec<String> {
+        self.flush_scheduled = false;
+        let due: Vec<String> = std::mem::take(&mut self.pending).into_iter().collect();
+        for repo in &due {
+            self.last.insert(repo.clone(), now);
+        }
+        due
+    }
+}
+
+/// Sends `repos` to the monitor through the hint gate.
+fn send_hints(s: &S, repos: Vec<String>) {
+    let (due, schedule) = s
+        .hints
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .offer(repos, Instant::now());
+    if !due.is_empty() && s.app.hints.try_send(due).is_err() {
+        tracing::warn!("webhook: check queue is full; polling will catch up");
+    }
+    if schedule {
+        let s = s.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(HINT_MIN_GAP).await;
+            let due = s
+                .hints
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .flush(Instant::now());
+            if !due.is_empty() && s.app.hints.try_send(due).is_err() {
+                tracing::debug!("webhook: check queue is full; polling will catch up");
+            }
+        });
+    }
+}
+
+/// A WARN line at most once per [`WARN_EVERY`]; the rest at debug, counted.
+#[derive(Default)]
+struct RateLimitedWarn {
+    last: Mutex<Option<Instant>>,
+    suppressed: AtomicU64,
+}
+
+impl RateLimitedWarn {
+    fn warn(&self, message: &str) {
+        let now = Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        if last.is_some_and(|at| now.duration_since(at) < WARN_EVERY) {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!("{message}");
+            return;
+        }
+        *last = Some(now);
+        let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
+        if suppressed > 0 {
+            tracing::warn!("{message} ({suppressed} more since the last such line)");
+        } else {
+            tracing::warn!("{message}");
+        }
     }
 }
 
@@ -182,7 +515,7 @@ pub fn github_signature_valid(secret: &[u8], body: &[u8], signature: Option<&str
 
 /// Finds the configured repositories a push names, and asks for an immediate check of
 /// those that watch the pushed branch.
-async fn schedule(s: &AppState, payload: &Value, forge: RepoType) -> Response {
+fn schedule(shared: &S, payload: &Value, forge: RepoType) -> Response {
     let ids = crate::forge::kind::of(forge)
         .webhook
         .as_ref()
@@ -198,6 +531,7 @@ async fn schedule(s: &AppState, payload: &Value, forge: RepoType) -> Response {
         .iter()
         .filter_map(|(obj, key)| payload.get(*obj)?.get(*key)?.as_str())
         .collect();
+    let s = &shared.app;
     let repos: Vec<String> = s
         .config
         .repositories
@@ -209,10 +543,12 @@ async fn schedule(s: &AppState, payload: &Value, forge: RepoType) -> Response {
     if repos.is_empty() {
         return ignored("no configured repository watches this branch");
     }
-    tracing::info!(branch, "webhook: checking {} now", repos.join(", "));
-    if s.hints.try_send(repos.clone()).is_err() {
-        tracing::warn!("webhook: check queue is full; polling will catch up");
-    }
+    tracing::info!(
+        branch = %branch.escape_debug(),
+        "webhook: checking {} now",
+        repos.join(", ")
+    );
+    send_hints(shared, repos.clone());
     (
         StatusCode::ACCEPTED,
         axum::Json(json!({ "checking": repos })),
@@ -321,30 +657,73 @@ mod tests {
     async fn healthz_fails_when_the_loop_stalls() {
         let health = Health::default();
         health.cycle_completed_at(SystemTime::now() - Duration::from_secs(10));
-        assert_eq!(healthz(State(state(health))).await.status(), StatusCode::OK);
+        assert_eq!(
+            healthz(State(shared(state(health)))).await.status(),
+            StatusCode::OK
+        );
         // 3 × 10 s + 5 s = 35 s; a cycle 40 s ago means the loop stalled.
         let stalled = Health::default();
         stalled.cycle_completed_at(SystemTime::now() - Duration::from_secs(40));
         assert_eq!(
-            healthz(State(state(stalled))).await.status(),
+            healthz(State(shared(state(stalled)))).await.status(),
             StatusCode::SERVICE_UNAVAILABLE
         );
     }
 
     #[tokio::test]
     async fn readyz_follows_first_cycle_and_shutdown() {
-        let s = state(Health::default());
+        let s = shared(state(Health::default()));
         assert_eq!(
             readyz(State(s.clone())).await.status(),
             StatusCode::SERVICE_UNAVAILABLE
         );
-        s.health.set_ready(true);
+        s.app.health.set_ready(true);
         assert_eq!(readyz(State(s.clone())).await.status(), StatusCode::OK);
-        s.shutdown.request();
+        s.app.shutdown.request();
         assert_eq!(
             readyz(State(s)).await.status(),
             StatusCode::SERVICE_UNAVAILABLE
         );
+    }
+
+    #[test]
+    fn gitlab_tokens_compare_by_digest() {
+        assert!(gitlab_token_valid("tok-123", "tok-123"));
+        assert!(!gitlab_token_valid("tok-123", "tok-12"));
+        assert!(!gitlab_token_valid("tok-123", ""));
+        assert!(!gitlab_token_valid("tok-123", "tok-1234"));
+    }
+
+    #[test]
+    fn deliveries_are_remembered_within_a_bound() {
+        let mut d = Deliveries::default();
+        assert!(d.insert("a"));
+        assert!(!d.insert("a"));
+        for i in 0..MAX_DELIVERIES {
+            d.insert(&i.to_string());
+        }
+        assert_eq!(d.order.len(), MAX_DELIVERIES);
+        assert_eq!(d.seen.len(), MAX_DELIVERIES);
+        assert!(d.insert("a"), "the oldest id was forgotten");
+    }
+
+    #[test]
+    fn hints_for_one_repository_are_coalesced() {
+        let mut gate = HintGate::default();
+        let t0 = Instant::now();
+        let (due, schedule) = gate.offer(vec!["a".into(), "b".into()], t0);
+        assert_eq!((due.len(), schedule), (2, false));
+        let (due, schedule) = gate.offer(vec!["a".into()], t0 + Duration::from_secs(1));
+        assert_eq!((due.len(), schedule), (0, true));
+        let (due, schedule) = gate.offer(vec!["a".into()], t0 + Duration::from_secs(2));
+        assert_eq!(
+            (due.len(), schedule),
+            (0, false),
+            "one flush for many hints"
+        );
+        assert_eq!(gate.flush(t0 + HINT_MIN_GAP), ["a"]);
+        let (due, _) = gate.offer(vec!["b".into()], t0 + HINT_MIN_GAP);
+        assert_eq!(due, ["b"]);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! `304 Not Modified`, counts requests, and moves branches when told to.
 //!
 //! Routes (everything else is `404`):
-//! - `GET /repos/{o}/{r}/commits/{branch}`: the bare 40-hex SHA with
+//! - `GET /repos/{o}/{r}/commits/refs/heads/{branch}`: the bare 40-hex SHA with
 //!   `Accept: application/vnd.github.sha`, else `{"sha": …}`; ETag `"<sha>"`; `422` for a
 //!   missing branch, as GitHub does.
 //! - `GET /repos/{o}/{r}/branches?per_page=100[&page=N]`: the branches sorted by name, 100
@@ -262,7 +262,7 @@ impl Model {
     fn changed_url(&self, repo: usize, branch: &str) -> String {
         let r = &self.repos[repo];
         if !r.pattern {
-            return format!("{}/commits/{branch}", r.path);
+            return format!("{}/commits/refs/heads/{branch}", r.path);
         }
         let position = r.branches.keys().position(|b| b == branch).unwrap_or(0);
         format!("{}/branches/{}", r.path, position / PER_PAGE + 1)
@@ -376,7 +376,7 @@ fn resolve(shared: &Shared, path: &str, query: Option<&str>, headers: &HeaderMap
         return Answer::Missing(StatusCode::NOT_FOUND);
     };
     let repo = &model.repos[*repo];
-    if let Some(branch) = tail.strip_prefix("commits/") {
+    if let Some(branch) = tail.strip_prefix("commits/refs/heads/") {
         let branch = percent_encoding::percent_decode_str(branch).decode_utf8_lossy();
         let Some(sha) = repo.branches.get(branch.as_ref()) else {
             return Answer::Missing(StatusCode::UNPROCESSABLE_ENTITY);

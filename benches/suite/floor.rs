@@ -108,7 +108,7 @@ impl Floor {
                 tasks.spawn(async move { me.walk(format!("{api}/branches?per_page=100")).await });
             } else {
                 for branch in &repo.watched {
-                    let (me, url) = (self.clone(), format!("{api}/commits/{branch}"));
+                    let (me, url) = (self.clone(), format!("{api}/commits/refs/heads/{branch}"));
                     tasks.spawn(async move {
                         let (_, not_modified) = me.get(&url, SHA).await?;
                         Ok((1, u64::from(not_modified)))

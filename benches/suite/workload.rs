@@ -2,7 +2,7 @@
 //! every tenth repository watching a pattern instead, and the `sentry.yaml` that watches it.
 //!
 //! - An *exact* repository `bench/rNNNN` has branches `main` and `dev` and watches both:
-//!   one `GET /repos/bench/rNNNN/commits/{branch}` each per cycle.
+//!   one `GET /repos/bench/rNNNN/commits/refs/heads/{branch}` each per cycle.
 //! - A *pattern* repository (every tenth) has 119 `feature/NNN` branches, `main`,
 //!   `release/1` and `release/2`, and watches `release/*`: its listing is two pages of
 //!   `GET /repos/bench/rNNNN/branches?per_page=100`, and the two watched branches sit on

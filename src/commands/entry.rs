@@ -13,6 +13,8 @@ use crate::{Exit, output, telemetry};
 /// how it ended. `sentry`'s `main` calls only this.
 pub fn main(raw: Vec<OsString>) -> Exit {
     crate::memory::tune();
+    // Before any thread exists: no core dumps, as many descriptors as allowed.
+    let hardened = crate::hardening::at_start();
     let early = cli::early_options(&raw);
     let args = match cli::normalize_args(raw) {
         Ok(args) => args,
@@ -36,6 +38,10 @@ pub fn main(raw: Vec<OsString>) -> Exit {
     };
     output::set_color(cli.color);
     telemetry::init(cli.log_level, cli.log_format, output::stderr_color());
+    for problem in &hardened.problems {
+        tracing::warn!("{problem}");
+    }
+    tracing::debug!(open_files = hardened.open_files, "process limits set");
     super::run(cli)
 }
 

@@ -48,6 +48,11 @@ impl Env {
         from_process.or_else(|| self.file_vars.get(name).cloned())
     }
 
+    /// Every value the env file holds (masked in command output).
+    pub fn file_values(&self) -> impl Iterator<Item = &String> {
+        self.file_vars.values()
+    }
+
     /// Variables from the env file that the process environment does not already set;
     /// deploy commands get them too.
     pub fn file_only_vars(&self) -> impl Iterator<Item = (&String, &String)> {
@@ -58,6 +63,16 @@ impl Env {
                 None => std::env::var_os(k).is_none(),
             })
     }
+}
+
+/// Whether `value` is exactly one `${VAR}` or `${VAR:-default}` reference: such a value
+/// comes from the environment whole, the way credentials are passed, and is masked.
+pub fn is_single_reference(value: &str) -> bool {
+    let Some(inner) = value.strip_prefix("${").and_then(|v| v.strip_suffix('}')) else {
+        return false;
+    };
+    let name = inner.split_once(":-").map_or(inner, |(name, _)| name);
+    is_var_name(name) && !inner.contains(['{', '}', '$'])
 }
 
 /// Why a value could not be expanded. The path of the field is added by the caller.

@@ -23,6 +23,7 @@ use secrecy::SecretString;
 use serde::Serialize;
 
 pub use expand::Env;
+pub(crate) use validate::check_branch_name;
 
 /// A validated configuration. Every field holds a checked value.
 #[derive(Debug, Clone)]
@@ -43,6 +44,9 @@ pub struct Config {
     pub groups: Vec<Group>,
     /// In the order of the file.
     pub repositories: Vec<Arc<Repository>>,
+    /// Values masked in command output besides tokens and `deploy.env` secrets: every value
+    /// the env file supplied, and the values of the variables named in `secret_env`.
+    pub masked_values: Vec<SecretString>,
 }
 
 /// Backoff for units that could not run: `initial`, doubling up to `max`.
@@ -65,6 +69,11 @@ impl Default for PendingRetry {
 pub struct ServerConfig {
     pub enabled: bool,
     pub listen: SocketAddr,
+    /// Webhooks on a listener of their own; `None`: on `listen`.
+    pub webhook_listen: Option<SocketAddr>,
+    pub header_timeout: Duration,
+    pub request_timeout: Duration,
+    pub max_connections: usize,
     /// Where people reach Sentry, without a trailing slash; links point below it.
     pub public_url: Option<String>,
 }
@@ -340,6 +349,9 @@ pub struct Deploy {
     pub project_name: String,
     pub commands: Vec<String>,
     pub env: BTreeMap<String, String>,
+    /// Names in `env` whose values are masked: `deploy.secret_env` and the values written
+    /// as a single `${VAR}` reference.
+    pub secret_env: std::collections::BTreeSet<String>,
     pub timeout: Option<Duration>,
     pub retries: u32,
     pub shell: String,
@@ -364,12 +376,21 @@ impl Config {
             .filter(move |r| r.group == group)
     }
 
-    /// Every secret value in the configuration, for masking command output.
+    /// Every secret value in the configuration, for masking command output: tokens,
+    /// webhook secrets, the `deploy.env` values marked secret, every env-file value and the
+    /// variables named in the top-level `secret_env`.
     pub fn secrets(&self) -> Vec<SecretString> {
         let auths = self
             .repositories
             .iter()
             .flat_map(|r| [&r.monitor.auth, &r.deploy.auth]);
+        let secret_env = self.repositories.iter().flat_map(|r| {
+            r.deploy
+                .secret_env
+                .iter()
+                .filter_map(|name| r.deploy.env.get(name))
+                .map(|value| SecretString::from(value.as_str()))
+        });
         auths
             .filter_map(|a| a.token.clone())
             .chain(self.webhooks.github_secret.clone())
@@ -379,6 +400,8 @@ impl Config {
                     .into_iter()
                     .flatten()
             }))
+            .chain(secret_env)
+            .chain(self.masked_values.iter().cloned())
             .collect()
     }
 

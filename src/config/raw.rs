@@ -21,7 +21,8 @@ pub struct RawConfig {
     pub polling_interval: Option<RawDuration>,
     /// Where the last handled SHA of every branch is kept. Default `.sentry/state.json`.
     pub state_file: Option<String>,
-    /// Directory for in-flight QA checkouts. Default `<system temp dir>/sentry`.
+    /// Directory for in-flight QA checkouts, private to Sentry's user. Default
+    /// `$HOME/.cache/sentry/work`, else `<system temp dir>/sentry-<uid>`.
     pub work_dir: Option<String>,
     /// How long running commands get to stop after SIGTERM before they are killed. Default `20s`.
     pub shutdown_grace: Option<RawDuration>,
@@ -36,6 +37,12 @@ pub struct RawConfig {
     /// When a unit could not run (clone failed, checkout directory, skipped), how soon it
     /// is tried again without a new push.
     pub pending_retry: Option<RawPendingRetry>,
+    /// `true` lets a token travel over plain `http://` to a host that is not loopback (a
+    /// warning then); otherwise that is an error. Default `false`.
+    pub allow_insecure_http: Option<bool>,
+    /// Names of environment variables (for example the keys of a Kubernetes Secret passed
+    /// with `envFrom`) whose values are masked in command output like tokens.
+    pub secret_env: Option<Vec<String>>,
     /// The HTTP server for health, metrics and webhooks.
     pub server: Option<RawServer>,
     /// Webhook secrets; an endpoint whose secret is unset or empty answers 404.
@@ -69,6 +76,15 @@ pub struct RawServer {
     /// The address people reach Sentry at (`https://sentry.example.com`); commit statuses
     /// and notifications link to `<public_url>/runs/<run id>`. Default: no link.
     pub public_url: Option<String>,
+    /// A separate socket address for the webhook endpoints; `listen` then serves only
+    /// health, readiness and metrics. Default: webhooks on `listen`.
+    pub webhook_listen: Option<String>,
+    /// Time a client has to send a request's headers. Default `10s`.
+    pub header_timeout: Option<RawDuration>,
+    /// Time one request may take, body included. Default `30s`.
+    pub request_timeout: Option<RawDuration>,
+    /// Connections open at once, per listener; more wait to be accepted. Default `256`.
+    pub max_connections: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
@@ -178,6 +194,9 @@ pub struct RawDeploy {
     pub commands: Option<Vec<String>>,
     /// Extra environment variables for the commands.
     pub env: Option<BTreeMap<String, String>>,
+    /// Names of `env` entries whose values are secrets, masked in output like tokens. A value
+    /// written as a single `${VAR}` reference is a secret without being listed here.
+    pub secret_env: Option<Vec<String>>,
     /// Bound on each command (integer seconds or `10m`). Default: only the group's `global_timeout`.
     pub timeout: Option<RawDuration>,
     /// Retries of a failed unit. Default 0: commands may not be idempotent.

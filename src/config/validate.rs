@@ -4,9 +4,9 @@
 //! a wrong type in one repository still lets every other one be checked. Each string is
 //! expanded (`${VAR}`) here, field by field, except `deploy.commands`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,12 +50,14 @@ pub(super) fn validate(doc: &Yaml, env: &Env, out: &mut Vec<Diagnostic>) -> Opti
         out,
         errors,
         referenced_groups: Vec::new(),
+        allow_insecure_http: false,
     };
 
     let mut rest = top.clone();
     let groups_value = rest.remove("groups");
     let repos_value = rest.remove("repositories");
     let raw: RawConfig = cx.extract("", Yaml::Mapping(rest)).unwrap_or_default();
+    cx.allow_insecure_http = raw.allow_insecure_http.unwrap_or(false);
 
     let (groups, group_names) = cx.groups(groups_value);
     let repositories = cx.repositories(repos_value, &group_names, &groups);
@@ -77,6 +79,8 @@ struct Checker<'a> {
     /// Groups named by repositories, valid or not, so that a broken repository does not
     /// also make its group look unused.
     referenced_groups: Vec<String>,
+    /// `allow_insecure_http`: a token over plain http is then a warning, not an error.
+    allow_insecure_http: bool,
 }
 
 impl Checker<'_> {
@@ -691,10 +695,16 @@ impl Checker<'_> {
         Auth { username, token }
     }
 
+    /// A token over plain http to a host that is not loopback: anyone on the path reads
+    /// it. An error unless `allow_insecure_http: true`, then a warning.
     fn warn_plain_http(&mut self, path: &str, remote: &Remote, auth: &Auth) {
         if let Remote::Http(url) = remote {
             if url.scheme() == "http" && auth.token.is_some() && !is_loopback(url) {
-                self.warn(path, "a token would travel unencrypted over plain http to a host that is not loopback; use https");
+                if self.allow_insecure_http {
+                    self.warn(path, "a token travels unencrypted over plain http to a host that is not loopback (allow_insecure_http: true); use https");
+                } else {
+                    self.error(path, "a token would travel unencrypted over plain http to a host that is not loopback; use https, or set allow_insecure_http: true");
+                }
             }
         }
     }
@@ -726,7 +736,9 @@ impl Checker<'_> {
             }
         }
         let commands = self.commands(&format!("{path}.commands"), raw.commands);
-        let env = self.command_env(&format!("{path}.env"), raw.env.unwrap_or_default());
+        let raw_env = raw.env.unwrap_or_default();
+        let secret_env = self.secret_env(path, &raw_env, raw.secret_env.unwrap_or_default());
+        let env = self.command_env(&format!("{path}.env"), raw_env);
         let timeout = raw
             .timeout
             .and_then(|t| self.parse_duration(&format!("{path}.timeout"), t));
@@ -760,6 +772,7 @@ impl Checker<'_> {
             project_name,
             commands: commands?,
             env,
+            secret_env,
             timeout,
             retries,
             shell: shell?,
@@ -780,6 +793,33 @@ impl Checker<'_> {
             self.error(format!("{path}[{i}]"), "command is empty");
         }
         blank.is_empty().then_some(commands)
+    }
+
+    /// The names of `deploy.env` entries to mask: the listed ones (which must exist) and
+    /// those whose value is a single `${VAR}` reference.
+    fn secret_env(
+        &mut self,
+        path: &str,
+        env: &BTreeMap<String, String>,
+        listed: Vec<String>,
+    ) -> BTreeSet<String> {
+        let mut names = BTreeSet::new();
+        for (i, name) in listed.into_iter().enumerate() {
+            if env.contains_key(&name) {
+                names.insert(name);
+            } else {
+                self.error(
+                    format!("{path}.secret_env[{i}]"),
+                    format!("\"{name}\" is not a name in {path}.env"),
+                );
+            }
+        }
+        names.extend(
+            env.iter()
+                .filter(|(_, value)| expand::is_single_reference(value))
+                .map(|(name, _)| name.clone()),
+        );
+        names
     }
 
     fn command_env(
@@ -828,8 +868,9 @@ impl Checker<'_> {
         let state_file = self.path_or("state_file", raw.state_file, || {
             PathBuf::from(".sentry/state.json")
         });
+        let home = self.env.get("HOME");
         let work_dir = self.path_or("work_dir", raw.work_dir, || {
-            std::env::temp_dir().join("sentry")
+            default_work_dir(home.as_deref())
         });
         let audit_log = self
             .optional_text("audit_log", raw.audit_log)
@@ -862,20 +903,32 @@ impl Checker<'_> {
         let server = raw.server.unwrap_or_default();
         let listen = match self.optional_text("server.listen", server.listen) {
             None => Some(SocketAddr::from(([0, 0, 0, 0], 8080))),
-            Some(text) => {
-                let text = if text.starts_with(':') {
-                    format!("0.0.0.0{text}")
-                } else {
-                    text
-                };
-                match text.parse::<SocketAddr>() {
-                    Ok(addr) => Some(addr),
-                    Err(_) => {
-                        self.error("server.listen", format!("\"{text}\" is not a socket address; write IP:PORT such as \"0.0.0.0:8080\""));
-                        None
-                    }
-                }
+            Some(text) => self.socket_addr("server.listen", &text),
+        };
+        let webhook_listen = self
+            .optional_text("server.webhook_listen", server.webhook_listen)
+            .filter(|t| !t.is_empty())
+            .and_then(|text| self.socket_addr("server.webhook_listen", &text));
+        let header_timeout = self.duration(
+            "server.header_timeout",
+            server.header_timeout,
+            Duration::from_secs(10),
+        );
+        let server_request_timeout = self.duration(
+            "server.request_timeout",
+            server.request_timeout,
+            Duration::from_secs(30),
+        );
+        let max_connections = match server.max_connections {
+            Some(n) if !(1..=65_536).contains(&n) => {
+                self.error(
+                    "server.max_connections",
+                    format!("{n} is out of range; use 1 to 65536"),
+                );
+                1
             }
+            Some(n) => usize::try_from(n).unwrap_or(1),
+            None => 256,
         };
         let public_url = self.public_url(server.public_url);
         let hooks = raw.webhooks.unwrap_or_default();
@@ -888,6 +941,7 @@ impl Checker<'_> {
             github_secret: secret(self, "webhooks.github_secret", hooks.github_secret),
             gitlab_token: secret(self, "webhooks.gitlab_token", hooks.gitlab_token),
         };
+        let masked_values = self.masked_values(raw.secret_env.unwrap_or_default());
         if self.errors() > 0 {
             return None;
         }
@@ -905,10 +959,15 @@ impl Checker<'_> {
                 enabled: server.enabled.unwrap_or(true),
                 listen: listen?,
                 public_url,
+                webhook_listen,
+                header_timeout,
+                request_timeout: server_request_timeout,
+                max_connections,
             },
             webhooks,
             groups,
             repositories,
+            masked_values,
         })
     }
 
@@ -947,6 +1006,48 @@ impl Checker<'_> {
             );
         }
         PendingRetry { initial, max }
+    }
+
+    /// Every env-file value, and the values of the variables `secret_env` names (which must
+    /// be valid names; an unset one is skipped: nothing to mask).
+    fn masked_values(&mut self, names: Vec<String>) -> Vec<SecretString> {
+        let mut values: Vec<SecretString> = self
+            .env
+            .file_values()
+            .map(|v| SecretString::from(v.as_str()))
+            .collect();
+        for (i, name) in names.iter().enumerate() {
+            if !expand::is_var_name(name) {
+                self.error(
+                    format!("secret_env[{i}]"),
+                    "not a valid environment variable name (letters, digits and `_`, not starting with a digit)",
+                );
+            } else if let Some(value) = self.env.get(name) {
+                values.push(SecretString::from(value));
+            }
+        }
+        values
+    }
+
+    /// `IP:PORT`, or `:PORT` for every IPv4 interface.
+    fn socket_addr(&mut self, path: &str, text: &str) -> Option<SocketAddr> {
+        let text = if text.starts_with(':') {
+            format!("0.0.0.0{text}")
+        } else {
+            text.to_owned()
+        };
+        match text.parse::<SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                self.error(
+                    path,
+                    format!(
+                        "\"{text}\" is not a socket address; write IP:PORT such as \"0.0.0.0:8080\""
+                    ),
+                );
+                None
+            }
+        }
     }
 
     fn path_or(
@@ -1072,6 +1173,16 @@ fn infer_repo_type(remote: &Remote) -> RepoType {
             .host_str()
             .map_or(RepoType::Git, |host| kind::for_host(host).repo_type),
         Remote::Local => RepoType::Git,
+    }
+}
+
+/// A directory only this user can reach: `$HOME/.cache/sentry/work` when `HOME` is a
+/// directory, else `<temp>/sentry-<euid>` (created 0700 and checked before use, so one
+/// pre-created by another user is refused rather than used).
+fn default_work_dir(home: Option<&str>) -> PathBuf {
+    match home.map(Path::new) {
+        Some(home) if home.is_absolute() && home.is_dir() => home.join(".cache/sentry/work"),
+        _ => std::env::temp_dir().join(format!("sentry-{}", nix::unistd::geteuid())),
     }
 }
 

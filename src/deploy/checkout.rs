@@ -9,12 +9,13 @@
 //! tried three times with backoff; authentication failures are not retried.
 
 use std::io;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use git2::build::RepoBuilder;
-use git2::{Cred, CredentialType, ErrorClass, FetchOptions, RemoteCallbacks};
+use git2::{Cred, CredentialType, ErrorClass, FetchOptions, RemoteCallbacks, RemoteRedirect};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::config::Deploy;
@@ -69,6 +70,11 @@ pub enum CheckoutError {
     /// The credentials were missing or rejected; retrying will not help.
     #[error("authentication to {url} failed: {message}")]
     Auth { url: String, message: String },
+    /// The server's TLS certificate was refused; retrying will not help.
+    #[error(
+        "the TLS certificate of {url} was refused: {message} (check the URL and the trust store: SSL_CERT_FILE)"
+    )]
+    Certificate { url: String, message: String },
     /// The network failed on every try.
     #[error("cannot reach {url} after {tries} tries: {message}")]
     Network {
@@ -138,6 +144,12 @@ pub fn clone_blocking(
             tries -= 1;
             continue;
         }
+        if crate::forge::is_certificate_error(&error) {
+            return Err(CheckoutError::Certificate {
+                url: req.url.clone(),
+                message: error.message().to_owned(),
+            });
+        }
         if !is_network(&error) {
             return Err(other(req, error.message()));
         }
@@ -174,6 +186,9 @@ fn clone_once(
     let result = {
         let mut fetch = FetchOptions::new();
         fetch.remote_callbacks(callbacks(req, stop, progress, &auth_failure));
+        // libgit2 follows a redirect to another host on the first request by default; a
+        // QA host must not be able to send the clone (and its token) elsewhere.
+        fetch.follow_redirects(RemoteRedirect::None);
         if shallow {
             fetch.depth(1);
         }
@@ -202,9 +217,15 @@ fn callbacks<'a>(
 ) -> RemoteCallbacks<'a> {
     let calls = AtomicU32::new(0);
     let mut cb = RemoteCallbacks::new();
-    cb.credentials(move |_url, _user, allowed| {
+    cb.credentials(move |asked_url, _user, allowed| {
         let call = calls.fetch_add(1, Ordering::SeqCst);
+        // Same-host redirects to another port are followed by libgit2 even with
+        // `RemoteRedirect::None`; the token still goes only to the configured origin.
+        let foreign = !crate::forge::same_origin(&req.url, asked_url);
         let refusal = match (&req.token, call) {
+            _ if foreign => {
+                Some("a server of another origin (a redirect) asked for credentials; refused")
+            }
             (None, _) => Some("the server asks for credentials and deploy.auth.token is not set"),
             (Some(_), 0) if allowed.contains(CredentialType::USER_PASS_PLAINTEXT) => None,
             (Some(_), 0) => Some("the server does not accept a user name and token"),
@@ -268,20 +289,84 @@ fn sleep_unless_stopped(total: Duration, stop: &(dyn Fn() -> bool + Sync)) -> bo
     stop()
 }
 
-/// Empties `dir` (a previous try may have left files) and makes sure it exists.
+/// Empties `dir` (a previous try may have left files) and makes sure it exists, mode 0700.
 fn reset_dir(dir: &Path) -> io::Result<()> {
     match std::fs::remove_dir_all(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    std::fs::create_dir(dir)
+    std::fs::DirBuilder::new().mode(0o700).create(dir)
 }
 
-/// Creates `work_dir` when missing and a fresh `sentry-checkout-<run_id>-<repo>-<random>`
-/// directory (mode 0700) inside it. Blocking.
+/// Makes sure `work_dir` is private: created 0700 when missing (its parents as usual);
+/// an existing one must be a real directory (not a symlink) owned by the effective user
+/// and writable by no one else, or it is refused — on a shared host another user could
+/// otherwise read tokens from checkouts or plant files in them. Blocking.
+pub fn ensure_private_dir(work_dir: &Path) -> io::Result<()> {
+    match std::fs::symlink_metadata(work_dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if let Some(parent) = work_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent)?;
+            }
+            match std::fs::DirBuilder::new().mode(0o700).create(work_dir) {
+                // Created meanwhile by someone else: check what is there now.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                other => other?,
+            }
+        }
+        Err(e) => return Err(e),
+        Ok(_) => {}
+    }
+    check_private(work_dir)
+}
+
+fn check_private(dir: &Path) -> io::Result<()> {
+    let meta = std::fs::symlink_metadata(dir)?;
+    let refuse = |why: String| {
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("refusing work_dir {}: {why}", dir.display()),
+        ))
+    };
+    if !meta.file_type().is_dir() {
+        return refuse("it is not a directory (a symlink?)".into());
+    }
+    let euid = nix::unistd::geteuid().as_raw();
+    if meta.uid() != euid {
+        return refuse(format!(
+            "it belongs to uid {}, not to Sentry's uid {euid}",
+            meta.uid()
+        ));
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return refuse(format!(
+            "its mode {mode:o} lets others write in it; chmod 700 it"
+        ));
+    }
+    Ok(())
+}
+
+/// Writes the changes file: mode 0600, created new (an existing file or a symlink planted
+/// at its path is an error, never followed).
+pub async fn write_changes_file(path: &Path, contents: &[u8]) -> io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .await?;
+    file.write_all(contents).await?;
+    file.flush().await
+}
+
+/// Creates `work_dir` when missing (see [`ensure_private_dir`]) and a fresh
+/// `sentry-checkout-<run_id>-<repo>-<random>` directory (mode 0700) inside it. Blocking.
 pub fn create_checkout_dir(work_dir: &Path, run_id: &str, repo: &str) -> io::Result<PathBuf> {
-    std::fs::create_dir_all(work_dir)?;
+    ensure_private_dir(work_dir)?;
     let prefix = format!(
         "{CHECKOUT_PREFIX}{}-{}-",
         file_safe(run_id),
@@ -290,6 +375,7 @@ pub fn create_checkout_dir(work_dir: &Path, run_id: &str, repo: &str) -> io::Res
     let dir = tempfile::Builder::new()
         .prefix(&prefix)
         .rand_bytes(6)
+        .permissions(std::fs::Permissions::from_mode(0o700))
         .tempdir_in(work_dir)?;
     Ok(dir.keep())
 }
@@ -323,11 +409,12 @@ fn remove_if_present(path: &Path, is_dir: bool) -> io::Result<()> {
 /// Removes every leftover checkout directory and changes file in `work_dir`; returns how
 /// many entries it removed. A missing `work_dir` has nothing to sweep. Blocking.
 pub fn sweep(work_dir: &Path) -> io::Result<usize> {
-    let entries = match std::fs::read_dir(work_dir) {
-        Ok(entries) => entries,
+    match std::fs::symlink_metadata(work_dir) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(e),
-    };
+        Ok(_) => check_private(work_dir)?,
+    }
+    let entries = std::fs::read_dir(work_dir)?;
     let mut removed = 0;
     for entry in entries {
         let entry = entry?;
@@ -376,6 +463,66 @@ mod tests {
     }
 
     #[test]
+    fn work_dirs_are_private_and_foreign_ones_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let work = root.path().join("a/b/work");
+        let dir = create_checkout_dir(&work, "r", "x").unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&work), 0o700);
+        assert_eq!(mode(&dir), 0o700);
+        reset_dir(&dir).unwrap();
+        assert_eq!(
+            mode(&dir),
+            0o700,
+            "a retried clone's directory stays private"
+        );
+
+        let open = root.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let error = ensure_private_dir(&open).unwrap_err();
+        assert!(error.to_string().contains("lets others write"), "{error}");
+        assert!(sweep(&open).is_err());
+
+        if nix::unistd::geteuid().is_root() {
+            let foreign = root.path().join("foreign");
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&foreign)
+                .unwrap();
+            std::os::unix::fs::chown(&foreign, Some(12345), None).unwrap();
+            let error = ensure_private_dir(&foreign).unwrap_err();
+            assert!(
+                error.to_string().contains("belongs to uid 12345"),
+                "{error}"
+            );
+        }
+
+        let link = root.path().join("link");
+        std::os::unix::fs::symlink(&work, &link).unwrap();
+        let error = ensure_private_dir(&link).unwrap_err();
+        assert!(error.to_string().contains("not a directory"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn changes_files_are_0600_and_never_follow_symlinks() {
+        let root = tempfile::tempdir().unwrap();
+        let path = root.path().join("c.changes.json");
+        write_changes_file(&path, b"[]").await.unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(
+            write_changes_file(&path, b"[]").await.is_err(),
+            "create_new"
+        );
+        let target = root.path().join("target");
+        let planted = root.path().join("planted.changes.json");
+        std::os::unix::fs::symlink(&target, &planted).unwrap();
+        assert!(write_changes_file(&planted, b"[]").await.is_err());
+        assert!(!target.exists(), "the symlink was followed");
+    }
+
+    #[test]
     fn usernames_follow_the_host() {
         let mut deploy = Deploy {
             qa_repo_url: "https://gitlab.example/qa".into(),
@@ -385,6 +532,7 @@ mod tests {
             project_name: "p".into(),
             commands: vec!["true".into()],
             env: Default::default(),
+            secret_env: Default::default(),
             timeout: None,
             retries: 0,
             shell: "/bin/sh".into(),

@@ -87,9 +87,13 @@ impl OutputSink {
         }
     }
 
-    /// One line of command output.
-    pub fn line(&self, raw: &str) {
-        let line = self.masker.mask(raw);
+    /// A stream masker for output read in pieces (see `spawn_reader`).
+    fn mask_stream(&self) -> super::mask::MaskStream {
+        self.masker.stream()
+    }
+
+    /// One line of command output, already masked.
+    fn masked_line(&self, line: &str) {
         if self.live {
             // Shown on stdout already; the log keeps it at debug to avoid doubling it.
             tracing::debug!(target: "sentry::deploy::output", repository = %self.repo, "{line}");
@@ -98,7 +102,7 @@ impl OutputSink {
         } else {
             tracing::info!(target: "sentry::deploy::output", repository = %self.repo, "{line}");
         }
-        self.keep(&line);
+        self.keep(line);
     }
 
     /// A message of Sentry's own about the unit (clone errors, retries), kept in the tail.
@@ -253,7 +257,7 @@ fn setup_failed(a: &Attempt<'_>, message: &str) -> Outcome {
 
 async fn prepare_and_run(a: &Attempt<'_>, dir: &Path, leftovers: &mut Leftovers) -> Outcome {
     let changes = checkout::changes_file(dir);
-    if let Err(e) = tokio::fs::write(&changes, &a.run.changes_json).await {
+    if let Err(e) = checkout::write_changes_file(&changes, a.run.changes_json.as_bytes()).await {
         return setup_failed(a, &format!("cannot write {}: {e}", changes.display()));
     }
     if let Err(outcome) = clone(a, dir).await {
@@ -598,16 +602,25 @@ where
         async move {
             let mut reader = BufReader::new(reader);
             let mut buf = Vec::new();
+            // A line longer than MAX_LINE arrives in pieces: the stream keeps a secret that
+            // straddles two pieces whole.
+            let mut stream = sink.mask_stream();
             loop {
                 buf.clear();
                 match read_line_capped(&mut reader, &mut buf, MAX_LINE).await {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {
+                        let line_end = buf.ends_with(b"\n");
                         let line = buf.strip_suffix(b"\n").unwrap_or(&buf);
                         let line = line.strip_suffix(b"\r").unwrap_or(line);
-                        sink.line(&String::from_utf8_lossy(line));
+                        if let Some(masked) = stream.feed(line, line_end) {
+                            sink.masked_line(&masked);
+                        }
                     }
                 }
+            }
+            if let Some(masked) = stream.finish() {
+                sink.masked_line(&masked);
             }
         },
         span,

@@ -218,8 +218,15 @@ fn list_heads(repo: &Repository) -> Result<BTreeMap<String, Sha>, ForgeError> {
     let mut callbacks = git2::RemoteCallbacks::new();
     let (mut offered, mut calls) = (false, 0u32);
     let (flag_rejected, flag_no_token) = (rejected.clone(), asked_without_token.clone());
-    callbacks.credentials(move |_url, username_from_url, allowed| {
+    callbacks.credentials(move |asked_url, username_from_url, allowed| {
         calls += 1;
+        // A redirect to another origin gets nothing: the token is for `url` alone.
+        if !same_origin(url, asked_url) {
+            flag_rejected.store(true, Ordering::Relaxed);
+            return Err(git2::Error::from_str(
+                "credentials refused to a server of another origin (redirect)",
+            ));
+        }
         // SSH first asks for a user name alone; that is no attempt, but bound it too.
         if allowed.contains(CredentialType::USERNAME) && calls <= 2 {
             return git2::Cred::username(username_from_url.unwrap_or("git"));
@@ -282,6 +289,11 @@ fn classify(repo: &Repository, error: &git2::Error, rejected: bool, no_token: bo
         }
     }
     let lower = message.to_ascii_lowercase();
+    if is_certificate_error(error) {
+        return ForgeError::Certificate(format!(
+            "{name}: the TLS certificate of {url} was refused ({message}); check the URL and the trust store (SSL_CERT_FILE)"
+        ));
+    }
     if rejected || error.code() == ErrorCode::Auth {
         return ForgeError::Auth(format!(
             "{name}: {url} rejected the credentials (bad or expired token)"
@@ -305,6 +317,13 @@ fn classify(repo: &Repository, error: &git2::Error, rejected: bool, no_token: bo
         ));
     }
     ForgeError::Transient(format!("{name}: ls-remote of {url} failed: {message}"))
+}
+
+/// Whether libgit2 refused the server's certificate: a configuration error, not retried.
+pub fn is_certificate_error(error: &git2::Error) -> bool {
+    error.code() == ErrorCode::Certificate
+        || (error.class() == ErrorClass::Ssl
+            && error.message().to_ascii_lowercase().contains("certificate"))
 }
 
 /// The host part of a Git URL (`host` or `host:port`), `local` for paths and `file://`.
@@ -338,6 +357,27 @@ fn local_path_missing(url: &str) -> bool {
     !path.exists()
 }
 
+/// Whether libgit2 may hand credentials configured for `configured` to `asked`, the URL of
+/// the server that wants them. Over http(s) only the same scheme, host and port qualify:
+/// a server that redirects elsewhere (even to another port of the same host, which
+/// libgit2 does not count as "off-site") must not receive the token. Other transports
+/// (SSH, local) cannot redirect, so they always qualify.
+pub fn same_origin(configured: &str, asked: &str) -> bool {
+    let Ok(configured) = url::Url::parse(configured) else {
+        return true;
+    };
+    if !matches!(configured.scheme(), "http" | "https") {
+        return true;
+    }
+    let Ok(asked) = url::Url::parse(asked) else {
+        return false;
+    };
+    configured.scheme() == asked.scheme()
+        && configured.host_str().map(str::to_ascii_lowercase)
+            == asked.host_str().map(str::to_ascii_lowercase)
+        && configured.port_or_known_default() == asked.port_or_known_default()
+}
+
 /// The URL without any password it may carry, for messages.
 fn redact(url: &str) -> String {
     match url::Url::parse(url) {
@@ -363,6 +403,29 @@ mod tests {
         assert_eq!(host_of("git@github.com:a/b.git"), "github.com");
         assert_eq!(host_of("file:///srv/git/a.git"), "local");
         assert_eq!(host_of("/srv/git/a.git"), "local");
+    }
+
+    #[test]
+    fn credentials_stay_with_their_origin() {
+        let url = "https://git.example.com/a/b.git";
+        assert!(same_origin(
+            url,
+            "https://git.example.com/a/b.git/info/refs"
+        ));
+        assert!(same_origin(url, "https://GIT.example.com:443/other"));
+        assert!(!same_origin(url, "https://evil.example.com/a/b.git"));
+        assert!(!same_origin(url, "http://git.example.com/a/b.git"));
+        assert!(!same_origin(url, "https://git.example.com:8443/a/b.git"));
+        assert!(!same_origin(
+            "http://127.0.0.1:9000/a.git",
+            "http://127.0.0.1:9001/a.git"
+        ));
+        assert!(!same_origin(url, "not a url"));
+        assert!(same_origin(
+            "git@github.com:a/b.git",
+            "git@github.com:a/b.git"
+        ));
+        assert!(same_origin("/srv/git/a.git", "/srv/git/a.git"));
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! GitHub and GitHub Enterprise Server over the REST API.
 //!
-//! - Head of a branch: `GET {api}/repos/{owner}/{repo}/commits/{branch}` with
-//!   `Accept: application/vnd.github.sha`; the body is the bare 40-hex SHA.
+//! - Head of a branch: `GET {api}/repos/{owner}/{repo}/commits/refs/heads/{branch}` with
+//!   `Accept: application/vnd.github.sha`; the body is the bare 40-hex SHA. The full ref
+//!   name, never the bare branch name: `commits/{name}` would also resolve a tag, or take
+//!   a 40-hex branch name for a commit SHA.
 //! - Listing (for patterns): `GET {api}/repos/{owner}/{repo}/branches?per_page=100`,
 //!   following `Link: <…>; rel="next"`. GitHub has no name filter, so every branch is listed.
 //!
@@ -227,7 +229,7 @@ fn state_word(state: StatusState) -> &'static str {
 
 impl Forge for GitHub {
     async fn head(&self, branch: &str, cancel: &CancellationToken) -> Result<Sha, ForgeError> {
-        let url = self.url(&format!("commits/{}", encode(branch)), None);
+        let url = self.url(&format!("commits/refs/heads/{}", encode(branch)), None);
         let call = self.call(url, &self.sha_headers, cancel);
         fetch_sha(
             &self.http,

@@ -316,6 +316,14 @@ impl Http {
             Ok(r) => r,
             Err(e) => {
                 self.record(call, &method, &host.name, None, started);
+                if is_certificate_error(&e) {
+                    // Retrying cannot fix a refused certificate: fail now, loudly.
+                    return Attempt::Done(Err(ForgeError::Certificate(format!(
+                        "{}: {} (check api_url and the trust store: SSL_CERT_FILE)",
+                        call.repo,
+                        describe_transport(&host.name, &e)
+                    ))));
+                }
                 return Attempt::Retry(describe_transport(&host.name, &e));
             }
         };
@@ -641,6 +649,14 @@ fn status_text(status: StatusCode) -> String {
         Some(reason) => format!("{} {reason}", status.as_u16()),
         None => status.as_u16().to_string(),
     }
+}
+
+/// Whether a transport error is a refused TLS certificate (rustls reports it in the
+/// error's sources).
+fn is_certificate_error(error: &reqwest::Error) -> bool {
+    error_chain(error)
+        .to_ascii_lowercase()
+        .contains("certificate")
 }
 
 fn describe_transport(host: &str, error: &reqwest::Error) -> String {

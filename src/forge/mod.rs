@@ -34,7 +34,7 @@ use reqwest::{StatusCode, Url};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BranchPattern, Config, Monitor, RepoType, Repository};
-pub use git::prepare_libgit2;
+pub use git::{is_certificate_error, prepare_libgit2, same_origin};
 use http::{Cached, Call, Http, Page, Reply};
 
 /// A full 40-hex commit SHA, checked on construction: lowercase ASCII held inline, so a
@@ -127,6 +127,10 @@ pub enum ForgeError {
     /// The forge refused a write (400, 422): sending it again will not help.
     #[error("{0}")]
     Rejected(String),
+    /// The server's TLS certificate was refused: a configuration problem (wrong host, a
+    /// private CA missing from the trust store) or an interception. Not retried.
+    #[error("{0}")]
+    Certificate(String),
 }
 
 impl ForgeError {
@@ -139,12 +143,16 @@ impl ForgeError {
             ForgeError::Transient(_) => "transient",
             ForgeError::Malformed(_) => "malformed",
             ForgeError::Rejected(_) => "rejected",
+            ForgeError::Certificate(_) => "certificate",
         }
     }
 
     /// Errors that call for per-repository backoff across cycles.
     pub fn backs_off_repository(&self) -> bool {
-        matches!(self, ForgeError::Auth(_) | ForgeError::NotFound(_))
+        matches!(
+            self,
+            ForgeError::Auth(_) | ForgeError::NotFound(_) | ForgeError::Certificate(_)
+        )
     }
 }
 
@@ -473,7 +481,8 @@ fn assemble(
     match listing {
         Some(Ok(branches)) => {
             obs.listing_complete = true;
-            obs.heads.extend(branches);
+            obs.heads
+                .extend(branches.into_iter().filter(|(name, _)| valid_listed(name)));
         }
         Some(Err(error)) => obs.failures.push(BranchFailure {
             branch: None,
@@ -495,6 +504,20 @@ fn assemble(
         }
     }
     obs
+}
+
+/// Whether a branch name from a forge's listing may be used. A name Git would refuse (a
+/// control character could forge log lines or terminal output) is dropped, and logged
+/// escaped.
+fn valid_listed(name: &str) -> bool {
+    let valid = crate::config::check_branch_name(name).is_ok();
+    if !valid {
+        tracing::debug!(
+            branch = %name.escape_debug(),
+            "ignoring a listed branch whose name is not a valid branch name"
+        );
+    }
+    valid
 }
 
 /// The same error for every watched branch (and the listing, if there are patterns).
@@ -766,6 +789,20 @@ fn x_next_page(url: &Url, headers: &reqwest::header::HeaderMap) -> Option<Url> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listed_branches_with_invalid_names_are_dropped() {
+        let sha = Sha::parse(&"a".repeat(40)).expect("sha");
+        let listing = vec![
+            ("release/1".to_owned(), sha.clone()),
+            ("release/\u{1b}[31mred".to_owned(), sha.clone()),
+            ("release/x\nINFO forged line".to_owned(), sha.clone()),
+            ("release/..".to_owned(), sha),
+        ];
+        let obs = assemble(Vec::new(), Some(Ok(listing)));
+        let names: Vec<&str> = obs.heads.keys().map(String::as_str).collect();
+        assert_eq!(names, ["release/1"]);
+    }
     use reqwest::header::HeaderMap;
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {

@@ -452,13 +452,20 @@ pub async fn run(
         tokio::select! {
             biased;
             _ = shutdown.requested() => break,
-            Some(repos) = hints.recv() => {
-                monitor.poll_once(Scope::Repositories(repos), Trigger::Webhook, &cancel).await;
-            }
+            // Before hints: a due poll is never starved by a stream of webhooks.
             _ = tokio::time::sleep_until(next) => {
                 monitor.poll_once(Scope::All, Trigger::Poll, &cancel).await;
                 monitor.health.set_ready(!shutdown.is_requested());
                 next = tokio::time::Instant::now() + next_delay(monitor.config.polling_interval);
+            }
+            Some(mut repos) = hints.recv() => {
+                // The hints queued meanwhile become one check.
+                while let Ok(more) = hints.try_recv() {
+                    repos.extend(more);
+                }
+                repos.sort();
+                repos.dedup();
+                monitor.poll_once(Scope::Repositories(repos), Trigger::Webhook, &cancel).await;
             }
         }
     }

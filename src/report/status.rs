@@ -209,6 +209,7 @@ async fn deliver(forges: &Forges, metrics: &Metrics, job: Job) {
             ForgeError::Auth(_)
             | ForgeError::NotFound(_)
             | ForgeError::Malformed(_)
+            | ForgeError::Certificate(_)
             | ForgeError::Rejected(_) => {
                 metrics.status_post(forge, "rejected");
                 tracing::warn!(repository = %repo, sha, "commit status not posted: {error}");

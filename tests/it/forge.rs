@@ -165,12 +165,14 @@ fn epoch_secs(t: SystemTime) -> u64 {
 async fn github_exact_branches_with_encoded_names_and_headers() {
     let server = MockServer::start().await;
     Mock::given(method("GET"))
-        .and(path("/api/v3/repos/octo/app/commits/main"))
+        .and(path("/api/v3/repos/octo/app/commits/refs/heads/main"))
         .respond_with(github_sha(&format!("{SHA_A}\n")))
         .mount(&server)
         .await;
     Mock::given(method("GET"))
-        .and(path("/api/v3/repos/octo/app/commits/release%2F1.0"))
+        .and(path(
+            "/api/v3/repos/octo/app/commits/refs/heads/release%2F1.0",
+        ))
         .respond_with(github_sha(SHA_B))
         .mount(&server)
         .await;
@@ -205,7 +207,7 @@ async fn github_exact_branches_with_encoded_names_and_headers() {
 async fn github_api_url_with_trailing_slash_joins_cleanly() {
     let server = MockServer::start().await;
     Mock::given(method("GET"))
-        .and(path("/repos/octo/app/commits/main"))
+        .and(path("/repos/octo/app/commits/refs/heads/main"))
         .respond_with(github_sha(SHA_A))
         .mount(&server)
         .await;
@@ -218,7 +220,7 @@ async fn github_api_url_with_trailing_slash_joins_cleanly() {
 async fn authorization_is_sent_only_with_a_token() {
     let server = MockServer::start().await;
     Mock::given(method("GET"))
-        .and(path("/repos/octo/app/commits/main"))
+        .and(path("/repos/octo/app/commits/refs/heads/main"))
         .respond_with(github_sha(SHA_A))
         .mount(&server)
         .await;
@@ -308,7 +310,7 @@ async fn github_pattern_follows_link_next_through_three_pages() {
 #[tokio::test]
 async fn github_etag_round_trip() {
     let server = MockServer::start().await;
-    let branch_path = "/repos/octo/app/commits/release%2F1.0";
+    let branch_path = "/repos/octo/app/commits/refs/heads/release%2F1.0";
     Mock::given(method("GET"))
         .and(path(branch_path))
         .respond_with(github_sha(SHA_A).insert_header("etag", "W/\"v1\""))
@@ -552,7 +554,7 @@ async fn remaining_zero_pauses_the_host_until_reset() {
     let server = MockServer::start().await;
     let reset = epoch_secs(SystemTime::now()) + 2;
     Mock::given(method("GET"))
-        .and(path("/repos/octo/app/commits/main"))
+        .and(path("/repos/octo/app/commits/refs/heads/main"))
         .respond_with(
             ResponseTemplate::new(403)
                 .insert_header("x-ratelimit-remaining", "0")
@@ -563,7 +565,7 @@ async fn remaining_zero_pauses_the_host_until_reset() {
         .mount(&server)
         .await;
     Mock::given(method("GET"))
-        .and(path("/repos/octo/app/commits/main"))
+        .and(path("/repos/octo/app/commits/refs/heads/main"))
         .respond_with(github_sha(SHA_A).insert_header("x-ratelimit-remaining", "4999"))
         .mount(&server)
         .await;
@@ -782,7 +784,7 @@ async fn malformed_bodies_are_errors_not_heads() {
 async fn malformed_listing_fails_the_listing_only() {
     let server = MockServer::start().await;
     Mock::given(method("GET"))
-        .and(path("/repos/octo/app/commits/main"))
+        .and(path("/repos/octo/app/commits/refs/heads/main"))
         .respond_with(github_sha(SHA_A))
         .mount(&server)
         .await;
@@ -843,7 +845,7 @@ async fn unauthorized_names_the_repository_and_hides_the_token() {
 async fn github_not_found_repository_and_branch() {
     let server = MockServer::start().await;
     Mock::given(method("GET"))
-        .and(path("/repos/octo/app/commits/gone"))
+        .and(path("/repos/octo/app/commits/refs/heads/gone"))
         .respond_with(
             ResponseTemplate::new(422)
                 .set_body_string(r#"{"message":"No commit found for SHA: gone"}"#),
@@ -851,7 +853,7 @@ async fn github_not_found_repository_and_branch() {
         .mount(&server)
         .await;
     Mock::given(method("GET"))
-        .and(path("/repos/octo/app/commits/main"))
+        .and(path("/repos/octo/app/commits/refs/heads/main"))
         .respond_with(ResponseTemplate::new(404).set_body_string(r#"{"message":"Not Found"}"#))
         .mount(&server)
         .await;
@@ -961,12 +963,12 @@ impl ForgeEvents for Recorder {
 async fn events_hook_sees_requests_and_rate_limits() {
     let server = MockServer::start().await;
     Mock::given(method("GET"))
-        .and(path("/repos/octo/app/commits/main"))
+        .and(path("/repos/octo/app/commits/refs/heads/main"))
         .respond_with(github_sha(SHA_A).insert_header("x-ratelimit-remaining", "17"))
         .mount(&server)
         .await;
     Mock::given(method("GET"))
-        .and(path("/repos/octo/app/commits/gone"))
+        .and(path("/repos/octo/app/commits/refs/heads/gone"))
         .respond_with(ResponseTemplate::new(404))
         .mount(&server)
         .await;

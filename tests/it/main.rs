@@ -18,6 +18,7 @@ mod output;
 mod promise;
 mod report;
 mod secrets;
+mod security;
 mod server;
 mod soak;
 mod trigger;

@@ -59,7 +59,7 @@ fn monitor(api: &str, dir: &std::path::Path) -> (Monitor, Arc<StateStore>) {
 async fn not_found_backs_off_across_cycles_and_recovers() {
     let server = MockServer::start().await;
     Mock::given(method("GET"))
-        .and(path("/repos/o/app/commits/main"))
+        .and(path("/repos/o/app/commits/refs/heads/main"))
         .respond_with(ResponseTemplate::new(404).set_body_string("{\"message\":\"Not Found\"}"))
         .mount(&server)
         .await;
@@ -84,7 +84,7 @@ async fn not_found_backs_off_across_cycles_and_recovers() {
     // The repository is fixed; once its backoff ends it is checked again and recovers.
     server.reset().await;
     Mock::given(method("GET"))
-        .and(path("/repos/o/app/commits/main"))
+        .and(path("/repos/o/app/commits/refs/heads/main"))
         .respond_with(ResponseTemplate::new(200).set_body_string(SHA))
         .mount(&server)
         .await;
@@ -109,13 +109,13 @@ async fn not_found_backs_off_across_cycles_and_recovers() {
 async fn explicit_checks_ignore_backoff() {
     let server = MockServer::start().await;
     Mock::given(method("GET"))
-        .and(path("/repos/o/app/commits/main"))
+        .and(path("/repos/o/app/commits/refs/heads/main"))
         .respond_with(ResponseTemplate::new(404))
         .up_to_n_times(1)
         .mount(&server)
         .await;
     Mock::given(method("GET"))
-        .and(path("/repos/o/app/commits/main"))
+        .and(path("/repos/o/app/commits/refs/heads/main"))
         .respond_with(ResponseTemplate::new(200).set_body_string(SHA))
         .mount(&server)
         .await;

@@ -25,6 +25,13 @@ const WRONG_DEPLOY_TOKEN: &str = "glpat-LEAKCANARY-wrong-77aa01";
 const GITHUB_SECRET: &str = "whsec-LEAKCANARY-gh-0f0f0f";
 const GITLAB_TOKEN: &str = "whtok-LEAKCANARY-gl-1e1e1e";
 const QA_USER: &str = "qa-user";
+/// Supplied by the env file only; `/` and `+` make its URL-encoded form differ.
+const ENV_FILE_SECRET: &str = "envfile-LEAKCANARY/ef+01";
+/// A variable of Sentry's environment (as a Kubernetes Secret key would be) named in the
+/// top-level `secret_env`.
+const EXTRA_SECRET: &str = "extra-LEAKCANARY-k8s-secret-key";
+/// A literal `deploy.env` value listed in `deploy.secret_env`.
+const LITERAL_SECRET: &str = "literal-LEAKCANARY/lit+9z";
 
 const SHA_A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
 const SHA_B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
@@ -60,12 +67,34 @@ fn needles() -> Vec<String> {
         WRONG_DEPLOY_TOKEN,
         GITHUB_SECRET,
         GITLAB_TOKEN,
+        ENV_FILE_SECRET,
+        LITERAL_SECRET,
+        EXTRA_SECRET,
         "LEAKCANARY",
     ]
     .iter()
     .map(|s| (*s).to_owned())
     .collect();
-    for token in [DEPLOY_TOKEN, WRONG_DEPLOY_TOKEN, MONITOR_TOKEN] {
+    // Base64 of each secret alone, and the URL-encoded forms.
+    for secret in [
+        MONITOR_TOKEN,
+        DEPLOY_TOKEN,
+        GITHUB_SECRET,
+        GITLAB_TOKEN,
+        ENV_FILE_SECRET,
+        LITERAL_SECRET,
+        EXTRA_SECRET,
+    ] {
+        let encoded = base64(secret.as_bytes());
+        needles.push(encoded[..encoded.len() - 4].to_owned());
+        needles.push(secret.replace('/', "%2F").replace('+', "%2B"));
+    }
+    for token in [
+        DEPLOY_TOKEN,
+        WRONG_DEPLOY_TOKEN,
+        MONITOR_TOKEN,
+        ENV_FILE_SECRET,
+    ] {
         for user in [QA_USER, "x-access-token", "oauth2", "git", ""] {
             let encoded = base64(format!("{user}:{token}").as_bytes());
             // The stable middle of the encoding, whatever the alignment of what precedes it.
@@ -97,8 +126,14 @@ impl Collected {
     }
 }
 
+/// The commands print every secret as is, base64-encoded (alone and as Basic credentials),
+/// URL-encoded, and straddling the 64 KiB boundary where a long line is split.
+const COMMANDS: &str = r#"commands: ['./deploy.sh', 'echo token $T', 'echo url http://qa-user:$T@127.0.0.1/x', 'echo envfile $ENVFILE_SECRET', 'echo literal $LITERAL', 'echo extra $EXTRA_SECRET', 'printf %s "$T" | base64 -w0; echo', 'printf %s "user:$ENVFILE_SECRET" | base64 -w0; echo', 'printf %s "$LITERAL" | sed "s#/#%2F#g; s#+#%2B#g"; echo', 'head -c 65530 /dev/zero | tr "\0" x; echo "$T"', 'sleep 1']"#;
+
 fn scenario(qa_url: String, f: Fixture) {
-    let marker = "SENTRY_SECRETS_MARKER=secrets".to_owned();
+    // Unique per test process: other checkouts may run this suite on the same machine, and
+    // the guard kills every process carrying the marker.
+    let marker = format!("SENTRY_SECRETS_MARKER=secrets-{}", std::process::id());
     let _guard = MarkerGuard(marker.clone());
     let phase = Arc::new(Mutex::new(Phase::Healthy(SHA_A)));
     let forge_phase = phase.clone();
@@ -140,12 +175,18 @@ fn scenario(qa_url: String, f: Fixture) {
                 "      qa_repo_url: {qa_url}\n      auth: {{username: {QA_USER}, token: \"${{DEPLOY_TOKEN}}\"}}"
             ),
         )
+        .replace("commands: [\"./deploy.sh\"]", COMMANDS)
         .replace(
-            "commands: [\"./deploy.sh\"]",
-            "commands: [\"./deploy.sh\", \"echo token $T\", \"echo url http://qa-user:$T@127.0.0.1/x\", \"sleep 1\"]",
-        )
-        .replace("env: {DEPLOY_LOG:", "env: {T: \"${DEPLOY_TOKEN}\", DEPLOY_LOG:");
-    std::fs::write(&f.config, text).expect("config");
+            "env: {DEPLOY_LOG:",
+            &format!("secret_env: [LITERAL]\n      env: {{T: \"${{DEPLOY_TOKEN}}\", LITERAL: '{LITERAL_SECRET}', DEPLOY_LOG:"),
+        );
+    std::fs::write(&f.config, format!("secret_env: [EXTRA_SECRET]\n{text}")).expect("config");
+    // The default env file, read from the working directory.
+    write(
+        f.root(),
+        ".env",
+        &format!("ENVFILE_SECRET={ENV_FILE_SECRET}\n"),
+    );
 
     let collected = Collected {
         texts: Mutex::new(Vec::new()),
@@ -158,6 +199,7 @@ fn scenario(qa_url: String, f: Fixture) {
             .env("DEPLOY_TOKEN", deploy_token)
             .env("GH_SECRET", GITHUB_SECRET)
             .env("GL_TOKEN", GITLAB_TOKEN)
+            .env("EXTRA_SECRET", EXTRA_SECRET)
             .args(["--log-level", "trace", "--log-format", format])
             .arg("-c")
             .arg(&f.config);
@@ -357,12 +399,30 @@ fn scenario(qa_url: String, f: Fixture) {
         collected.add(what, text);
     }
 
+    // Whatever is left under work_dir.
+    let mut dirs = vec![f.root().join("work")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if let Ok(bytes) = std::fs::read(&path) {
+                collected.add(
+                    &format!("work_dir file {}", path.display()),
+                    String::from_utf8_lossy(&bytes),
+                );
+            }
+        }
+    }
+
     // The output of the commands was there, masked.
     let log = bg.log();
-    assert!(
-        log.contains("token ***"),
-        "command output not seen masked:\n{log}"
-    );
+    for seen in ["token ***", "envfile ***", "literal ***", "extra ***"] {
+        assert!(
+            log.contains(seen),
+            "command output {seen:?} not seen masked:\n{log}"
+        );
+    }
 
     let needles = needles();
     let mut leaks = Vec::new();

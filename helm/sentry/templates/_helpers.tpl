@@ -101,7 +101,16 @@ Directory of the state file (and of the audit log): a writable volume.
 {{- end }}
 
 {{- define "sentry.workDir" -}}
-{{- .Values.config.work_dir | default "/var/cache/sentry" }}
+{{- .Values.config.work_dir | default "/var/cache/sentry/work" }}
+{{- end }}
+
+{{/*
+Where the work volume is mounted: the parent of work_dir. A volume's root is not
+Sentry's own (root-owned, or group-writable with fsGroup), and Sentry refuses such a
+work_dir; it creates work_dir itself, mode 0700, inside the volume.
+*/}}
+{{- define "sentry.workVolumeDir" -}}
+{{- dir (include "sentry.workDir" .) }}
 {{- end }}
 
 {{/*
@@ -156,7 +165,7 @@ hpa.yaml; renders nothing or fails.
 {{- end }}
 {{- if .Values.config.audit_log }}
 {{- $auditDir := dir .Values.config.audit_log }}
-{{- if not (or (eq $auditDir (include "sentry.stateDir" .)) (eq $auditDir (include "sentry.workDir" .)) (eq $auditDir "/tmp")) }}
+{{- if not (or (eq $auditDir (include "sentry.stateDir" .)) (eq $auditDir (include "sentry.workVolumeDir" .)) (eq $auditDir "/tmp")) }}
 {{- fail (printf "config.audit_log (%s) must be in the directory of config.state_file (%s): only that directory, work_dir and /tmp are writable (readOnlyRootFilesystem)." .Values.config.audit_log (include "sentry.stateDir" .)) }}
 {{- end }}
 {{- end }}
@@ -173,4 +182,21 @@ hpa.yaml; renders nothing or fails.
 {{- if and .Values.existingSecret (not (kindIs "string" .Values.existingSecret)) }}
 {{- fail "existingSecret must be the name of a Secret" }}
 {{- end }}
+{{- end }}
+
+{{/*
+Whether the pod gets a ServiceAccount token: only when asked for, or when the
+deploy commands are granted rights (rbac.deployer), which they use through it.
+*/}}
+{{- define "sentry.automountToken" -}}
+{{- if or .Values.serviceAccount.automountToken (and .Values.rbac.create .Values.rbac.deployer) }}true{{ else }}false{{ end }}
+{{- end }}
+
+{{/*
+Webhook container port, from config.server.webhook_listen ("0.0.0.0:8081" -> 8081);
+empty when webhooks share server.listen.
+*/}}
+{{- define "sentry.webhookPort" -}}
+{{- $server := .Values.config.server | default dict }}
+{{- with $server.webhook_listen }}{{ last (splitList ":" (toString .)) | int }}{{ end }}
 {{- end }}

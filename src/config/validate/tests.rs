@@ -1,5 +1,6 @@
 use super::*;
 use crate::config::{Severity, load_str};
+use secrecy::ExposeSecret;
 
 const SEED: &str = include_str!("../../../tests/data/seed.yaml");
 
@@ -250,13 +251,17 @@ fn api_url_derivation() {
 }
 
 #[test]
-fn plain_http_token_warns_unless_loopback() {
+fn plain_http_token_is_an_error_unless_loopback_or_allowed() {
     let remote = seed_with(
         "https://gitlab-master.nvidia.com/",
         "http://gitlab-master.nvidia.com/",
     );
+    let errors = errors_at(&remote, "repositories[0].deploy.qa_repo_url");
+    assert!(errors[0].contains("unencrypted"), "{errors:?}");
+    assert!(errors[0].contains("allow_insecure_http"), "{errors:?}");
+    let allowed = format!("allow_insecure_http: true\n{remote}");
     assert!(
-        diags(&remote)
+        diags(&allowed)
             .iter()
             .any(|(s, p, m)| *s == Severity::Warning
                 && p == "repositories[0].deploy.qa_repo_url"
@@ -515,4 +520,55 @@ fn commit_statuses_without_a_monitor_token_warn() {
         .filter(|(_, p, _)| p == "repositories[1].monitor.auth.token")
         .count();
     assert_eq!(with_token, 0, "the GitLab repository has a token");
+}
+
+#[test]
+fn secret_env_values_and_single_references_are_masked() {
+    let yaml = seed_with(
+        "      project_name: \"rag\"",
+        "      project_name: \"rag\"\n      env: {PLAIN: qa-namespace, LISTED: listed-value, FROM_ENV: \"${GITHUB_USERNAME}\", MIXED: \"x-${GITHUB_USERNAME}\"}\n      secret_env: [LISTED]",
+    );
+    let loaded = load_str(&yaml, &seed_env());
+    let config = loaded.config.expect("valid");
+    let deploy = &config.repositories[0].deploy;
+    let names: Vec<&str> = deploy.secret_env.iter().map(String::as_str).collect();
+    assert_eq!(names, ["FROM_ENV", "LISTED"]);
+    let secrets: Vec<String> = config
+        .secrets()
+        .iter()
+        .map(|s| s.expose_secret().to_owned())
+        .collect();
+    assert!(secrets.contains(&"listed-value".to_owned()), "{secrets:?}");
+    assert!(secrets.contains(&"octo".to_owned()), "{secrets:?}");
+    assert!(!secrets.contains(&"qa-namespace".to_owned()), "{secrets:?}");
+
+    let yaml = seed_with(
+        "      project_name: \"rag\"",
+        "      project_name: \"rag\"\n      env: {A: b}\n      secret_env: [NOPE]",
+    );
+    assert!(errors_at(&yaml, "repositories[0].deploy.secret_env[0]")[0].contains("NOPE"));
+}
+
+#[test]
+fn top_level_secret_env_masks_named_variables() {
+    let yaml = format!("secret_env: [GITLAB_USERNAME, NOT_SET, \"9bad\"]\n{SEED}");
+    assert!(errors_at(&yaml, "secret_env[2]")[0].contains("not a valid"));
+    let yaml = format!("secret_env: [GITLAB_USERNAME, NOT_SET]\n{SEED}");
+    let config = load_str(&yaml, &seed_env()).config.expect("valid");
+    assert!(config.secrets().iter().any(|s| s.expose_secret() == "qa"));
+}
+
+#[test]
+fn env_file_values_are_masked() {
+    let mut file = std::collections::BTreeMap::new();
+    file.insert("FILE_ONLY".to_owned(), "from-the-env-file".to_owned());
+    let env = Env::with_file_vars(file);
+    let yaml = "groups: {g: }\nrepositories:\n  - name: a\n    group: g\n    monitor: {repo_url: /tmp/x, branches: [main], repo_type: git}\n    deploy: {qa_repo_url: /tmp/qa, qa_repo_branch: main, commands: [\"true\"]}\n";
+    let config = load_str(yaml, &env).config.expect("valid");
+    assert!(
+        config
+            .secrets()
+            .iter()
+            .any(|s| s.expose_secret() == "from-the-env-file")
+    );
 }

@@ -283,6 +283,34 @@ pub fn http(
     (status, dechunk(&body))
 }
 
+/// Sends only `head` (request line and headers, without the closing blank line unless it
+/// is included) and returns what the server answered within `wait`: the raw response, or
+/// `None` when it neither answered nor closed the connection in time.
+pub fn http_raw(port: u16, head: &str, wait: std::time::Duration) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream.set_read_timeout(Some(wait)).expect("timeout");
+    stream.write_all(head.as_bytes()).expect("write");
+    let mut response = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => return Some(String::from_utf8_lossy(&response).into_owned()),
+            Ok(n) => response.extend_from_slice(&chunk[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return (!response.is_empty())
+                    .then(|| String::from_utf8_lossy(&response).into_owned());
+            }
+            Err(_) => return Some(String::from_utf8_lossy(&response).into_owned()),
+        }
+    }
+}
+
 /// Undoes chunked transfer encoding when present (axum chunks bodies of unknown length).
 fn dechunk(body: &str) -> String {
     let mut out = String::new();

@@ -204,7 +204,8 @@ fn github(state: &Shared, req: &FakeRequest) -> FakeReply {
         return not_found();
     };
     let project = format!("{owner}/{repo}");
-    if req.method == "GET" && what == "commits" && rest == "main" {
+    // Heads are asked for unambiguously, as the branch ref (`commits/refs/heads/main`).
+    if req.method == "GET" && what == "commits" && rest == "refs/heads/main" {
         return match head(state, &project) {
             Some(sha) => FakeReply::status(200, "application/vnd.github.sha", &sha),
             None => not_found(),
