@@ -211,6 +211,21 @@ impl RepoType {
     }
 }
 
+/// `deploy.inherit_env`: which of Sentry's own environment variables commands get.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum InheritEnv {
+    /// All of them except those holding Sentry's own secrets (see [`Config::own_secrets`]).
+    #[default]
+    AllButSecrets,
+    /// Only [`InheritEnv::BASIC`] and these names (empty: `inherit_env: false`).
+    Only(Vec<String>),
+}
+
+impl InheritEnv {
+    /// What a shell needs to behave; always inherited.
+    pub const BASIC: [&'static str; 7] = ["PATH", "HOME", "USER", "LANG", "LC_ALL", "TZ", "TMPDIR"];
+}
+
 #[derive(Debug, Clone)]
 pub struct Repository {
     pub name: String,
@@ -352,6 +367,8 @@ pub struct Deploy {
     /// Names in `env` whose values are masked: `deploy.secret_env` and the values written
     /// as a single `${VAR}` reference.
     pub secret_env: std::collections::BTreeSet<String>,
+    /// What commands get of Sentry's own environment.
+    pub inherit_env: InheritEnv,
     pub timeout: Option<Duration>,
     pub retries: u32,
     pub shell: String,
@@ -380,10 +397,6 @@ impl Config {
     /// webhook secrets, the `deploy.env` values marked secret, every env-file value and the
     /// variables named in the top-level `secret_env`.
     pub fn secrets(&self) -> Vec<SecretString> {
-        let auths = self
-            .repositories
-            .iter()
-            .flat_map(|r| [&r.monitor.auth, &r.deploy.auth]);
         let secret_env = self.repositories.iter().flat_map(|r| {
             r.deploy
                 .secret_env
@@ -391,6 +404,20 @@ impl Config {
                 .filter_map(|name| r.deploy.env.get(name))
                 .map(|value| SecretString::from(value.as_str()))
         });
+        self.own_secrets()
+            .into_iter()
+            .chain(secret_env)
+            .chain(self.masked_values.iter().cloned())
+            .collect()
+    }
+
+    /// The secrets Sentry itself uses — forge tokens, webhook secrets, notification URLs
+    /// and secrets — which QA commands never inherit from its environment.
+    pub fn own_secrets(&self) -> Vec<SecretString> {
+        let auths = self
+            .repositories
+            .iter()
+            .flat_map(|r| [&r.monitor.auth, &r.deploy.auth]);
         auths
             .filter_map(|a| a.token.clone())
             .chain(self.webhooks.github_secret.clone())
@@ -400,8 +427,6 @@ impl Config {
                     .into_iter()
                     .flatten()
             }))
-            .chain(secret_env)
-            .chain(self.masked_values.iter().cloned())
             .collect()
     }
 

@@ -197,12 +197,24 @@ pub struct RawDeploy {
     /// Names of `env` entries whose values are secrets, masked in output like tokens. A value
     /// written as a single `${VAR}` reference is a secret without being listed here.
     pub secret_env: Option<Vec<String>>,
+    /// What commands get of Sentry's own environment: `true` (default) all of it except
+    /// the variables holding Sentry's tokens and webhook secrets; `false` only `PATH`,
+    /// `HOME`, `USER`, `LANG`, `LC_ALL`, `TZ` and `TMPDIR`; a list, those plus the names given.
+    pub inherit_env: Option<RawInheritEnv>,
     /// Bound on each command (integer seconds or `10m`). Default: only the group's `global_timeout`.
     pub timeout: Option<RawDuration>,
     /// Retries of a failed unit. Default 0: commands may not be idempotent.
     pub retries: Option<i64>,
     /// Shell that runs each command with `-c`. Default `/bin/sh`.
     pub shell: Option<String>,
+}
+
+/// `deploy.inherit_env`: a bool or a list of variable names.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum RawInheritEnv {
+    All(bool),
+    Names(Vec<String>),
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]

@@ -15,14 +15,14 @@ use serde_yaml::Value as Yaml;
 
 use super::expand::{self, Env, ExpandError};
 use super::raw::{
-    RawAuth, RawConfig, RawDeploy, RawDuration, RawGroup, RawMonitor, RawNotify, RawPendingRetry,
-    RawReport, RawRepository,
+    RawAuth, RawConfig, RawDeploy, RawDuration, RawGroup, RawInheritEnv, RawMonitor, RawNotify,
+    RawPendingRetry, RawReport, RawRepository,
 };
 use super::schema_keys::{check_unknown_keys, suggest};
 use super::{
     Auth, BranchPattern, BranchSpec, Config, Deploy, DeployScope, Diagnostic, Group, GroupReport,
-    Monitor, NotifyEvent, NotifyKind, NotifyTarget, PendingRetry, RepoType, Report, Repository,
-    ServerConfig, Strategy, WebhookConfig, from_value,
+    InheritEnv, Monitor, NotifyEvent, NotifyKind, NotifyTarget, PendingRetry, RepoType, Report,
+    Repository, ServerConfig, Strategy, WebhookConfig, from_value,
 };
 use crate::forge::kind;
 
@@ -738,6 +738,7 @@ impl Checker<'_> {
         let commands = self.commands(&format!("{path}.commands"), raw.commands);
         let raw_env = raw.env.unwrap_or_default();
         let secret_env = self.secret_env(path, &raw_env, raw.secret_env.unwrap_or_default());
+        let inherit_env = self.inherit_env(&format!("{path}.inherit_env"), raw.inherit_env);
         let env = self.command_env(&format!("{path}.env"), raw_env);
         let timeout = raw
             .timeout
@@ -773,10 +774,29 @@ impl Checker<'_> {
             commands: commands?,
             env,
             secret_env,
+            inherit_env,
             timeout,
             retries,
             shell: shell?,
         })
+    }
+
+    fn inherit_env(&mut self, path: &str, raw: Option<RawInheritEnv>) -> InheritEnv {
+        match raw {
+            None | Some(RawInheritEnv::All(true)) => InheritEnv::AllButSecrets,
+            Some(RawInheritEnv::All(false)) => InheritEnv::Only(Vec::new()),
+            Some(RawInheritEnv::Names(names)) => {
+                for (i, name) in names.iter().enumerate() {
+                    if !is_env_name(name) {
+                        self.error(
+                            format!("{path}[{i}]"),
+                            format!("\"{name}\" is not a valid environment variable name"),
+                        );
+                    }
+                }
+                InheritEnv::Only(names)
+            }
+        }
     }
 
     /// Commands are kept verbatim: `$VAR` in them is the shell's business.
@@ -1205,4 +1225,13 @@ const DEFAULT_MAX_PARALLEL: usize = 4;
 /// child processes, but an unbounded number of clones and shells would starve the host.
 fn default_concurrent_units() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get()) * 2
+}
+
+/// `[A-Za-z_][A-Za-z0-9_]*`, what a POSIX shell accepts as a variable name.
+fn is_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }

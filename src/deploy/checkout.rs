@@ -533,6 +533,7 @@ mod tests {
             commands: vec!["true".into()],
             env: Default::default(),
             secret_env: Default::default(),
+            inherit_env: Default::default(),
             timeout: None,
             retries: 0,
             shell: "/bin/sh".into(),

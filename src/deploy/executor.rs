@@ -58,11 +58,21 @@ pub trait Executor: Send + Sync {
 /// process group, in a fresh clone under `work_dir`.
 pub struct LocalExecutor {
     config: Arc<Config>,
+    /// Sentry's own secrets, which commands never inherit (`deploy.inherit_env`).
+    own_secrets: Vec<String>,
 }
 
 impl LocalExecutor {
     pub fn new(config: Arc<Config>) -> LocalExecutor {
-        LocalExecutor { config }
+        let own_secrets = config
+            .own_secrets()
+            .iter()
+            .map(|s| secrecy::ExposeSecret::expose_secret(s).to_owned())
+            .collect();
+        LocalExecutor {
+            config,
+            own_secrets,
+        }
     }
 }
 
@@ -71,6 +81,7 @@ impl Executor for LocalExecutor {
         Box::pin(async move {
             let attempt = Attempt {
                 config: &self.config,
+                own_secrets: &self.own_secrets,
                 repo: job.repo,
                 unit: job.unit,
                 run: job.run,

@@ -24,7 +24,7 @@ use super::checkout::{self, CheckoutError, CloneProgress, CloneRequest};
 use super::executor::Outcome;
 use super::mask::{Masker, Tail};
 use super::{Trigger, Unit, UnitStatus};
-use crate::config::{Config, Repository};
+use crate::config::{Config, InheritEnv, Repository};
 use crate::shutdown::Shutdown;
 
 /// Bytes of output kept per unit.
@@ -200,6 +200,8 @@ fn percent(p: CloneProgress) -> usize {
 /// Everything one attempt needs.
 pub(super) struct Attempt<'a> {
     pub config: &'a Config,
+    /// Values of Sentry's own secrets: variables holding them are not inherited.
+    pub own_secrets: &'a [String],
     pub repo: &'a Repository,
     pub unit: &'a Unit,
     pub run: &'a RunInfo,
@@ -340,10 +342,30 @@ fn command_env(a: &Attempt<'_>, dir: &Path, changes: &Path) -> Vec<(String, Stri
         ("SENTRY_QA_DIR", path(dir)),
         ("SENTRY_CHANGES_FILE", path(changes)),
     ];
-    let mut env = a.run.extra_env.clone();
+    let mut env = inherited_env(&deploy.inherit_env, a.own_secrets, std::env::vars());
+    env.extend(a.run.extra_env.iter().cloned());
     env.extend(deploy.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     env.extend(sentry.into_iter().map(|(k, v)| (k.to_owned(), v)));
     env
+}
+
+/// What commands get of Sentry's own environment (`deploy.inherit_env`): never a variable
+/// holding one of Sentry's own secrets — a forge token, a webhook secret — whatever its
+/// name, so QA code gets only what it is given.
+fn inherited_env(
+    rule: &InheritEnv,
+    own_secrets: &[String],
+    sentry_env: impl Iterator<Item = (String, String)>,
+) -> Vec<(String, String)> {
+    let allowed = |name: &str| match rule {
+        InheritEnv::AllButSecrets => true,
+        InheritEnv::Only(names) => {
+            InheritEnv::BASIC.contains(&name) || names.iter().any(|n| n == name)
+        }
+    };
+    sentry_env
+        .filter(|(name, value)| allowed(name) && !own_secrets.iter().any(|s| s == value))
+        .collect()
 }
 
 /// The names of the variables [`command_env`] sets, for the dry-run plan.
@@ -448,6 +470,8 @@ async fn run_command(
     cmd.arg("-c")
         .arg(command)
         .current_dir(dir)
+        // Only what `command_env` chose: Sentry's environment is filtered there.
+        .env_clear()
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -658,6 +682,35 @@ async fn read_line_capped<R: AsyncBufRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inherited_environment_never_carries_sentrys_secrets() {
+        let sentry_env = || {
+            [
+                ("PATH", "/usr/bin"),
+                ("GITHUB_TOKEN", "ghp_secret"),
+                ("RENAMED", "ghp_secret"),
+                ("QA_FLAG", "on"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        };
+        let secrets = ["ghp_secret".to_owned()];
+        let names = |env: Vec<(String, String)>| -> Vec<String> {
+            env.into_iter().map(|(k, _)| k).collect()
+        };
+        let all = inherited_env(&InheritEnv::AllButSecrets, &secrets, sentry_env());
+        assert_eq!(names(all), ["PATH", "QA_FLAG"]);
+        let none = inherited_env(&InheritEnv::Only(Vec::new()), &secrets, sentry_env());
+        assert_eq!(names(none), ["PATH"]);
+        let listed = InheritEnv::Only(vec!["QA_FLAG".into(), "GITHUB_TOKEN".into()]);
+        let some = inherited_env(&listed, &secrets, sentry_env());
+        assert_eq!(
+            names(some),
+            ["PATH", "QA_FLAG"],
+            "a listed secret is still withheld"
+        );
+    }
 
     #[test]
     fn clone_progress_reads_well() {

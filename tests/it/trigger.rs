@@ -322,3 +322,46 @@ fn format_json_prints_one_document_with_every_unit() {
     assert_eq!(units[1]["status"], "skipped");
     assert_eq!(units[1]["reason"], "skipped: a@main failed");
 }
+
+#[test]
+fn commands_inherit_sentrys_environment_but_never_its_tokens() {
+    let names = "env | cut -d= -f1 | sort | tr '\\n' ' '";
+    let s = setup(SEQUENTIAL, &[&format!("echo names: $({names})")], &["true"]);
+    let mut cmd = sentry(s.root());
+    cmd.env("MY_TOKEN", SECRET)
+        .env("QA_EXTRA", "visible")
+        .arg("-c")
+        .arg(&s.config)
+        .args(["trigger", "--repo", "a", "--sha", SHA]);
+    let out = run(&mut cmd);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.contains("names:"))
+        .unwrap_or_else(|| panic!("{}", out.stdout));
+    let names: Vec<&str> = line.split_whitespace().collect();
+    assert!(names.contains(&"QA_EXTRA"), "{line}");
+    assert!(
+        names.contains(&"TOKEN"),
+        "given explicitly in deploy.env: {line}"
+    );
+    assert!(
+        !names.contains(&"MY_TOKEN"),
+        "Sentry's own token is withheld: {line}"
+    );
+
+    // inherit_env: false leaves only what a shell needs, and what the config gives.
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    let text = text.replace("      env:\n", "      inherit_env: false\n      env:\n");
+    std::fs::write(&s.config, text).unwrap();
+    let out = run(&mut cmd);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let line = out.stdout.lines().find(|l| l.contains("names:")).unwrap();
+    let names: Vec<&str> = line.split_whitespace().collect();
+    assert!(!names.contains(&"QA_EXTRA"), "{line}");
+    assert!(
+        names.contains(&"PATH") && names.contains(&"TOKEN"),
+        "{line}"
+    );
+}
