@@ -9,10 +9,11 @@ pub use crate::deploy::{
     DeployOptions, Deployer, GroupResult, GroupRun, Observers, RunObserver, RunRef, Trigger, Unit,
     UnitResult, UnitStatus,
 };
+pub use crate::forge::kind::hmac_sha256_valid;
 pub use crate::forge::{ForgeError, ForgeEvents, Forges, Observation, Sha};
 pub use crate::monitor::scheduler::Scheduler;
 pub use crate::monitor::state::StateStore;
 pub use crate::monitor::{Health, Monitor, Scope};
-pub use crate::server::{AppState, github_signature_valid, router};
+pub use crate::server::{AppState, router};
 pub use crate::shutdown::Shutdown;
 pub use crate::telemetry::metrics::Metrics;

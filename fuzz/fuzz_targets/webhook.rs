@@ -13,7 +13,7 @@ use hmac::{Hmac, Mac};
 use libfuzzer_sys::fuzz_target;
 use sentry::testing::{Config, Env, load_str};
 use sentry::testing::Health;
-use sentry::testing::{AppState, github_signature_valid, router};
+use sentry::testing::{AppState, hmac_sha256_valid, router};
 use sentry::testing::Shutdown;
 use sentry::testing::Metrics;
 use sha2::Sha256;
@@ -77,7 +77,7 @@ fuzz_target!(|data: &[u8]| {
     let body = parts.next().unwrap_or_default().to_vec();
 
     // The signature check alone, on arbitrary input.
-    let _ = github_signature_valid(
+    let _ = hmac_sha256_valid(
         SECRET.as_bytes(),
         &body,
         std::str::from_utf8(raw_header).ok(),

@@ -169,6 +169,17 @@ pub struct WebhookConfig {
     pub gitlab_token: Option<SecretString>,
 }
 
+impl WebhookConfig {
+    /// The configured secret of a forge kind's webhook endpoint; `None`: not served.
+    pub fn secret(&self, kind: RepoType) -> Option<&SecretString> {
+        match kind {
+            RepoType::Github => self.github_secret.as_ref(),
+            RepoType::Gitlab => self.gitlab_token.as_ref(),
+            RepoType::Git => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Strategy {

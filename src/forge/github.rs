@@ -22,7 +22,7 @@ use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
 use super::http::{Call, Http, Reply};
-use super::kind::{Kind, ProjectRule, WebhookIds};
+use super::kind::{Kind, ProjectRule, Proof, WebhookIds};
 use super::{
     BranchPattern, CommitStatus, Forge, ForgeError, Listing, ListingFormat, Posted, Sha,
     StatusState, api_base, cut, encode, fetch_sha, parse_url, secret_header, secrets_of, snippet,
@@ -60,6 +60,14 @@ pub(crate) static KIND: Kind = Kind {
     // uses a third of the budget and leaves the rest to polling.
     status_spacing: Some(std::time::Duration::from_secs(1)),
     webhook: Some(WebhookIds {
+        endpoint: "github",
+        proof: Proof::HmacSha256 {
+            header: "x-hub-signature-256",
+        },
+        event_header: "x-github-event",
+        push_event: "push",
+        ping_event: Some("ping"),
+        delivery_header: "x-github-delivery",
         ids: &[
             ("repository", "full_name"),
             ("repository", "clone_url"),

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::http::Reply;
 use super::http::{Call, Http};
-use super::kind::{Kind, ProjectRule, WebhookIds};
+use super::kind::{Kind, ProjectRule, Proof, WebhookIds};
 use super::{
     BranchPattern, CommitStatus, Forge, ForgeError, Listing, ListingFormat, Posted, Sha,
     StatusState, api_base, cut, encode, fetch_sha, parse_url, secret_header, secrets_of, snippet,
@@ -51,6 +51,14 @@ pub(crate) static KIND: Kind = Kind {
     // GitLab documents no extra cost for writes; a short gap keeps bursts polite.
     status_spacing: Some(std::time::Duration::from_millis(100)),
     webhook: Some(WebhookIds {
+        endpoint: "gitlab",
+        proof: Proof::Token {
+            header: "x-gitlab-token",
+        },
+        event_header: "x-gitlab-event",
+        push_event: "Push Hook",
+        ping_event: None,
+        delivery_header: "x-gitlab-event-uuid",
         ids: &[
             ("project", "path_with_namespace"),
             ("project", "git_http_url"),

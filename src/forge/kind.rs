@@ -55,10 +55,82 @@ impl ProjectRule {
     }
 }
 
+/// What a kind's push webhooks look like and how they prove they come from the forge.
 #[derive(Debug)]
 pub struct WebhookIds {
+    /// The path under `/webhooks/` the endpoint is served at.
+    pub endpoint: &'static str,
+    /// How a request proves it knows the configured secret.
+    pub proof: Proof,
+    /// The header naming the event, and its values for a push and a ping (answered `pong`).
+    pub event_header: &'static str,
+    pub push_event: &'static str,
+    pub ping_event: Option<&'static str>,
+    /// The header with the delivery's unique id: a repeated id is a replay and is dropped.
+    pub delivery_header: &'static str,
     /// (object, key) pairs, each naming the project by path or URL.
     pub ids: &'static [(&'static str, &'static str)],
+}
+
+/// How a webhook request proves it comes from the forge.
+#[derive(Debug, Clone, Copy)]
+pub enum Proof {
+    /// The header carries the secret itself (GitLab's `X-Gitlab-Token`): checked before
+    /// the body is read.
+    Token { header: &'static str },
+    /// The header carries `sha256=` and the hex HMAC-SHA256 of the body (GitHub's
+    /// `X-Hub-Signature-256`): its form is checked before the body is read, its value after.
+    HmacSha256 { header: &'static str },
+}
+
+impl Proof {
+    pub fn header(self) -> &'static str {
+        match self {
+            Proof::Token { header } | Proof::HmacSha256 { header } => header,
+        }
+    }
+
+    /// What can be checked from the header alone: the token itself, or that a signature
+    /// has the right form. `false` refuses the request before its body is read.
+    pub fn plausible(self, secret: &[u8], given: Option<&str>) -> bool {
+        let Some(given) = given else { return false };
+        match self {
+            Proof::Token { .. } => digests_equal(secret, given.as_bytes()),
+            Proof::HmacSha256 { .. } => given.starts_with("sha256=") && given.len() == 7 + 64,
+        }
+    }
+
+    /// The whole check, with the body.
+    pub fn verify(self, secret: &[u8], given: Option<&str>, body: &[u8]) -> bool {
+        match self {
+            Proof::Token { .. } => self.plausible(secret, given),
+            Proof::HmacSha256 { .. } => hmac_sha256_valid(secret, body, given),
+        }
+    }
+}
+
+/// Compares SHA-256 digests in constant time: neither a token's content nor its length
+/// shows in the time the comparison takes.
+pub fn digests_equal(expected: &[u8], given: &[u8]) -> bool {
+    use sha2::{Digest, Sha256};
+    use subtle::ConstantTimeEq;
+    bool::from(Sha256::digest(expected).ct_eq(&Sha256::digest(given)))
+}
+
+/// `sha256=` + hex HMAC-SHA256 of the raw body, checked in constant time.
+pub fn hmac_sha256_valid(secret: &[u8], body: &[u8], signature: Option<&str>) -> bool {
+    use hmac::{Hmac, Mac};
+    let Some(hex_sig) = signature.and_then(|s| s.strip_prefix("sha256=")) else {
+        return false;
+    };
+    let Ok(given) = hex::decode(hex_sig) else {
+        return false;
+    };
+    let Ok(mut mac) = Hmac::<sha2::Sha256>::new_from_slice(secret) else {
+        return false;
+    };
+    mac.update(body);
+    mac.verify_slice(&given).is_ok()
 }
 
 /// The kind of a configured `repo_type`.
@@ -131,6 +203,22 @@ mod tests {
             Some("https://gitlab.com/api/v4")
         );
         assert_eq!(api(RepoType::Git, "git.corp"), None);
+    }
+
+    #[test]
+    fn webhook_proofs() {
+        // GitHub's documented test vector.
+        let sig = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17";
+        let secret = b"It's a Secret to Everybody";
+        let github = of(RepoType::Github).webhook.as_ref().unwrap().proof;
+        assert!(github.plausible(secret, Some(sig)));
+        assert!(github.verify(secret, Some(sig), b"Hello, World!"));
+        assert!(!github.verify(secret, Some(sig), b"Hello, World?"));
+        assert!(!github.plausible(secret, Some("sha1=abc")) && !github.plausible(secret, None));
+        let gitlab = of(RepoType::Gitlab).webhook.as_ref().unwrap().proof;
+        assert!(gitlab.plausible(b"tok", Some("tok")) && gitlab.verify(b"tok", Some("tok"), b""));
+        assert!(!gitlab.plausible(b"tok", Some("tok2")) && !gitlab.plausible(b"tok", None));
+        assert!(of(RepoType::Git).webhook.is_none());
     }
 
     #[test]
