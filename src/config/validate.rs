@@ -23,6 +23,8 @@ use super::{
     Auth, BranchPattern, BranchSpec, Config, Deploy, DeployScope, Diagnostic, Group, Monitor,
     PendingRetry, RepoType, Repository, ServerConfig, Strategy, WebhookConfig, from_value,
 };
+#[cfg(test)]
+use super::{LeaderElection, StateConfig};
 use crate::forge::kind;
 
 /// Durations beyond this are a typo (an hour count written as seconds, say), not a plan.
@@ -717,6 +719,8 @@ impl Checker<'_> {
             github_secret: secret(self, "webhooks.github_secret", hooks.github_secret),
             gitlab_token: secret(self, "webhooks.gitlab_token", hooks.gitlab_token),
         };
+        let leader_election = self.leader_election(raw.leader_election.unwrap_or_default());
+        let state = self.state_config(raw.state.unwrap_or_default(), &leader_election);
         if self.errors() > 0 {
             return None;
         }
@@ -735,6 +739,8 @@ impl Checker<'_> {
                 listen: listen?,
             },
             webhooks,
+            leader_election,
+            state,
             groups,
             repositories,
         })
@@ -892,6 +898,7 @@ fn is_loopback(url: &url::Url) -> bool {
     }
 }
 
+mod cluster;
 #[cfg(test)]
 mod tests;
 

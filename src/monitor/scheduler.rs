@@ -33,7 +33,7 @@ use crate::forge::Sha;
 use crate::shutdown::Shutdown;
 use crate::telemetry::metrics::Metrics;
 
-use super::state::{BranchState, DeployRecord, PendingRecord, StateStore, now_rfc3339};
+use super::state::{BranchState, Claim, DeployRecord, PendingRecord, StateStore, now_rfc3339};
 
 type BranchKey = (String, String);
 
@@ -436,8 +436,31 @@ struct StateObserver {
 }
 
 impl RunObserver for StateObserver {
+    /// Claims the unit under this replica's identity, so that a leader taking over after
+    /// a crash can tell that this unit was interrupted (see [`StateStore::take_foreign_claims`]).
+    fn unit_started(&self, run: RunRef<'_>, unit: &Unit) {
+        let state = &self.inner.state;
+        let claim = Claim {
+            sha: unit.sha.clone(),
+            holder: state.holder().to_owned(),
+            run_id: run.run_id.to_owned(),
+            since: now_rfc3339(),
+        };
+        state.with(|s| {
+            let repo = s.repositories.entry(unit.repository.clone()).or_default();
+            repo.claims.insert(unit.branch.clone(), claim);
+        });
+        let state = state.clone();
+        tokio::spawn(async move { state.save_async().await });
+    }
+
     fn unit_ended(&self, run: RunRef<'_>, result: &UnitResult) {
         let inner = &self.inner;
+        inner.state.with(|s| {
+            if let Some(repo) = s.repositories.get_mut(&result.unit.repository) {
+                repo.claims.remove(&result.unit.branch);
+            }
+        });
         if result.status.is_handled() {
             inner.handled(run, result);
         } else {
