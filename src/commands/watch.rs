@@ -254,6 +254,14 @@ async fn lead_replica(
         tokio::task::spawn_blocking(move || monitor::open_state_with(&opening, backend))
             .await
             .context("opening the state")??;
+    // The first write of this term: from here on, a write by the previous leader (a
+    // process that was paused and does not know it was deposed yet) fails with a
+    // conflict, so it can neither claim nor start a unit.
+    let first = state.clone();
+    tokio::task::spawn_blocking(move || first.save())
+        .await
+        .context("writing the state")?
+        .context("cannot take over the state")?;
     let fenced = state.fenced().clone();
     let monitor =
         Arc::new(build(config, state, args, env, shutdown, metrics)?.with_health(health.clone()));

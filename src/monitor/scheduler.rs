@@ -26,14 +26,16 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, DeployScope, Group, PendingRetry};
 use crate::deploy::{
-    Deployer, GroupResult, GroupRun, Observers, RunObserver, RunRef, Trigger, Unit, UnitResult,
-    UnitStatus, expand_scope, new_run_id,
+    Admission, Deployer, GroupResult, GroupRun, Observers, RunObserver, RunRef, Trigger, Unit,
+    UnitResult, UnitStatus, expand_scope, new_run_id,
 };
 use crate::forge::Sha;
 use crate::shutdown::Shutdown;
 use crate::telemetry::metrics::Metrics;
 
-use super::state::{BranchState, Claim, DeployRecord, PendingRecord, StateStore, now_rfc3339};
+use super::state::{
+    BranchState, Claim, DeployRecord, PendingRecord, StateError, StateStore, now_rfc3339,
+};
 
 type BranchKey = (String, String);
 
@@ -87,6 +89,9 @@ impl Scheduler {
         observers: Observers,
         metrics: Arc<Metrics>,
     ) -> Scheduler {
+        deployer.set_admission(Arc::new(ClaimGate {
+            state: state.clone(),
+        }));
         Scheduler {
             inner: Arc::new(Inner {
                 config,
@@ -436,24 +441,6 @@ struct StateObserver {
 }
 
 impl RunObserver for StateObserver {
-    /// Claims the unit under this replica's identity, so that a leader taking over after
-    /// a crash can tell that this unit was interrupted (see [`StateStore::take_foreign_claims`]).
-    fn unit_started(&self, run: RunRef<'_>, unit: &Unit) {
-        let state = &self.inner.state;
-        let claim = Claim {
-            sha: unit.sha.clone(),
-            holder: state.holder().to_owned(),
-            run_id: run.run_id.to_owned(),
-            since: now_rfc3339(),
-        };
-        state.with(|s| {
-            let repo = s.repositories.entry(unit.repository.clone()).or_default();
-            repo.claims.insert(unit.branch.clone(), claim);
-        });
-        let state = state.clone();
-        tokio::spawn(async move { state.save_async().await });
-    }
-
     fn unit_ended(&self, run: RunRef<'_>, result: &UnitResult) {
         let inner = &self.inner;
         inner.state.with(|s| {
@@ -480,6 +467,53 @@ impl RunObserver for StateObserver {
     }
 
     fn group_ended(&self, _result: &GroupResult) {}
+}
+
+/// Claims each unit in the state, under this replica's identity, before it starts — so
+/// that a leader taking over after a crash can tell an interrupted unit from one that
+/// never started ([`StateStore::take_foreign_claims`]) — and refuses the unit when the
+/// state's backend says another replica owns the state now (fenced): a deposed leader
+/// starts nothing. Other write failures are logged and do not stop deployments (the
+/// claim is then only in memory).
+struct ClaimGate {
+    state: Arc<StateStore>,
+}
+
+impl Admission for ClaimGate {
+    fn admit<'a>(
+        &'a self,
+        run: RunRef<'a>,
+        unit: &'a Unit,
+    ) -> futures_util::future::BoxFuture<'a, Result<(), String>> {
+        let claim = Claim {
+            sha: unit.sha.clone(),
+            holder: self.state.holder().to_owned(),
+            run_id: run.run_id.to_owned(),
+            since: now_rfc3339(),
+        };
+        self.state.with(|s| {
+            let repo = s.repositories.entry(unit.repository.clone()).or_default();
+            repo.claims.insert(unit.branch.clone(), claim);
+        });
+        let state = self.state.clone();
+        Box::pin(async move {
+            match tokio::task::spawn_blocking(move || state.save()).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e @ StateError::Fenced { .. })) => {
+                    tracing::error!("{e}");
+                    Err(format!("cancelled: not claimed ({e})"))
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!("the claim of the unit is not stored: {e}");
+                    Ok(())
+                }
+                Err(e) => {
+                    tracing::warn!("the claim of the unit is not stored: {e}");
+                    Ok(())
+                }
+            }
+        })
+    }
 }
 
 /// `initial` for a skip (0 setup failures), then doubling per setup failure up to `max`,

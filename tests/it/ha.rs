@@ -426,3 +426,40 @@ fn leader_election_over_tls_with_the_kubeconfig_ca() {
     c.wait_deployed(std::slice::from_ref(&sha));
     assert!(!r.log().contains("panicked"), "{}", r.log());
 }
+
+/// A leader frozen past its lease (SIGSTOP: a long GC pause, a frozen VM) wakes up deposed:
+/// the new leader's first state write fenced it off, so whatever it tries first — renew
+/// or start a unit — fails, and it starts nothing.
+#[test]
+fn a_leader_frozen_past_its_lease_wakes_up_fenced_and_starts_nothing() {
+    let c = Cluster::new(&["r1", "r2"], &[], "0");
+    let mut r1 = c.replica("r1");
+    assert_eq!(c.leader(), "r1");
+    c.wait_baseline();
+    let _r2 = c.replica("r2");
+    std::thread::sleep(Duration::from_secs(1));
+    r1.signal(Signal::SIGSTOP);
+    wait_until(LONG, || {
+        (c.kube.holder("sentry-leader").as_deref() == Some("r2")).then_some(())
+    })
+    .expect("r2 took over");
+    let sha = commit(&c.watched, "move while r1 is frozen");
+    std::thread::sleep(Duration::from_millis(200));
+    r1.signal(Signal::SIGCONT);
+    c.wait_deployed(std::slice::from_ref(&sha));
+    let code = r1.wait_exit(Duration::from_secs(30));
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "r1 exit: {code:?}\n{}",
+        r1.log()
+    );
+    let lines = c.lines();
+    assert!(
+        parse(&lines).iter().all(|(_, _, pod)| pod == "r2"),
+        "the deposed leader ran a unit:\n{}\n{}",
+        lines.join("\n"),
+        r1.log()
+    );
+    assert_no_overlap(&lines);
+    c.kube.assert_never_two_holders(Duration::from_millis(100));
+}
