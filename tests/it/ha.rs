@@ -288,6 +288,12 @@ fn kill_rounds(kills: usize) -> Vec<Duration> {
         );
     }
     c.kube.assert_never_two_holders(Duration::from_millis(100));
+    let reruns = starts.values().filter(|&&n| n > 1).count();
+    eprintln!(
+        "{} moves, {} kills hit a running unit (claimed), {reruns} SHAs ran twice",
+        shas.len(),
+        claimed_at_kill.len()
+    );
     failovers
 }
 
@@ -462,4 +468,28 @@ fn a_leader_frozen_past_its_lease_wakes_up_fenced_and_starts_nothing() {
     );
     assert_no_overlap(&lines);
     c.kube.assert_never_two_holders(Duration::from_millis(100));
+}
+
+#[test]
+fn watch_in_a_pod_with_an_empty_file_state_warns_loudly() {
+    let f = crate::watch::Fixture::new("server: {enabled: false}\n", 0);
+    let out = crate::support::run(
+        sentry(f.root())
+            .arg("-c")
+            .arg(&f.config)
+            .args(["watch", "--once"])
+            .env("KUBERNETES_SERVICE_HOST", "10.96.0.1"),
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stderr.contains("!!!"), "{}", out.stderr);
+    assert!(out.stderr.contains("persistence.enabled"), "{}", out.stderr);
+    // The second start finds the state: no warning.
+    let again = crate::support::run(
+        sentry(f.root())
+            .arg("-c")
+            .arg(&f.config)
+            .args(["watch", "--once"])
+            .env("KUBERNETES_SERVICE_HOST", "10.96.0.1"),
+    );
+    assert!(!again.stderr.contains("!!!"), "{}", again.stderr);
 }
