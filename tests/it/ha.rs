@@ -46,7 +46,7 @@ impl Cluster {
         git(&qa, &["commit", "-q", "-m", "qa"]);
         let log = root.join("deploys.log");
         let yaml = format!(
-            "polling_interval: 1s\nwork_dir: {root}/work\nshutdown_grace: 2s\n\
+            "polling_interval: 1s\nwork_dir: {root}/work\nshutdown_grace: 2s\nwebhooks: {{gitlab_token: ha-test-token}}\n\
              leader_election: {{enabled: true, lease_name: sentry-leader, lease_duration: 3s, renew_deadline: 2s, retry_period: 500ms}}\n\
              state: {{backend: kubernetes, configmap: sentry-state}}\n\
              groups:\n  g:\n    execution_strategy: sequential\n\
@@ -182,6 +182,24 @@ fn two_replicas_exactly_one_deploys_and_the_standby_is_ready() {
         standby.log()
     );
     assert_eq!(http("GET", port, "/healthz", &[], b"").0, 200);
+    // A webhook reaching the standby is accepted (the leader's poll catches up).
+    let push = format!(
+        "{{\"ref\":\"refs/heads/main\",\"project\":{{\"git_http_url\":\"file://{}\"}}}}",
+        c.watched.display()
+    );
+    let (code, body) = http(
+        "POST",
+        port,
+        "/webhooks/gitlab",
+        &[
+            ("X-Gitlab-Token", "ha-test-token"),
+            ("X-Gitlab-Event", "Push Hook"),
+            ("Content-Type", "application/json"),
+        ],
+        push.as_bytes(),
+    );
+    assert_eq!(code, 202, "{body}");
+    assert!(body.contains("checking"), "{body}");
 
     let mut shas = Vec::new();
     for i in 0..3 {
