@@ -29,6 +29,13 @@ pub fn watch(cli: &Cli, args: &WatchArgs, env: &Env) -> anyhow::Result<Exit> {
     if config.leader_election.enabled && !args.once {
         return runtime()?.block_on(watch_replicated(config, args, env));
     }
+    if config.state != StateConfig::File {
+        // One cycle without the Lease would write the ConfigMap beside a running leader.
+        anyhow::bail!(
+            "watch --once cannot use state.backend: kubernetes (the state belongs to the elected leader); \
+             run `sentry status` to read it, or `sentry watch` to take part in the election"
+        );
+    }
     // The one writer of the state: a second watch stops here, before it reads anything.
     let (state, _lock) = monitor::open_state_for_watch(&config)?;
     runtime()?.block_on(watch_async(config, state, args, env))

@@ -503,3 +503,26 @@ fn watch_in_a_pod_with_an_empty_file_state_warns_loudly() {
     );
     assert!(!again.stderr.contains("!!!"), "{}", again.stderr);
 }
+
+#[test]
+fn watch_once_refuses_the_kubernetes_state_of_the_elected_leader() {
+    let c = Cluster::new(&["r1"], &[], "0");
+    let out = crate::support::run(
+        sentry(c.dir.path())
+            .arg("-c")
+            .arg(&c.config)
+            .args(["watch", "--once"])
+            .env("KUBECONFIG", c.kube.kubeconfig("r1")),
+    );
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("watch --once cannot use state.backend: kubernetes"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        c.kube.state("sentry-state").is_none(),
+        "--once wrote the ConfigMap"
+    );
+}
