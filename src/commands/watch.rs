@@ -218,19 +218,18 @@ async fn watch_replicated(
     let held = renewing
         .await
         .map_err(|e| anyhow::anyhow!("the renewal task failed: {e}"))?;
+    if held.is_ok() {
+        // Still ours (whatever went wrong while leading): hand it over now rather than
+        // after lease_duration.
+        elector.release().await;
+    }
     let result = match (held, outcome) {
         (Err(lost), _) => Err(anyhow::Error::new(lost)),
         (Ok(()), Err(e)) => Err(e),
-        (Ok(()), Ok(saved)) => {
-            elector.release().await;
-            if saved {
-                Ok(Exit::Success)
-            } else {
-                Err(anyhow::anyhow!(
-                    "the last state could not be saved (see above); the next leader may deploy again"
-                ))
-            }
-        }
+        (Ok(()), Ok(true)) => Ok(Exit::Success),
+        (Ok(()), Ok(false)) => Err(anyhow::anyhow!(
+            "the last state could not be saved (see above); the next leader may deploy again"
+        )),
     };
     server.stop().await;
     tracing::info!("stopped");
@@ -270,6 +269,7 @@ async fn lead_replica(
         .context("writing the state")?
         .context("cannot take over the state")?;
     let fenced = state.fenced().clone();
+    let fenced_after = fenced.clone();
     let monitor =
         Arc::new(build(config, state, args, env, shutdown, metrics)?.with_health(health.clone()));
     log_start(config);
@@ -284,6 +284,11 @@ async fn lead_replica(
     };
     let saved = lead(monitor, shutdown, hints).await;
     watchdog.abort();
+    if fenced_after.is_cancelled() {
+        anyhow::bail!(
+            "another replica wrote the state: this replica is no longer the leader (its running units were stopped)"
+        );
+    }
     Ok(saved)
 }
 

@@ -118,6 +118,21 @@ impl Cluster {
         })
         .is_some()
     }
+
+    /// [`Cluster::try_wait_deployed`], and the leader's state agrees: the last SHA is the
+    /// handled one and no unit is claimed. An `end` line alone may come from the orphaned
+    /// command of a killed leader, before the new leader has re-run that unit.
+    fn try_wait_settled(&self, shas: &[String]) -> bool {
+        self.try_wait_deployed(shas)
+            && wait_until(LONG, || {
+                let state = self.kube.state("sentry-state")?;
+                let app = &state["repositories"]["app"];
+                let handled = app["branches"]["main"]["sha"].as_str()?;
+                let claimed = app["claims"].as_object().is_some_and(|c| !c.is_empty());
+                (shas.last().is_none_or(|last| last == handled) && !claimed).then_some(())
+            })
+            .is_some()
+    }
 }
 
 /// (kind, sha, pod) per line.
@@ -246,7 +261,7 @@ fn kill_rounds(kills: usize) -> Vec<Duration> {
     for round in 0..kills {
         // Moves made faster than a poll coalesce (the newest SHA wins, with one replica
         // too): each round moves the branch once the previous move is deployed.
-        if !c.try_wait_deployed(&shas) {
+        if !c.try_wait_settled(&shas) {
             break;
         }
         let leader = c.leader();
@@ -276,7 +291,7 @@ fn kill_rounds(kills: usize) -> Vec<Duration> {
         let fresh = names[round + 2].clone();
         replicas.insert(fresh.clone(), c.replica(&fresh));
     }
-    if !c.try_wait_deployed(&shas) {
+    if !c.try_wait_settled(&shas) {
         let logs: Vec<String> = replicas
             .iter()
             .map(|(name, r)| format!("--- {name}:\n{}", r.log()))
@@ -307,6 +322,12 @@ fn kill_rounds(kills: usize) -> Vec<Duration> {
     }
     c.kube.assert_never_two_holders(Duration::from_millis(100));
     let reruns = starts.values().filter(|&&n| n > 1).count();
+    if std::env::var_os("SENTRY_HA_VERBOSE").is_some() {
+        eprintln!(
+            "deploy log:\n{}\nclaimed at kill: {claimed_at_kill:?}",
+            lines.join("\n")
+        );
+    }
     eprintln!(
         "{} moves, {} kills hit a running unit (claimed), {reruns} SHAs ran twice",
         shas.len(),
