@@ -34,9 +34,34 @@ impl Cluster {
     /// A fake API server with one listener per name in `pods` (`tls_pods` over TLS), and
     /// a configuration whose deploy command sleeps `deploy_sleep` seconds.
     fn new(pods: &[&str], tls_pods: &[&str], deploy_sleep: &str) -> Cluster {
+        Cluster::with_branches(pods, tls_pods, deploy_sleep, 0)
+    }
+
+    /// [`Cluster::new`] with `release_branches` more branches `release/N` watched through
+    /// the pattern `release/*`, to make the state large.
+    fn with_branches(
+        pods: &[&str],
+        tls_pods: &[&str],
+        deploy_sleep: &str,
+        release_branches: usize,
+    ) -> Cluster {
         let dir = tempdir();
         let root = dir.path().to_owned();
         let watched = init_repo(&root.join("app"));
+        if release_branches > 0 {
+            let head = git(&watched, &["rev-parse", "HEAD"]);
+            let refs: String = (0..release_branches)
+                .map(|i| format!("create refs/heads/release/{i} {head}\n"))
+                .collect();
+            let script = write(&root, "refs.txt", &refs);
+            let out = std::process::Command::new("git")
+                .current_dir(&watched)
+                .args(["update-ref", "--stdin"])
+                .stdin(std::fs::File::open(script).expect("refs"))
+                .output()
+                .expect("git update-ref");
+            assert!(out.status.success(), "{out:?}");
+        }
         let qa = root.join("qa");
         std::fs::create_dir_all(&qa).expect("qa dir");
         git(&qa, &["init", "-q"]);
@@ -50,7 +75,7 @@ impl Cluster {
              leader_election: {{enabled: true, lease_name: sentry-leader, lease_duration: 3s, renew_deadline: 2s, retry_period: 500ms}}\n\
              state: {{backend: kubernetes, configmap: sentry-state}}\n\
              groups:\n  g:\n    execution_strategy: sequential\n\
-             repositories:\n  - name: app\n    group: g\n    monitor:\n      repo_url: file://{watched}\n      branches: [main]\n      repo_type: git\n\
+             repositories:\n  - name: app\n    group: g\n    monitor:\n      repo_url: file://{watched}\n      branches: [main, \"release/*\"]\n      repo_type: git\n\
              \x20   deploy:\n      qa_repo_url: file://{qa}\n      qa_repo_branch: main\n      commands: [\"./deploy.sh\"]\n      env: {{DEPLOY_LOG: \"{log}\", DEPLOY_SLEEP: \"{deploy_sleep}\"}}\n",
             root = root.display(),
             watched = watched.display(),
@@ -87,6 +112,14 @@ impl Cluster {
     /// Waits until some replica holds the Lease; returns its name.
     fn leader(&self) -> String {
         wait_until(LONG, || self.kube.holder("sentry-leader")).expect("a leader within 60 s")
+    }
+
+    /// Waits until a replica other than `old` holds the Lease; returns its name.
+    fn leader_other_than(&self, old: &str) -> String {
+        wait_until(LONG, || {
+            self.kube.holder("sentry-leader").filter(|h| h != old)
+        })
+        .expect("a new leader within 60 s")
     }
 
     /// Waits until the leader has recorded a baseline for `app` main.
@@ -546,4 +579,44 @@ fn watch_once_refuses_the_kubernetes_state_of_the_elected_leader() {
         c.kube.state("sentry-state").is_none(),
         "--once wrote the ConfigMap"
     );
+}
+
+/// A state beyond one ConfigMap (12,000 branches) is sharded into parts; the next leader
+/// reads it whole — no branch is taken as a new baseline — and writes the other slot.
+#[test]
+fn a_state_larger_than_one_configmap_is_sharded_and_survives_failover() {
+    let c = Cluster::with_branches(&["r1", "r2"], &[], "0", 12_000);
+    let mut r1 = c.replica("r1");
+    assert_eq!(c.leader(), "r1");
+    let head = wait_until(LONG, || {
+        let head = c.kube.object("configmaps", "sentry-state")?;
+        head["data"]["slot"].as_str().map(|_| head.clone())
+    })
+    .unwrap_or_else(|| panic!("no sharded state:\n{}", r1.log()));
+    let parts: usize = head["data"]["parts"].as_str().unwrap().parse().unwrap();
+    assert!(parts >= 2, "{head}");
+    let slot = head["data"]["slot"].as_str().unwrap().to_owned();
+    let r2 = c.replica("r2");
+    std::thread::sleep(Duration::from_secs(1));
+    r1.signal(Signal::SIGKILL);
+    r1.wait_exit(Duration::from_secs(5));
+    assert_eq!(c.leader_other_than("r1"), "r2");
+    let sha = commit(&c.watched, "move main");
+    c.wait_deployed(std::slice::from_ref(&sha));
+    assert!(
+        !r2.log().contains("baseline:"),
+        "r2 re-baselined:\n{}",
+        r2.log()
+    );
+    let moved = wait_until(LONG, || {
+        let head = c.kube.object("configmaps", "sentry-state")?;
+        (head["data"]["slot"].as_str()? != slot).then_some(())
+    });
+    assert!(moved.is_some(), "r2 did not write the other slot");
+    let state = c.kube.state_sharded("sentry-state").expect("state");
+    let branches = state["repositories"]["app"]["branches"]
+        .as_object()
+        .unwrap();
+    assert_eq!(branches.len(), 12_001);
+    assert_eq!(branches["main"]["sha"], sha.as_str());
 }

@@ -193,6 +193,21 @@ impl FakeKube {
         serde_json::from_str(cm["data"]["state.json"].as_str()?).ok()
     }
 
+    /// The state JSON, following a sharded head to its parts.
+    pub fn state_sharded(&self, name: &str) -> Option<Value> {
+        let head = self.object("configmaps", name)?;
+        let Some(slot) = head["data"]["slot"].as_str() else {
+            return self.state(name);
+        };
+        let parts: usize = head["data"]["parts"].as_str()?.parse().ok()?;
+        let mut text = String::new();
+        for i in 0..parts {
+            let part = self.object("configmaps", &format!("{name}-{slot}-{i}"))?;
+            text.push_str(part["data"]["part"].as_str()?);
+        }
+        serde_json::from_str(&text).ok()
+    }
+
     /// Panics if the record shows a holder change while the previous holder's last write
     /// was still valid (written less than its lease duration before), give or take
     /// `slack` for scheduling.
