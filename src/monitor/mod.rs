@@ -410,8 +410,8 @@ pub fn open_state_with(
     backend: Box<dyn StateBackend>,
 ) -> Result<(Arc<StateStore>, WriterLock), StateError> {
     let lock = backend.lock()?;
-    let empty = backend.load()?.is_none();
-    if empty && config.state == crate::config::StateConfig::File && in_a_pod() {
+    let loaded = backend.load()?;
+    if loaded.is_none() && config.state == crate::config::StateConfig::File && in_a_pod() {
         tracing::warn!(
             "!!! {} is empty and this watch runs in a Kubernetes pod: unless the file is on a \
              persistent volume, every restart starts from scratch and moves made while Sentry \
@@ -420,7 +420,7 @@ pub fn open_state_with(
             backend.describe()
         );
     }
-    let state = StateStore::open(backend)?;
+    let state = StateStore::with_loaded(backend, loaded);
     let claims = state.take_foreign_claims();
     if !claims.is_empty() {
         tracing::warn!(

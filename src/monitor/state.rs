@@ -317,17 +317,23 @@ impl StateStore {
 
     /// Reads the state from `backend`; nothing stored yet is an empty state.
     pub fn open(backend: Box<dyn StateBackend>) -> Result<StateStore, StateError> {
-        let state = backend.load()?.unwrap_or_else(|| State {
+        let loaded = backend.load()?;
+        Ok(StateStore::with_loaded(backend, loaded))
+    }
+
+    /// A store over `backend` holding `loaded`, what `backend.load()` returned.
+    pub fn with_loaded(backend: Box<dyn StateBackend>, loaded: Option<State>) -> StateStore {
+        let state = loaded.unwrap_or_else(|| State {
             version: FORMAT_VERSION,
             ..State::default()
         });
-        Ok(StateStore {
+        StateStore {
             backend,
             holder: crate::leader::identity(),
             fenced: tokio_util::sync::CancellationToken::new(),
             state: Mutex::new(state),
             write_lock: Mutex::new(()),
-        })
+        }
     }
 
     /// `state file .sentry/state.json`, for messages.
