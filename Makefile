@@ -169,3 +169,7 @@ fuzz-smoke: ## Run each cargo-fuzz target (fuzz/) for FUZZ_SECS seconds (needs c
 
 soak: ## Soak test in release: 2,000 branches, 1 s interval, SENTRY_SOAK_SECS (default 600)
 	$(CARGO) test --release --locked --test it soak -- --ignored --nocapture
+
+.PHONY: ha-failover
+ha-failover: ## Leader failover over 20 kill -9s of the leader (fake API server); prints p50/max
+	$(CARGO) test --locked --test it ha::failover_over_twenty_kills -- --ignored --nocapture

@@ -11,8 +11,9 @@
 #   k8s         kubernetes-validate --strict on k8s/*.yaml
 #   helm        helm lint --strict and helm template | kubernetes-validate
 #               --strict for values.yaml, values-dev.yaml and
-#               values-production.yaml; replicaCount=2 and
-#               autoscaling.enabled=true must fail to render; then the chart
+#               values-production.yaml; replicaCount=2 renders with
+#               leaderElection.enabled and fails without it, and
+#               autoscaling.enabled=true fails to render; then the chart
 #               with every opt-in enabled (ServiceMonitor, PrometheusRule,
 #               Grafana dashboard, NetworkPolicy, PVC, namespace): lint,
 #               render, validate, component labels, the PrometheusRule's rules
@@ -261,11 +262,20 @@ check_helm() {
         ok "the default chart is namespace-scoped and mounts no token"
     fi
 
-    # Sentry has no leader election: these must refuse to render.
+    # Two replicas render with leader election (a Role, a PDB, RollingUpdate)...
+    if quiet render_chart values.yaml "$WORK/ha.yaml" --set replicaCount=2 --set leaderElection.enabled=true \
+        && grep -q "kind: PodDisruptionBudget" "$WORK/ha.yaml" \
+        && grep -q "resourceNames" "$WORK/ha.yaml" \
+        && quiet "$KUBEVAL" --strict --quiet -k "$K8S_VERSION" "$WORK/ha.yaml"; then
+        ok "helm template replicaCount=2 leaderElection.enabled=true renders and validates"
+    else
+        fail "helm template replicaCount=2 leaderElection.enabled=true"
+    fi
+    # ...and without it, more than one replica or autoscaling must refuse to render.
     local args msg
     for args in "replicaCount=2" "autoscaling.enabled=true"; do
         if msg="$(render_chart values.yaml "$WORK/negative.yaml" --set "$args" 2>&1)"; then
-            fail "helm template --set $args rendered, but must fail (no leader election)"
+            fail "helm template --set $args rendered, but must fail (leader election)"
         elif printf '%s' "$msg" | grep -q "leader election"; then
             ok "helm template --set $args fails with the leader-election message"
         else

@@ -11,11 +11,13 @@
 // they drive through [`testing`]. So the compiler, not review, reports dead code.
 pub(crate) mod build_info;
 pub(crate) mod cli;
+pub(crate) mod cluster;
 pub(crate) mod commands;
 pub(crate) mod config;
 pub(crate) mod deploy;
 pub(crate) mod forge;
 pub(crate) mod hardening;
+pub(crate) mod leader;
 pub(crate) mod memory;
 pub(crate) mod monitor;
 pub(crate) mod output;

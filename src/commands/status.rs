@@ -1,13 +1,14 @@
 //! `sentry status`: what the state says, per repository and branch — the handled SHA with
-//! its last deployment, and apart from it the change still pending and why. No network;
-//! safe to run while `watch` writes the file (writes are atomic renames, and status takes
-//! no lock).
+//! its last deployment, and apart from it the change still pending and why. Reads the
+//! state file (no network; safe while `watch` writes it: writes are atomic renames, and
+//! status takes no lock), or with `state.backend: kubernetes` the ConfigMap.
 
 use serde::Serialize;
 
 use crate::Exit;
 use crate::cli::{Cli, OutputFormat, StatusArgs};
-use crate::config::Env;
+use crate::config::{Env, StateConfig};
+use crate::monitor::state::configmap::ConfigMapBackend;
 use crate::monitor::state::{DeployRecord, PendingRecord, State, StateStore};
 
 #[derive(Serialize)]
@@ -24,7 +25,7 @@ struct Row<'a> {
 
 pub fn status(cli: &Cli, args: &StatusArgs, env: &Env) -> anyhow::Result<Exit> {
     let config = super::load_config(&cli.config, env)?;
-    let store = StateStore::load(&config.state_file)?;
+    let store = open(&config)?;
     let state = store.snapshot();
     let rows = rows(&state);
     match args.format {
@@ -32,6 +33,25 @@ pub fn status(cli: &Cli, args: &StatusArgs, env: &Env) -> anyhow::Result<Exit> {
         OutputFormat::Text => print_table(&rows, &store),
     }
     Ok(Exit::Success)
+}
+
+/// The state from where `watch` keeps it: the file, or the ConfigMap (read only).
+fn open(config: &crate::config::Config) -> anyhow::Result<StateStore> {
+    let StateConfig::Kubernetes {
+        configmap,
+        namespace,
+    } = &config.state
+    else {
+        return Ok(StateStore::load(&config.state_file)?);
+    };
+    let runtime = super::runtime()?;
+    runtime.block_on(async {
+        let backend = ConfigMapBackend::connect(configmap, namespace.as_deref()).await?;
+        let store = tokio::task::spawn_blocking(move || StateStore::open(Box::new(backend)))
+            .await
+            .map_err(|e| anyhow::anyhow!("reading the state failed: {e}"))??;
+        Ok(store)
+    })
 }
 
 /// One row per branch that has a handled SHA, a pending change, or both.

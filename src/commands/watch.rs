@@ -4,15 +4,19 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::Exit;
 use crate::cli::{Cli, WatchArgs};
+use crate::config::StateConfig;
 use crate::config::{Config, Env};
 use crate::deploy::{DeployOptions, Deployer, Observers, RunObserver, Trigger};
 use crate::forge::Forges;
+use crate::leader::{self, Elector};
 use crate::monitor::scheduler::Scheduler;
-use crate::monitor::state::StateStore;
-use crate::monitor::{self, Monitor, Scope};
+use crate::monitor::state::configmap::ConfigMapBackend;
+use crate::monitor::state::{FileBackend, StateBackend, StateStore};
+use crate::monitor::{self, Health, Monitor, Scope};
 use crate::report::Reporting;
 use crate::server::{self, AppState};
 use crate::shutdown::Shutdown;
@@ -23,6 +27,16 @@ use super::{load_config, runtime};
 
 pub fn watch(cli: &Cli, args: &WatchArgs, env: &Env) -> anyhow::Result<Exit> {
     let config = Arc::new(load_config(&cli.config, env)?);
+    if config.leader_election.enabled && !args.once {
+        return runtime()?.block_on(watch_replicated(config, args, env));
+    }
+    if config.state != StateConfig::File {
+        // One cycle without the Lease would write the ConfigMap beside a running leader.
+        anyhow::bail!(
+            "watch --once cannot use state.backend: kubernetes (the state belongs to the elected leader); \
+             run `sentry status` to read it, or `sentry watch` to take part in the election"
+        );
+    }
     // The one writer of the state: a second watch stops here, before it reads anything.
     let (state, _lock) = monitor::open_state_for_watch(&config)?;
     runtime()?.block_on(watch_async(config, state, args, env))
@@ -41,13 +55,8 @@ async fn watch_async(
     let metrics = Arc::new(Metrics::new());
     let (monitor, reporting) = build(&config, state, args, env, &shutdown, &metrics)?;
     let monitor = Arc::new(monitor);
-    tracing::info!(
-        version = crate::build_info::VERSION,
-        "sentry watching {} every {}",
-        super::summary(&config),
-        humantime::format_duration(config.polling_interval)
-    );
     if args.once {
+        log_start(&config);
         let exit = watch_once(&monitor, &shutdown).await;
         reporting.flush(FLUSH_ONCE).await;
         return exit;
@@ -55,44 +64,18 @@ async fn watch_async(
     let (hints_tx, hints_rx) = mpsc::channel::<Vec<String>>(64);
     // The server outlives the poll loop so that /readyz can answer 503 while running
     // deployments drain.
-    let server_stop = tokio_util::sync::CancellationToken::new();
-    let server = if config.server.enabled {
-        let state = AppState {
-            config: config.clone(),
-            health: monitor.health(),
-            metrics,
-            shutdown: shutdown.clone(),
-            hints: hints_tx,
-            started: std::time::Instant::now(),
-        };
-        let addr = args.listen.unwrap_or(config.server.listen);
-        let (_, handle) = server::serve(addr, state, server_stop.clone())
-            .await
-            .with_context(|| format!("cannot listen on {addr} (set server.listen or --listen)"))?;
-        Some(handle)
-    } else {
-        None
-    };
-    // On a worker thread: polled from `block_on` on the main thread, every answer would
-    // have to wake that thread across cores.
-    let poll_loop = tokio::spawn(monitor::run(monitor.clone(), shutdown.clone(), hints_rx));
-    if let Err(e) = poll_loop.await {
-        tracing::error!("the poll loop stopped unexpectedly (a bug: please report it): {e}");
-    }
-    let (running, _) = monitor.scheduler().load();
-    if !running.is_empty() {
-        tracing::info!(
-            "waiting for running group runs to stop: {}",
-            running.join(", ")
-        );
-    }
-    monitor.scheduler().wait_idle().await;
-    let saved = monitor.save_state().await;
+    let server = Server::start(
+        &config,
+        args,
+        &monitor.health(),
+        metrics,
+        &shutdown,
+        hints_tx,
+    )
+    .await?;
+    let saved = lead(monitor, &shutdown, hints_rx).await;
     reporting.flush(FLUSH_AT_STOP).await;
-    server_stop.cancel();
-    if let Some(handle) = server {
-        let _ = handle.await;
-    }
+    server.stop().await;
     tracing::info!("stopped");
     if !saved {
         anyhow::bail!(
@@ -106,6 +89,219 @@ async fn watch_async(
 const FLUSH_ONCE: std::time::Duration = std::time::Duration::from_secs(30);
 /// The same at a stop: short, as a container's stop timeout is counting.
 const FLUSH_AT_STOP: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn log_start(config: &Config) {
+    tracing::info!(
+        version = crate::build_info::VERSION,
+        "sentry watching {} every {}",
+        super::summary(config),
+        humantime::format_duration(config.polling_interval)
+    );
+}
+
+/// The HTTP server of `watch`, running until [`Server::stop`].
+struct Server {
+    stop: CancellationToken,
+    handle: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Server {
+    async fn start(
+        config: &Arc<Config>,
+        args: &WatchArgs,
+        health: &Arc<Health>,
+        metrics: Arc<Metrics>,
+        shutdown: &Shutdown,
+        hints: mpsc::Sender<Vec<String>>,
+    ) -> anyhow::Result<Server> {
+        let stop = CancellationToken::new();
+        if !config.server.enabled {
+            return Ok(Server { stop, handle: None });
+        }
+        let state = AppState {
+            config: config.clone(),
+            health: health.clone(),
+            metrics,
+            shutdown: shutdown.clone(),
+            hints,
+            started: std::time::Instant::now(),
+        };
+        let addr = args.listen.unwrap_or(config.server.listen);
+        let (_, handle) = server::serve(addr, state, stop.clone())
+            .await
+            .with_context(|| format!("cannot listen on {addr} (set server.listen or --listen)"))?;
+        Ok(Server {
+            stop,
+            handle: Some(handle),
+        })
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        if let Some(handle) = self.handle {
+            let _ = handle.await;
+        }
+    }
+}
+
+/// Polls and deploys until shutdown, then drains running units and saves the state.
+/// Returns whether the last state was saved.
+async fn lead(
+    monitor: Arc<Monitor>,
+    shutdown: &Shutdown,
+    hints: mpsc::Receiver<Vec<String>>,
+) -> bool {
+    // On a worker thread: polled from `block_on` on the main thread, every answer would
+    // have to wake that thread across cores.
+    let poll_loop = tokio::spawn(monitor::run(monitor.clone(), shutdown.clone(), hints));
+    if let Err(e) = poll_loop.await {
+        tracing::error!("the poll loop stopped unexpectedly (a bug: please report it): {e}");
+    }
+    let (running, _) = monitor.scheduler().load();
+    if !running.is_empty() {
+        tracing::info!(
+            "waiting for running group runs to stop: {}",
+            running.join(", ")
+        );
+    }
+    monitor.scheduler().wait_idle().await;
+    monitor.save_state().await
+}
+
+/// `watch` with `leader_election.enabled`: stand by until this replica holds the Lease
+/// (ready, answering webhooks 202 — their hints wait in the channel and the first cycle
+/// as leader polls everything anyway), then lead: open the state, poll and deploy while
+/// renewing. Losing the Lease (or a fenced state write) stops everything at once — units
+/// are killed, not drained, since another replica may already run them — and exits with
+/// an error so that the pod restarts as a standby. SIGTERM drains, saves, and releases
+/// the Lease so that a standby takes over at its next try.
+async fn watch_replicated(
+    config: Arc<Config>,
+    args: &WatchArgs,
+    env: &Env,
+) -> anyhow::Result<Exit> {
+    let shutdown = Shutdown::new();
+    shutdown
+        .listen_for_signals()
+        .context("cannot install signal handlers")?;
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::default());
+    let election = &config.leader_election;
+    let elector = Arc::new(
+        Elector::connect(election, leader::identity())
+            .await
+            .context("leader election")?,
+    );
+    tracing::info!(
+        identity = elector.identity(),
+        "replica {} standing by for Lease {}",
+        elector.identity(),
+        elector.lease()
+    );
+    let (hints_tx, hints_rx) = mpsc::channel::<Vec<String>>(64);
+    let server =
+        Server::start(&config, args, &health, metrics.clone(), &shutdown, hints_tx).await?;
+    let alive = || {
+        health.cycle_completed_at(std::time::SystemTime::now());
+        health.set_ready(!shutdown.is_requested());
+    };
+    let Some(term) = elector.acquire(shutdown.token(), alive).await else {
+        server.stop().await;
+        tracing::info!("stopped");
+        return Ok(Exit::Success);
+    };
+    // Renewing runs beside the work; losing the Lease forces the shutdown at once.
+    let stop_renewing = CancellationToken::new();
+    let renewing = {
+        let (elector, stop, shutdown) = (elector.clone(), stop_renewing.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let held = elector.hold(term, &stop).await;
+            if let Err(e) = &held {
+                tracing::error!("{e}");
+                shutdown.force();
+            }
+            held
+        })
+    };
+    let outcome = lead_replica(&config, args, env, &shutdown, &metrics, &health, hints_rx).await;
+    stop_renewing.cancel();
+    let held = renewing
+        .await
+        .map_err(|e| anyhow::anyhow!("the renewal task failed: {e}"))?;
+    if held.is_ok() {
+        // Still ours (whatever went wrong while leading): hand it over now rather than
+        // after lease_duration.
+        elector.release().await;
+    }
+    let result = match (held, outcome) {
+        (Err(lost), _) => Err(anyhow::Error::new(lost)),
+        (Ok(()), Err(e)) => Err(e),
+        (Ok(()), Ok(true)) => Ok(Exit::Success),
+        (Ok(()), Ok(false)) => Err(anyhow::anyhow!(
+            "the last state could not be saved (see above); the next leader may deploy again"
+        )),
+    };
+    server.stop().await;
+    tracing::info!("stopped");
+    result
+}
+
+/// The leader's part of [`watch_replicated`]: opens the state (the ConfigMap, read only
+/// now, after the previous leader's last write), then [`lead`]s. A fenced state write
+/// forces the shutdown.
+async fn lead_replica(
+    config: &Arc<Config>,
+    args: &WatchArgs,
+    env: &Env,
+    shutdown: &Shutdown,
+    metrics: &Arc<Metrics>,
+    health: &Arc<Health>,
+    hints: mpsc::Receiver<Vec<String>>,
+) -> anyhow::Result<bool> {
+    let backend: Box<dyn StateBackend> = match &config.state {
+        StateConfig::File => Box::new(FileBackend::new(&config.state_file)),
+        StateConfig::Kubernetes {
+            configmap,
+            namespace,
+        } => Box::new(ConfigMapBackend::connect(configmap, namespace.as_deref()).await?),
+    };
+    let opening = config.clone();
+    let (state, _lock) =
+        tokio::task::spawn_blocking(move || monitor::open_state_with(&opening, backend))
+            .await
+            .context("opening the state")??;
+    // The first write of this term: from here on, a write by the previous leader (a
+    // process that was paused and does not know it was deposed yet) fails with a
+    // conflict, so it can neither claim nor start a unit.
+    let first = state.clone();
+    tokio::task::spawn_blocking(move || first.save())
+        .await
+        .context("writing the state")?
+        .context("cannot take over the state")?;
+    let fenced = state.fenced().clone();
+    let fenced_after = fenced.clone();
+    let (monitor, reporting) = build(config, state, args, env, shutdown, metrics)?;
+    let monitor = Arc::new(monitor.with_health(health.clone()));
+    log_start(config);
+    let watchdog = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = fenced.cancelled() => shutdown.force(),
+                _ = shutdown.requested() => {}
+            }
+        })
+    };
+    let saved = lead(monitor, shutdown, hints).await;
+    watchdog.abort();
+    reporting.flush(FLUSH_AT_STOP).await;
+    if fenced_after.is_cancelled() {
+        anyhow::bail!(
+            "another replica wrote the state: this replica is no longer the leader (its running units were stopped)"
+        );
+    }
+    Ok(saved)
+}
 
 async fn watch_once(monitor: &Monitor, shutdown: &Shutdown) -> anyhow::Result<Exit> {
     let report = monitor

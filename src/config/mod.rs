@@ -40,6 +40,8 @@ pub struct Config {
     pub pending_retry: PendingRetry,
     pub server: ServerConfig,
     pub webhooks: WebhookConfig,
+    pub leader_election: LeaderElection,
+    pub state: StateConfig,
     /// In the order of the file.
     pub groups: Vec<Group>,
     /// In the order of the file.
@@ -63,6 +65,44 @@ impl Default for PendingRetry {
             max: Duration::from_secs(30 * 60),
         }
     }
+}
+
+/// Lease leader election (`leader_election:`); off unless enabled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderElection {
+    pub enabled: bool,
+    pub lease_name: String,
+    /// `None`: the namespace of the pod or the kubeconfig context.
+    pub namespace: Option<String>,
+    pub lease_duration: Duration,
+    pub renew_deadline: Duration,
+    pub retry_period: Duration,
+}
+
+impl Default for LeaderElection {
+    fn default() -> Self {
+        LeaderElection {
+            enabled: false,
+            lease_name: "sentry-leader".into(),
+            namespace: None,
+            lease_duration: Duration::from_secs(15),
+            renew_deadline: Duration::from_secs(10),
+            retry_period: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Where the state is kept (`state:`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum StateConfig {
+    /// `state_file`.
+    #[default]
+    File,
+    /// A ConfigMap, written with `resourceVersion` preconditions.
+    Kubernetes {
+        configmap: String,
+        namespace: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone)]

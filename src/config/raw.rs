@@ -47,6 +47,10 @@ pub struct RawConfig {
     pub server: Option<RawServer>,
     /// Webhook secrets; an endpoint whose secret is unset or empty answers 404.
     pub webhooks: Option<RawWebhooks>,
+    /// Several replicas on Kubernetes: only the holder of a Lease polls and deploys.
+    pub leader_election: Option<RawLeaderElection>,
+    /// Where the state is kept: `state_file` (the default), or a ConfigMap.
+    pub state: Option<RawStateConfig>,
     /// Groups of repositories that are deployed together, by name.
     // Here for the schema: `validate` extracts each group and repository on its own, so
     // that one wrong type does not hide the problems of the others.
@@ -64,6 +68,34 @@ pub struct RawPendingRetry {
     pub initial: Option<RawDuration>,
     /// The longest delay between two tries. Default `30m`.
     pub max: Option<RawDuration>,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct RawLeaderElection {
+    /// `true`: replicas elect a leader on a `coordination.k8s.io/v1` Lease. Default `false`.
+    pub enabled: Option<bool>,
+    /// Name of the Lease. Default `sentry-leader`.
+    pub lease_name: Option<String>,
+    /// Namespace of the Lease. Default: the pod's namespace (or the kubeconfig's).
+    pub namespace: Option<String>,
+    /// How long a lease is valid without renewal; standbys take over after it. Default `15s`.
+    pub lease_duration: Option<RawDuration>,
+    /// A leader that could not renew within this stops deploying. Default `10s`.
+    pub renew_deadline: Option<RawDuration>,
+    /// How often the lease is renewed or checked. Default `2s`.
+    pub retry_period: Option<RawDuration>,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct RawStateConfig {
+    /// `file` (`state_file`, the default) or `kubernetes` (a ConfigMap; needs leader election).
+    pub backend: Option<String>,
+    /// Name of the ConfigMap with the `kubernetes` backend. Default `sentry-state`.
+    pub configmap: Option<String>,
+    /// Namespace of the ConfigMap. Default: the pod's namespace (or the kubeconfig's).
+    pub namespace: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]

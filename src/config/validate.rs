@@ -24,6 +24,8 @@ use super::{
     InheritEnv, Monitor, NotifyEvent, NotifyKind, NotifyTarget, PendingRetry, RepoType, Report,
     Repository, ServerConfig, Strategy, WebhookConfig, from_value,
 };
+#[cfg(test)]
+use super::{LeaderElection, StateConfig};
 use crate::forge::kind;
 
 /// Durations beyond this are a typo (an hour count written as seconds, say), not a plan.
@@ -962,6 +964,8 @@ impl Checker<'_> {
             gitlab_token: secret(self, "webhooks.gitlab_token", hooks.gitlab_token),
         };
         let masked_values = self.masked_values(raw.secret_env.unwrap_or_default());
+        let leader_election = self.leader_election(raw.leader_election.unwrap_or_default());
+        let state = self.state_config(raw.state.unwrap_or_default(), &leader_election);
         if self.errors() > 0 {
             return None;
         }
@@ -985,6 +989,8 @@ impl Checker<'_> {
                 max_connections,
             },
             webhooks,
+            leader_election,
+            state,
             groups,
             repositories,
             masked_values,
@@ -1215,6 +1221,7 @@ fn is_loopback(url: &url::Url) -> bool {
     }
 }
 
+mod cluster;
 #[cfg(test)]
 mod tests;
 

@@ -25,7 +25,7 @@ use serde::Serialize;
 use crate::config::{Config, DeployScope, Group};
 use crate::forge::Sha;
 
-pub use observer::{Observers, RunObserver, RunRef};
+pub use observer::{Admission, Observers, RunObserver, RunRef};
 pub use plan::plan;
 pub use strategy::{Deployer, format_duration};
 

@@ -36,6 +36,19 @@ pub trait RunObserver: Send + Sync {
     fn unit_superseded(&self, _group: &str, _unit: &Unit, _by: &Sha) {}
 }
 
+/// The one voice that *does* decide, unlike observers: asked just before each unit starts
+/// (after its slot, before `unit_started`), it lets the unit start (`Ok`) or refuses it
+/// with a reason, and the unit ends `cancelled` without running. `watch` uses it to claim
+/// the unit in the state first, so that a deposed leader, whose claim the state refuses,
+/// never starts a unit.
+pub trait Admission: Send + Sync {
+    fn admit<'a>(
+        &'a self,
+        run: RunRef<'a>,
+        unit: &'a Unit,
+    ) -> futures_util::future::BoxFuture<'a, Result<(), String>>;
+}
+
 /// An ordered list of observers, itself an observer; cheap to clone.
 #[derive(Clone, Default)]
 pub struct Observers(Arc<[Arc<dyn RunObserver>]>);

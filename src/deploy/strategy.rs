@@ -18,7 +18,7 @@ use tracing::Instrument as _;
 
 use super::executor::{Executor, Job, LocalExecutor, Outcome};
 use super::mask::Masker;
-use super::observer::{Observers, RunObserver, RunRef};
+use super::observer::{Admission, Observers, RunObserver, RunRef};
 use super::runner::{OutputSink, RunInfo};
 use super::{DeployOptions, GroupResult, GroupRun, Trigger, Unit, UnitResult, UnitStatus};
 use crate::config::{Config, Group, Strategy};
@@ -40,6 +40,8 @@ struct Inner {
     executor: Arc<dyn Executor>,
     /// `max_concurrent_units`: one permit per unit running anywhere, across groups.
     slots: Arc<Semaphore>,
+    /// Asked before each unit starts; set once by `watch` (see [`Deployer::set_admission`]).
+    admission: std::sync::OnceLock<Arc<dyn Admission>>,
 }
 
 impl std::fmt::Debug for Deployer {
@@ -71,7 +73,22 @@ impl Deployer {
                 masker,
                 executor,
                 slots,
+                admission: std::sync::OnceLock::new(),
             }),
+        }
+    }
+
+    /// Makes every unit ask `admission` before it starts. Set once; a second call is
+    /// ignored (the first one stays).
+    pub fn set_admission(&self, admission: Arc<dyn Admission>) {
+        let _ = self.inner.admission.set(admission);
+    }
+
+    /// `Ok` unless the admission refuses the unit.
+    async fn admit(&self, run: RunRef<'_>, unit: &Unit) -> Result<(), String> {
+        match self.inner.admission.get() {
+            Some(admission) => admission.admit(run, unit).await,
+            None => Ok(()),
         }
     }
 
@@ -431,10 +448,17 @@ impl Driver<'_> {
             };
             let slots = Arc::clone(&deployer.inner.slots);
             let result = match wait_for(slots, &shutdown, info.deadline).await {
-                Some(_global) => {
-                    observers.unit_started(meta, &unit);
-                    deployer.run_unit(&info, &unit, &shutdown).await
-                }
+                Some(_global) => match deployer.admit(meta, &unit).await {
+                    Ok(()) => {
+                        observers.unit_started(meta, &unit);
+                        deployer.run_unit(&info, &unit, &shutdown).await
+                    }
+                    Err(reason) => {
+                        let result = not_started(&unit, UnitStatus::Cancelled, reason);
+                        log_unit_end(&result);
+                        result
+                    }
+                },
                 None => {
                     let refusal = if shutdown.is_requested() {
                         Refusal::Shutdown

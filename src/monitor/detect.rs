@@ -145,6 +145,7 @@ mod tests {
                 .collect(),
             baselined_patterns: patterns.iter().map(|p| p.to_string()).collect(),
             pending: Default::default(),
+            claims: Default::default(),
         }
     }
 

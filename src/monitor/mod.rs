@@ -29,7 +29,7 @@ use crate::telemetry::metrics::Metrics;
 use detect::{Change, Detection, detect};
 use scheduler::Scheduler;
 use state::{
-    BranchState, FileBackend, StateBackend as _, StateError, StateStore, WriterLock, now_rfc3339,
+    BranchState, FileBackend, StateBackend, StateError, StateStore, WriterLock, now_rfc3339,
 };
 
 /// How many repositories are observed at once (the forges bound requests per host too).
@@ -141,6 +141,13 @@ impl Monitor {
 
     pub fn health(&self) -> Arc<Health> {
         self.health.clone()
+    }
+
+    /// Reports to `health` instead of its own: a replica's server is up, and reporting,
+    /// before it leads and builds its monitor.
+    pub fn with_health(mut self, health: Arc<Health>) -> Monitor {
+        self.health = health;
+        self
     }
 
     pub fn scheduler(&self) -> &Scheduler {
@@ -392,9 +399,35 @@ impl Monitor {
 /// second `watch` fails before it reads anything), loads, and drops what the
 /// configuration no longer watches. The lock is held until the returned guard is dropped.
 pub fn open_state_for_watch(config: &Config) -> Result<(Arc<StateStore>, WriterLock), StateError> {
-    let backend = FileBackend::new(&config.state_file);
+    open_state_with(config, Box::new(FileBackend::new(&config.state_file)))
+}
+
+/// [`open_state_for_watch`] on any backend. Blocking. A `watch` in a pod that starts with an
+/// empty file state is warned loudly: without persistence every restart re-baselines
+/// and the moves made meanwhile are never deployed.
+pub fn open_state_with(
+    config: &Config,
+    backend: Box<dyn StateBackend>,
+) -> Result<(Arc<StateStore>, WriterLock), StateError> {
     let lock = backend.lock()?;
-    let state = StateStore::open(Box::new(backend))?;
+    let loaded = backend.load()?;
+    if loaded.is_none() && config.state == crate::config::StateConfig::File && in_a_pod() {
+        tracing::warn!(
+            "!!! {} is empty and this watch runs in a Kubernetes pod: unless the file is on a \
+             persistent volume, every restart starts from scratch and moves made while Sentry \
+             was down are never deployed. Use state.backend: kubernetes (with leader_election) \
+             or persistence.enabled in the chart. !!!",
+            backend.describe()
+        );
+    }
+    let state = StateStore::with_loaded(backend, loaded);
+    let claims = state.take_foreign_claims();
+    if !claims.is_empty() {
+        tracing::warn!(
+            "units interrupted by a replica that stopped mid-unit; they run again (at-least-once): {}",
+            claims.join("; ")
+        );
+    }
     let dropped = state.retain_configured(config);
     if !dropped.is_empty() {
         tracing::info!(
@@ -404,6 +437,10 @@ pub fn open_state_for_watch(config: &Config) -> Result<(Arc<StateStore>, WriterL
         state.save()?;
     }
     Ok((Arc::new(state), lock))
+}
+
+fn in_a_pod() -> bool {
+    std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|v| !v.is_empty())
 }
 
 fn log_cycle(r: &CycleReport) {

@@ -28,14 +28,16 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, DeployScope, Group, PendingRetry};
 use crate::deploy::{
-    Deployer, GroupResult, GroupRun, Observers, RunObserver, RunRef, Trigger, Unit, UnitResult,
-    UnitStatus, expand_scope, new_run_id,
+    Admission, Deployer, GroupResult, GroupRun, Observers, RunObserver, RunRef, Trigger, Unit,
+    UnitResult, UnitStatus, expand_scope, new_run_id,
 };
 use crate::forge::Sha;
 use crate::shutdown::Shutdown;
 use crate::telemetry::metrics::Metrics;
 
-use super::state::{BranchState, DeployRecord, PendingRecord, StateStore, now_rfc3339};
+use super::state::{
+    BranchState, Claim, DeployRecord, PendingRecord, StateError, StateStore, now_rfc3339,
+};
 
 type BranchKey = (String, String);
 
@@ -89,6 +91,9 @@ impl Scheduler {
         observers: Observers,
         metrics: Arc<Metrics>,
     ) -> Scheduler {
+        deployer.set_admission(Arc::new(ClaimGate {
+            state: state.clone(),
+        }));
         Scheduler {
             inner: Arc::new(Inner {
                 config,
@@ -448,6 +453,11 @@ struct StateObserver {
 impl RunObserver for StateObserver {
     fn unit_ended(&self, run: RunRef<'_>, result: &UnitResult) {
         let inner = &self.inner;
+        inner.state.with(|s| {
+            if let Some(repo) = s.repositories.get_mut(&result.unit.repository) {
+                repo.claims.remove(&result.unit.branch);
+            }
+        });
         if result.status.is_handled() {
             inner.handled(run, result);
         } else {
@@ -467,6 +477,53 @@ impl RunObserver for StateObserver {
     }
 
     fn group_ended(&self, _result: &GroupResult) {}
+}
+
+/// Claims each unit in the state, under this replica's identity, before it starts — so
+/// that a leader taking over after a crash can tell an interrupted unit from one that
+/// never started ([`StateStore::take_foreign_claims`]) — and refuses the unit when the
+/// state's backend says another replica owns the state now (fenced): a deposed leader
+/// starts nothing. Other write failures are logged and do not stop deployments (the
+/// claim is then only in memory).
+struct ClaimGate {
+    state: Arc<StateStore>,
+}
+
+impl Admission for ClaimGate {
+    fn admit<'a>(
+        &'a self,
+        run: RunRef<'a>,
+        unit: &'a Unit,
+    ) -> futures_util::future::BoxFuture<'a, Result<(), String>> {
+        let claim = Claim {
+            sha: unit.sha.clone(),
+            holder: self.state.holder().to_owned(),
+            run_id: run.run_id.to_owned(),
+            since: now_rfc3339(),
+        };
+        self.state.with(|s| {
+            let repo = s.repositories.entry(unit.repository.clone()).or_default();
+            repo.claims.insert(unit.branch.clone(), claim);
+        });
+        let state = self.state.clone();
+        Box::pin(async move {
+            match tokio::task::spawn_blocking(move || state.save()).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e @ StateError::Fenced { .. })) => {
+                    tracing::error!("{e}");
+                    Err(format!("cancelled: not claimed ({e})"))
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!("the claim of the unit is not stored: {e}");
+                    Ok(())
+                }
+                Err(e) => {
+                    tracing::warn!("the claim of the unit is not stored: {e}");
+                    Ok(())
+                }
+            }
+        })
+    }
 }
 
 /// `initial` for a skip (0 setup failures), then doubling per setup failure up to `max`,

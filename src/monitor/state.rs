@@ -4,7 +4,14 @@
 //!
 //! Where it is kept is the [`StateBackend`] seam: load, save, and the exclusive writer
 //! lock that makes `watch` the one writer. [`FileBackend`] (a JSON file written atomically
-//! — temp file, fsync, rename — beside a `flock`ed `<file>.lock`) is the one backend today.
+//! — temp file, fsync, rename — beside a `flock`ed `<file>.lock`) is the default;
+//! [`configmap::ConfigMapBackend`] keeps it in a ConfigMap for replicated `watch`.
+//!
+//! A unit that is running is *claimed* in the state (`claims`, with the leader's identity)
+//! before its commands start and unclaimed when it ends, so that a new leader can tell an
+//! interrupted unit from one that never started.
+
+pub mod configmap;
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -45,6 +52,22 @@ pub struct RepoState {
     /// `branches` so that the handled SHA never moves before the commands ran.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub pending: BTreeMap<String, PendingRecord>,
+    /// Units running now, per branch: who runs them. Left behind only by a replica that
+    /// died or was deposed mid-unit.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub claims: BTreeMap<String, Claim>,
+}
+
+/// A unit claimed by the replica that runs it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Claim {
+    pub sha: Sha,
+    /// The identity of the replica (`POD_NAME`, else host and pid).
+    pub holder: String,
+    pub run_id: String,
+    /// When the unit started (RFC 3339).
+    pub since: String,
 }
 
 /// A change that did not run to an outcome yet.
@@ -117,6 +140,17 @@ pub enum StateError {
         lock: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot {action} the state in {what}: {reason}")]
+    Cluster {
+        what: String,
+        action: &'static str,
+        reason: String,
+    },
+    #[error(
+        "the state in {what} was written by another replica since this one read it: this \
+         replica is no longer the leader and stops"
+    )]
+    Fenced { what: String },
 }
 
 /// Where the state is kept. One implementation per kind of storage.
@@ -264,6 +298,11 @@ fn holder_pid(file: &mut File) -> Option<u32> {
 #[derive(Debug)]
 pub struct StateStore {
     backend: Box<dyn StateBackend>,
+    /// Who claims units in this state: the replica's identity.
+    holder: String,
+    /// Cancelled when a write found that another replica wrote since (the backend's
+    /// fencing): from then on nothing is written, and `watch` stands down.
+    fenced: tokio_util::sync::CancellationToken,
     state: Mutex<State>,
     /// Serialises writers so that an older snapshot never lands after a newer one.
     write_lock: Mutex<()>,
@@ -278,20 +317,54 @@ impl StateStore {
 
     /// Reads the state from `backend`; nothing stored yet is an empty state.
     pub fn open(backend: Box<dyn StateBackend>) -> Result<StateStore, StateError> {
-        let state = backend.load()?.unwrap_or_else(|| State {
+        let loaded = backend.load()?;
+        Ok(StateStore::with_loaded(backend, loaded))
+    }
+
+    /// A store over `backend` holding `loaded`, what `backend.load()` returned.
+    pub fn with_loaded(backend: Box<dyn StateBackend>, loaded: Option<State>) -> StateStore {
+        let state = loaded.unwrap_or_else(|| State {
             version: FORMAT_VERSION,
             ..State::default()
         });
-        Ok(StateStore {
+        StateStore {
             backend,
+            holder: crate::leader::identity(),
+            fenced: tokio_util::sync::CancellationToken::new(),
             state: Mutex::new(state),
             write_lock: Mutex::new(()),
-        })
+        }
     }
 
     /// `state file .sentry/state.json`, for messages.
     pub fn describe(&self) -> String {
         self.backend.describe()
+    }
+
+    /// The identity claims are made under.
+    pub fn holder(&self) -> &str {
+        &self.holder
+    }
+
+    /// Claims found at start that another replica left behind, as `repo@branch sha by
+    /// holder`, and drops them: those units were interrupted, and since their SHA did not
+    /// advance they run again (at-least-once).
+    pub fn take_foreign_claims(&self) -> Vec<String> {
+        self.with(|state| {
+            let mut found = Vec::new();
+            for (name, repo) in &mut state.repositories {
+                for (branch, claim) in std::mem::take(&mut repo.claims) {
+                    found.push(format!(
+                        "{name}@{branch} {} (claimed by {} since {}, run {})",
+                        claim.sha.short(),
+                        claim.holder,
+                        claim.since,
+                        claim.run_id
+                    ));
+                }
+            }
+            found
+        })
     }
 
     /// The writer lock of the backend; see [`StateBackend::lock`].
@@ -319,8 +392,22 @@ impl StateStore {
     /// Writes the current state atomically. Blocking: call from `spawn_blocking` in async code.
     pub fn save(&self) -> Result<(), StateError> {
         let _writer = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if self.fenced.is_cancelled() {
+            return Err(StateError::Fenced {
+                what: self.describe(),
+            });
+        }
         let snapshot = self.snapshot();
-        self.backend.save(&snapshot)
+        let saved = self.backend.save(&snapshot);
+        if matches!(saved, Err(StateError::Fenced { .. })) {
+            self.fenced.cancel();
+        }
+        saved
+    }
+
+    /// Cancelled once a write was fenced off: another replica owns the state now.
+    pub fn fenced(&self) -> &tokio_util::sync::CancellationToken {
+        &self.fenced
     }
 
     /// [`StateStore::save`] off the async threads; logs a failure and returns whether the
@@ -471,6 +558,8 @@ mod tests {
             backend: Box::new(FileBackend::new(
                 &dir.path().join("missing-parent-is-a-file/state.json"),
             )),
+            holder: "test".into(),
+            fenced: tokio_util::sync::CancellationToken::new(),
             state: Mutex::new(sample()),
             write_lock: Mutex::new(()),
         };

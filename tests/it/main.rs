@@ -12,6 +12,7 @@ mod crash;
 mod deploy;
 mod faults;
 mod forge;
+mod ha;
 mod hostile;
 mod monitor;
 mod output;

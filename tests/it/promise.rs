@@ -175,13 +175,19 @@ fn a_unit_skipped_after_a_failure_stays_pending_and_is_deployed_by_the_next_run(
     bg.wait_for_line("b@main stays pending (skipped: a@main failed)", LONG);
     std::fs::remove_file(&f.fail_flag).expect("fail flag");
 
-    let status = run(f.sentry().args(["status", "--format", "json"]));
-    assert_eq!(status.code, Some(0), "{status:?}");
-    let rows: serde_json::Value = serde_json::from_str(&status.stdout).expect("status json");
-    let b = rows
-        .as_array()
-        .and_then(|rows| rows.iter().find(|r| r["repository"] == "b"))
-        .expect("a row for b");
+    // The log line comes before the state write that records it (writes are async).
+    let b = wait_until(Duration::from_secs(10), || {
+        let status = run(f.sentry().args(["status", "--format", "json"]));
+        assert_eq!(status.code, Some(0), "{status:?}");
+        let rows: serde_json::Value = serde_json::from_str(&status.stdout).expect("status json");
+        let b = rows
+            .as_array()
+            .and_then(|rows| rows.iter().find(|r| r["repository"] == "b"))
+            .cloned()
+            .expect("a row for b");
+        (!b["pending"].is_null()).then_some(b)
+    })
+    .expect("b's pending record in the state");
     assert_eq!(b["pending"]["sha"], b_new.as_str(), "{b}");
     assert_eq!(b["pending"]["reason"], "skipped: a@main failed", "{b}");
     assert_eq!(b["sha"], b_before.as_str(), "b is not handled yet: {b}");

@@ -154,11 +154,14 @@ Checks that must hold for any rendering. Included by deployment.yaml and
 hpa.yaml; renders nothing or fails.
 */}}
 {{- define "sentry.validate" -}}
-{{- if gt (int .Values.replicaCount) 1 }}
-{{- fail (printf "replicaCount=%d is not supported: Sentry has no leader election, so every replica polls on its own and deploys every change once per replica. Keep replicaCount at 1 (or 0 to pause)." (int .Values.replicaCount)) }}
+{{- if and (gt (int .Values.replicaCount) 1) (not .Values.leaderElection.enabled) }}
+{{- fail (printf "replicaCount=%d needs leader election: without leaderElection.enabled=true every replica polls on its own and deploys every change once per replica. Enable it, or keep replicaCount at 1 (or 0 to pause)." (int .Values.replicaCount)) }}
 {{- end }}
 {{- if .Values.autoscaling.enabled }}
-{{- fail "autoscaling.enabled=true is not supported: Sentry has no leader election, so a scaled-out poller deploys every change once per replica. Set autoscaling.enabled=false and keep replicaCount at 1." }}
+{{- fail "autoscaling.enabled=true is not supported: with leader election one replica works and the others stand by, so more replicas never add capacity. Set autoscaling.enabled=false and choose replicaCount (with leaderElection.enabled for more than 1)." }}
+{{- end }}
+{{- if and .Values.leaderElection.enabled (not (has .Values.leaderElection.stateBackend (list "kubernetes" "file"))) }}
+{{- fail (printf "leaderElection.stateBackend=%s: use kubernetes or file." .Values.leaderElection.stateBackend) }}
 {{- end }}
 {{- if not .Values.config }}
 {{- fail "config is empty: set config to the content of sentry.yaml (see values.yaml)." }}
@@ -199,4 +202,31 @@ empty when webhooks share server.listen.
 {{- define "sentry.webhookPort" -}}
 {{- $server := .Values.config.server | default dict }}
 {{- with $server.webhook_listen }}{{ last (splitList ":" (toString .)) | int }}{{ end }}
+{{- end }}
+
+{{/*
+Leader election: the Lease and the state ConfigMap names.
+*/}}
+{{- define "sentry.leaseName" -}}
+{{- .Values.leaderElection.leaseName | default (printf "%s-leader" (include "sentry.fullname" .)) }}
+{{- end }}
+
+{{- define "sentry.stateConfigMapName" -}}
+{{- .Values.leaderElection.stateConfigMap | default (printf "%s-state" (include "sentry.fullname" .)) }}
+{{- end }}
+
+{{/*
+The Sentry configuration as rendered: .Values.config, plus leader_election and
+(with the kubernetes backend) state when leaderElection.enabled.
+*/}}
+{{- define "sentry.config" -}}
+{{- $config := deepCopy .Values.config }}
+{{- if .Values.leaderElection.enabled }}
+{{- $le := dict "enabled" true "lease_name" (include "sentry.leaseName" .) "lease_duration" .Values.leaderElection.leaseDuration "renew_deadline" .Values.leaderElection.renewDeadline "retry_period" .Values.leaderElection.retryPeriod }}
+{{- $_ := set $config "leader_election" $le }}
+{{- if eq .Values.leaderElection.stateBackend "kubernetes" }}
+{{- $_ := set $config "state" (dict "backend" "kubernetes" "configmap" (include "sentry.stateConfigMapName" .)) }}
+{{- end }}
+{{- end }}
+{{- toYaml $config }}
 {{- end }}

@@ -572,3 +572,39 @@ fn env_file_values_are_masked() {
             .any(|s| s.expose_secret() == "from-the-env-file")
     );
 }
+
+#[test]
+fn leader_election_and_state_defaults_and_checks() {
+    let config = load_str(SEED, &seed_env()).config.unwrap();
+    assert_eq!(config.leader_election, LeaderElection::default());
+    assert_eq!(config.state, StateConfig::File);
+
+    let ok = format!(
+        "{SEED}\nleader_election: {{enabled: true, lease_name: qa-lease, namespace: qa, lease_duration: 3s, renew_deadline: 2s, retry_period: 500ms}}\nstate: {{backend: kubernetes, configmap: qa-state}}\n"
+    );
+    let config = load_str(&ok, &seed_env()).config.unwrap();
+    assert!(config.leader_election.enabled);
+    assert_eq!(config.leader_election.lease_name, "qa-lease");
+    assert_eq!(
+        config.leader_election.retry_period,
+        Duration::from_millis(500)
+    );
+    assert_eq!(
+        config.state,
+        StateConfig::Kubernetes {
+            configmap: "qa-state".into(),
+            namespace: None
+        }
+    );
+
+    let bad = format!(
+        "{SEED}\nleader_election: {{lease_name: Bad_Name, namespace: \"a.b\", lease_duration: 5s, renew_deadline: 5s, retry_period: 6s}}\nstate: {{backend: kubernetes}}\n"
+    );
+    assert_eq!(errors_at(&bad, "leader_election.lease_name").len(), 1);
+    assert_eq!(errors_at(&bad, "leader_election.namespace").len(), 1);
+    assert!(errors_at(&bad, "leader_election.renew_deadline")[0].contains("shorter"));
+    assert_eq!(errors_at(&bad, "leader_election.retry_period").len(), 1);
+    assert!(errors_at(&bad, "state.backend")[0].contains("leader_election.enabled"));
+    let unknown = format!("{SEED}\nstate: {{backend: etcd}}\n");
+    assert!(errors_at(&unknown, "state.backend")[0].contains("file or kubernetes"));
+}

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod fake_kube;
+pub mod fake_kube_tls;
 pub mod git_http;
 pub mod status_forge;
 
