@@ -41,17 +41,28 @@ pub struct AppState {
     /// Repositories to check now.
     pub hints: mpsc::Sender<Vec<String>>,
     pub started: Instant,
+    /// The status API and dashboard (`crate::api`), mounted when set. Only the main
+    /// listener may carry them: a webhook-only listener is built without.
+    pub live: Option<crate::api::Live>,
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let live = state
+        .live
+        .clone()
+        .map(|live| crate::api::router(live, state.config.server.read_token.clone()));
+    let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/webhooks/github", post(github_webhook))
         .route("/webhooks/gitlab", post(gitlab_webhook))
         .layer(DefaultBodyLimit::max(MAX_WEBHOOK_BODY))
-        .with_state(state)
+        .with_state(state);
+    match live {
+        Some(live) => app.merge(live),
+        None => app,
+    }
 }
 
 /// Binds `addr` and serves until `stop` is cancelled. Returns the bound address (useful
@@ -314,6 +325,7 @@ mod tests {
             shutdown: Shutdown::new(),
             hints: mpsc::channel(1).0,
             started: Instant::now(),
+            live: None,
         }
     }
 

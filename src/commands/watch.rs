@@ -6,10 +6,12 @@ use anyhow::Context as _;
 use tokio::sync::mpsc;
 
 use crate::Exit;
+use crate::api::Live;
 use crate::cli::{Cli, WatchArgs};
 use crate::config::{Config, Env};
 use crate::deploy::{DeployOptions, Deployer, Observers, Trigger};
 use crate::forge::Forges;
+use crate::history::History;
 use crate::monitor::scheduler::Scheduler;
 use crate::monitor::state::StateStore;
 use crate::monitor::{self, Monitor, Scope};
@@ -38,7 +40,17 @@ async fn watch_async(
         .listen_for_signals()
         .context("cannot install signal handlers")?;
     let metrics = Arc::new(Metrics::new());
-    let monitor = Arc::new(build(&config, state, args, env, &shutdown, &metrics)?);
+    let history_file = History::path_for(&config.state_file);
+    // `--once` keeps no history: nobody can ask for it, and the file belongs to the
+    // long-running watch.
+    let history = Arc::new(if args.once {
+        History::in_memory(config.clone())
+    } else {
+        History::open(config.clone(), &history_file).context("cannot open the run history")?
+    });
+    let monitor = Arc::new(build(
+        &config, state, args, env, &shutdown, &metrics, &history,
+    )?);
     tracing::info!(
         version = crate::build_info::VERSION,
         "sentry watching {} every {}",
@@ -60,6 +72,10 @@ async fn watch_async(
             shutdown: shutdown.clone(),
             hints: hints_tx,
             started: std::time::Instant::now(),
+            live: Some(Live {
+                monitor: monitor.clone(),
+                history: history.clone(),
+            }),
         };
         let addr = args.listen.unwrap_or(config.server.listen);
         let (_, handle) = server::serve(addr, state, server_stop.clone())
@@ -84,6 +100,9 @@ async fn watch_async(
     }
     monitor.scheduler().wait_idle().await;
     let saved = monitor.save_state().await;
+    // Every finished run is in the history file before the process ends.
+    let closing = history.clone();
+    let _ = tokio::task::spawn_blocking(move || closing.close()).await;
     server_stop.cancel();
     if let Some(handle) = server {
         let _ = handle.await;
@@ -125,6 +144,7 @@ fn build(
     env: &Env,
     shutdown: &Shutdown,
     metrics: &Arc<Metrics>,
+    history: &Arc<History>,
 ) -> anyhow::Result<Monitor> {
     let deployer = Deployer::new(
         config.clone(),
@@ -147,7 +167,7 @@ fn build(
     }
     let forges = Forges::new(config)?.with_events(metrics.clone());
     let audit = Audit::open(config.audit_log.as_deref()).context("cannot open audit_log")?;
-    let observers = Observers::new(vec![metrics.clone(), Arc::new(audit)]);
+    let observers = Observers::new(vec![metrics.clone(), Arc::new(audit), history.clone()]);
     let scheduler = Scheduler::new(
         config.clone(),
         deployer,

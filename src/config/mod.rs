@@ -65,6 +65,8 @@ impl Default for PendingRetry {
 pub struct ServerConfig {
     pub enabled: bool,
     pub listen: SocketAddr,
+    /// Bearer token for the status API and the dashboard; `None` leaves them open.
+    pub read_token: Option<SecretString>,
 }
 
 #[derive(Debug, Clone, Default)]

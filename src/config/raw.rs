@@ -66,6 +66,10 @@ pub struct RawServer {
     pub enabled: Option<bool>,
     /// Socket address to listen on. Default `0.0.0.0:8080`.
     pub listen: Option<String>,
+    /// When set, the status API and the dashboard require it: `Authorization: Bearer
+    /// TOKEN`, or `?token=TOKEN` once in a browser (kept in a cookie). Empty or absent
+    /// leaves read access open; probes, metrics and webhooks never need it.
+    pub read_token: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]

@@ -721,6 +721,7 @@ impl Checker<'_> {
             github_secret: secret(self, "webhooks.github_secret", hooks.github_secret),
             gitlab_token: secret(self, "webhooks.gitlab_token", hooks.gitlab_token),
         };
+        let read_token = secret(self, "server.read_token", server.read_token);
         if self.errors() > 0 {
             return None;
         }
@@ -737,6 +738,7 @@ impl Checker<'_> {
             server: ServerConfig {
                 enabled: server.enabled.unwrap_or(true),
                 listen: listen?,
+                read_token,
             },
             webhooks,
             groups,

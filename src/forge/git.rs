@@ -28,6 +28,8 @@ pub(crate) static KIND: Kind = Kind {
     owns_host: |_| false,
     rate_limit_headers: None,
     webhook: None,
+    // A plain Git host has no known web UI.
+    commit_url: |_, _| None,
 };
 
 const TRIES: u32 = 3;

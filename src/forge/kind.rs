@@ -29,6 +29,21 @@ pub struct Kind {
     pub rate_limit_headers: Option<(&'static str, &'static str)>,
     /// Where a push webhook's payload names the repository.
     pub webhook: Option<WebhookIds>,
+    /// The web page of commit `sha` of the repository at `repo_url` (as configured);
+    /// `None` when the kind has no web UI or the URL is not a web URL.
+    pub commit_url: fn(repo_url: &str, sha: &str) -> Option<String>,
+}
+
+/// `https://host/path` of a configured http(s) URL, without a trailing `.git` or `/`.
+pub fn web_base(repo_url: &str) -> Option<String> {
+    let url = url::Url::parse(repo_url).ok()?;
+    if !matches!(url.scheme(), "https" | "http") {
+        return None;
+    }
+    let path = url.path().trim_end_matches('/').trim_end_matches(".git");
+    let host = url.host_str()?;
+    let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
+    Some(format!("{}://{host}{port}{path}", url.scheme()))
 }
 
 /// The rule a project path (`owner/repo`, `group/sub/project`) must follow.
@@ -64,6 +79,11 @@ pub fn of(repo_type: RepoType) -> &'static Kind {
         RepoType::Gitlab => &super::gitlab::KIND,
         RepoType::Git => &super::git::KIND,
     }
+}
+
+/// The forge's web page of commit `sha` of a configured repository, when its kind has one.
+pub fn commit_url(repo: &crate::config::Repository, sha: &str) -> Option<String> {
+    (of(repo.monitor.repo_type).commit_url)(&repo.monitor.repo_url, sha)
 }
 
 /// Every kind, in the order `repo_type` errors list them.
@@ -127,6 +147,24 @@ mod tests {
             Some("https://gitlab.com/api/v4")
         );
         assert_eq!(api(RepoType::Git, "git.corp"), None);
+    }
+
+    #[test]
+    fn commit_urls() {
+        let sha = "a".repeat(40);
+        let url = |t: RepoType, repo: &str| (of(t).commit_url)(repo, &sha);
+        assert_eq!(
+            url(RepoType::Github, "https://github.com/o/r.git"),
+            Some(format!("https://github.com/o/r/commit/{sha}"))
+        );
+        assert_eq!(
+            url(RepoType::Gitlab, "https://gitlab.example.com:8443/g/s/p/"),
+            Some(format!(
+                "https://gitlab.example.com:8443/g/s/p/-/commit/{sha}"
+            ))
+        );
+        assert_eq!(url(RepoType::Git, "https://git.corp/r.git"), None);
+        assert_eq!(url(RepoType::Github, "file:///tmp/r"), None);
     }
 
     #[test]
