@@ -13,6 +13,7 @@ mod deploy;
 mod faults;
 mod forge;
 mod hostile;
+mod live;
 mod monitor;
 mod output;
 mod promise;
