@@ -104,7 +104,7 @@ body{font:15px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1200px;padding:
 header{display:flex;gap:1rem;align-items:baseline;border-bottom:1px solid var(--line);padding:.6rem 0}
 header a{font-weight:600;text-decoration:none}#live{color:var(--mute);font-size:.85em;margin-left:auto}
 table{border-collapse:collapse;width:100%;margin:.5rem 0 1.5rem}th,td{text-align:left;padding:.3rem .5rem;border-bottom:1px solid var(--line);vertical-align:top}
-th{font-size:.85em;color:var(--mute)}code,pre{font:13px/1.4 ui-monospace,monospace}
+th{font-size:.85em;color:var(--mute)}tbody th{font-size:1em;color:inherit}code,pre{font:13px/1.4 ui-monospace,monospace}
 pre{overflow:auto;max-height:24rem;padding:.5rem;border:1px solid var(--line);white-space:pre-wrap}
 .s{font-weight:600}.succeeded,.idle{color:var(--ok)}.failed,.timed_out,.setup_failed{color:var(--bad)}
 .skipped,.cancelled,.retry_waiting,.pending{color:var(--warn)}.running,.queued{color:var(--run)}.mute{color:var(--mute)}

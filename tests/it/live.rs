@@ -386,3 +386,99 @@ fn a_read_token_guards_the_api_and_dashboard_but_not_probes() {
     assert_eq!(out.code, Some(0), "{out:?}");
     assert!(!out.all().contains("r3ad-t0ken"), "the token was printed");
 }
+
+/// The dashboard of a running `watch` in headless Chromium: the group, the repository, the
+/// failed run and its output tail are on the rendered pages, and a new deploy appears on
+/// the open page without a reload. With `SENTRY_SCREENSHOTS=DIR` it also saves a
+/// screenshot of each page there (`make screenshots` refreshes docs/images).
+#[test]
+fn the_dashboard_shows_runs_and_updates_live_in_chromium() {
+    use crate::support::browser::{Browser, screenshot};
+    let f = LiveFixture::new("");
+    let watch = f.watch();
+    let port = watch.http_port();
+    wait_for_first_cycle(port);
+    std::fs::write(&f.fail_file, "").unwrap();
+    let bad = commit(&f.app, "bad");
+    commit(&f.lib, "lib change");
+    let failed = wait_for_run(port, &bad);
+    let run_id = failed["run_id"].as_str().unwrap().to_owned();
+    let base = format!("http://127.0.0.1:{port}");
+
+    let mut browser = Browser::launch();
+    let index = browser.open(&format!("{base}/"));
+    let text = browser.text(&index);
+    assert!(text.contains("Groups") && text.contains('g'), "{text}");
+    assert!(browser.dom(&index).contains("href=\"/groups/g\""));
+    assert!(
+        text.contains("failed"),
+        "the last run's result is not shown:\n{text}"
+    );
+
+    let run_page = browser.open(&format!("{base}/runs/{run_id}"));
+    let text = browser.text(&run_page);
+    assert!(
+        text.contains(&run_id) && text.contains("app") && text.contains("failed"),
+        "{text}"
+    );
+    assert!(
+        text.contains("boom: tests of app failed"),
+        "no output tail:\n{text}"
+    );
+    assert!(text.contains("deploy.sh"), "no failing command:\n{text}");
+
+    let group = browser.open(&format!("{base}/groups/g"));
+    let dom = browser.dom(&group);
+    assert!(dom.contains(">app<") && dom.contains(">lib<"), "{dom}");
+    assert!(dom.contains(&run_id), "the failed run is not listed");
+    let live = crate::support::wait_until(Duration::from_secs(10), || {
+        (browser.eval(&group, "document.getElementById('live').textContent") == "live")
+            .then_some(())
+    });
+    assert!(live.is_some(), "the page did not connect to /api/v1/events");
+
+    // A new deploy while the page stays open: it must appear without a reload (a reload
+    // would drop the marker set on the window).
+    browser.eval(&group, "window.__no_reload = 42");
+    std::fs::remove_file(&f.fail_file).unwrap();
+    let good = commit(&f.app, "good");
+    let short = &good[..8];
+    let appeared = crate::support::wait_until(Duration::from_secs(60), || {
+        let dom = browser.dom(&group);
+        dom.contains(&format!(">{short}<")).then_some(dom)
+    });
+    let dom = appeared.unwrap_or_else(|| {
+        panic!(
+            "{short} never appeared on the open page:\n{}",
+            browser.dom(&group)
+        )
+    });
+    assert_eq!(
+        browser.eval(&group, "window.__no_reload"),
+        42,
+        "the page was reloaded"
+    );
+    let updates = browser.eval(
+        &group,
+        "Number(document.querySelector('main').dataset.updates)",
+    );
+    assert!(
+        updates.as_u64().unwrap_or(0) >= 1,
+        "no live update counted: {updates}"
+    );
+    assert!(dom.contains("succeeded"));
+
+    if let Some(dir) = std::env::var_os("SENTRY_SCREENSHOTS") {
+        let dir = std::path::PathBuf::from(dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        screenshot(&format!("{base}/"), &dir.join("dashboard-groups.png"));
+        screenshot(
+            &format!("{base}/groups/g"),
+            &dir.join("dashboard-group.png"),
+        );
+        screenshot(
+            &format!("{base}/runs/{run_id}"),
+            &dir.join("dashboard-run.png"),
+        );
+    }
+}
