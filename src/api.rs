@@ -22,6 +22,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{BranchSpec, Config};
 use crate::history::{History, RunRecord};
@@ -40,6 +41,9 @@ const MAX_RUNS: usize = 500;
 pub struct Live {
     pub monitor: Arc<Monitor>,
     pub history: Arc<History>,
+    /// Cancelled when the server stops: open event streams end then, or the graceful
+    /// shutdown would wait for every browser tab to close.
+    pub stop: CancellationToken,
 }
 
 /// `/api/v1/status`.
@@ -310,8 +314,12 @@ fn not_found(message: &str) -> Response {
 /// event as data. A subscriber that fell behind gets a `lagged` event (reload the view).
 async fn events(State(live): State<Live>) -> Response {
     let rx = live.history.subscribe();
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        let event = match rx.recv().await {
+    let stream = futures_util::stream::unfold((rx, live.stop), |(mut rx, stop)| async move {
+        let received = tokio::select! {
+            r = rx.recv() => r,
+            () = stop.cancelled() => return None,
+        };
+        let event = match received {
             Ok(e) => SseEvent::default()
                 .event(e.kind)
                 .json_data(&e)
@@ -321,7 +329,7 @@ async fn events(State(live): State<Live>) -> Response {
                 .data(format!("{{\"missed\":{n}}}")),
             Err(RecvError::Closed) => return None,
         };
-        Some((Ok::<_, std::convert::Infallible>(event), rx))
+        Some((Ok::<_, std::convert::Infallible>(event), (rx, stop)))
     });
     Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))

@@ -75,6 +75,7 @@ async fn watch_async(
             live: Some(Live {
                 monitor: monitor.clone(),
                 history: history.clone(),
+                stop: server_stop.clone(),
             }),
         };
         let addr = args.listen.unwrap_or(config.server.listen);

@@ -307,7 +307,17 @@ fn status_runs_and_events_follow_a_move_a_failure_and_a_pending_retry() {
     ]));
     let parsed: Value = serde_json::from_str(&json.stdout).expect("status --server -o json parses");
     assert_eq!(parsed["groups"][0]["name"], "g");
-    drop(watch);
+
+    // An open event stream does not keep a stopping watch alive.
+    let mut watch = watch;
+    watch.signal(Signal::SIGTERM);
+    assert_eq!(
+        watch.wait_exit(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        watch.log()
+    );
+    assert!(events.text().len() >= sse.len());
 }
 
 #[test]
