@@ -112,6 +112,7 @@ Examples:
   sentry trigger --repo rag-project --dry-run
   sentry trigger --repo rag-project --branch main --sha \"$(git rev-parse HEAD)\"
   sentry trigger --group ai-blueprints
+  sentry trigger --group ai-blueprints --no-report   # no commit statuses, no notifications
   sentry -config=sentry.yaml -action=trigger -repo=rag-project   # Go-style flags";
 
 const WATCH_EXAMPLES: &str = "\
@@ -217,6 +218,9 @@ pub struct TriggerArgs {
     /// Keep QA checkouts in work_dir for debugging.
     #[arg(long)]
     pub keep_workdir: bool,
+    /// Post no commit statuses and send no notifications for this run.
+    #[arg(long)]
+    pub no_report: bool,
     /// `json` prints one JSON document with every run and unit (command output then goes
     /// to the log only).
     #[arg(short = 'o', long, value_enum, default_value_t = OutputFormat::Text)]

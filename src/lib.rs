@@ -4,7 +4,7 @@
 //! The modules follow the data: [`cli`] → [`config`] → [`forge`] (asks GitHub, GitLab or any
 //! Git host for branch heads) → [`monitor`] (poll loop, change detection, state) → [`deploy`]
 //! (checkout, command runner, group strategies), with `server` (health, metrics, webhooks)
-//! and [`telemetry`] beside them. [`commands`] wires them into the subcommands, printing
+//! and [`telemetry`] beside them; [`report`] puts outcomes on commits and in chat. [`commands`] wires them into the subcommands, printing
 //! through [`output`] (closed pipes, colour).
 
 // Everything is crate-private: the binary calls [`main`], tests and benches reach what
@@ -21,6 +21,7 @@ pub(crate) mod history;
 pub(crate) mod memory;
 pub(crate) mod monitor;
 pub(crate) mod output;
+pub(crate) mod report;
 pub(crate) mod server;
 pub(crate) mod shutdown;
 pub(crate) mod telemetry;

@@ -8,6 +8,8 @@
 //! live (`[repo@branch] line`), then a summary table (or one JSON document with
 //! `--format json`). Manual runs are audited like any other, with the user of the process
 //! (its uid's name, plus `SUDO_USER`). The state file is neither read nor written.
+//! Commit statuses and notifications are reported as `watch` reports them (unless
+//! `--no-report`), and the command waits a bounded time for their delivery before exiting.
 //!
 //! Exit codes: 0 every unit succeeded; 1 a unit did not; 2 usage or configuration errors
 //! (unknown names, bad branch or SHA, invalid config) and forge errors while resolving SHAs.
@@ -24,8 +26,13 @@ use crate::deploy::{
     format_duration,
 };
 use crate::forge::{Forges, Sha};
+use crate::report::Reporting;
 use crate::shutdown::Shutdown;
 use crate::telemetry::audit::Audit;
+use crate::telemetry::metrics::Metrics;
+
+/// How long the command waits for statuses and notifications before it exits.
+const FLUSH: std::time::Duration = std::time::Duration::from_secs(30);
 
 use super::{load_config, print_columns, runtime};
 
@@ -85,7 +92,8 @@ async fn trigger_async(
     args: &TriggerArgs,
     options: DeployOptions,
 ) -> anyhow::Result<Exit> {
-    let units = resolve_shas(&config, targets).await?;
+    let forges = Forges::new(&config)?;
+    let units = resolve_shas(&config, &forges, targets).await?;
     let trigger = Trigger::Manual { user: local_user() };
     let runs: Vec<GroupRun> = deploy::by_group(&config, units)
         .into_iter()
@@ -105,7 +113,16 @@ async fn trigger_async(
         .listen_for_signals()
         .context("cannot install signal handlers")?;
     let audit = Audit::open(config.audit_log.as_deref()).context("cannot open audit_log")?;
-    let observers = Observers::new(vec![Arc::new(audit)]);
+    let reporting = if args.no_report {
+        Reporting::off()
+    } else {
+        // Nobody scrapes a trigger's metrics; the reporters count into a registry of their own.
+        Reporting::start(&config, &forges, &Arc::new(Metrics::new()))
+            .context("cannot start reporting")?
+    };
+    let mut list: Vec<Arc<dyn deploy::RunObserver>> = vec![Arc::new(audit)];
+    list.extend(reporting.observers());
+    let observers = Observers::new(list);
     let deployer = Deployer::new(config, options);
     let mut results = Vec::with_capacity(runs.len());
     for run in runs {
@@ -115,6 +132,8 @@ async fn trigger_async(
         OutputFormat::Text => print_summary(&results),
         OutputFormat::Json => crate::outln!("{:#}", serde_json::json!({ "runs": results })),
     }
+    // After the summary: a forge that is down delays the exit, not the result.
+    reporting.flush(FLUSH).await;
     Ok(if results.iter().all(GroupResult::succeeded) {
         Exit::Success
     } else {
@@ -160,8 +179,11 @@ fn branch_for(repo: &Repository, given: Option<&str>) -> anyhow::Result<String> 
 }
 
 /// Fills in missing and abbreviated SHAs through the forge.
-async fn resolve_shas(config: &Config, targets: Vec<Target>) -> anyhow::Result<Vec<Unit>> {
-    let mut forges: Option<Forges> = None;
+async fn resolve_shas(
+    config: &Config,
+    forges: &Forges,
+    targets: Vec<Target>,
+) -> anyhow::Result<Vec<Unit>> {
     let mut units = Vec::with_capacity(targets.len());
     for t in targets {
         let repo = config
@@ -169,19 +191,13 @@ async fn resolve_shas(config: &Config, targets: Vec<Target>) -> anyhow::Result<V
             .with_context(|| format!("unknown repository {:?}", t.repository))?;
         let sha = match t.sha {
             Commit::Full(sha) => sha,
-            Commit::Head => {
-                let forges = client(&mut forges, config)?;
-                forges.branch_head(repo, &t.branch).await.with_context(|| {
-                    format!("cannot get the head of {:?} of {}", t.branch, t.repository)
-                })?
-            }
-            Commit::Abbreviated(prefix) => {
-                let forges = client(&mut forges, config)?;
-                forges
-                    .resolve_commit(repo, &prefix)
-                    .await
-                    .with_context(|| format!("cannot resolve --sha {prefix} in {}", t.repository))?
-            }
+            Commit::Head => forges.branch_head(repo, &t.branch).await.with_context(|| {
+                format!("cannot get the head of {:?} of {}", t.branch, t.repository)
+            })?,
+            Commit::Abbreviated(prefix) => forges
+                .resolve_commit(repo, &prefix)
+                .await
+                .with_context(|| format!("cannot resolve --sha {prefix} in {}", t.repository))?,
         };
         units.push(Unit {
             repository: t.repository,
@@ -191,14 +207,6 @@ async fn resolve_shas(config: &Config, targets: Vec<Target>) -> anyhow::Result<V
         });
     }
     Ok(units)
-}
-
-/// The forge clients, built on first use (a run with full SHAs asks no forge).
-fn client<'a>(forges: &'a mut Option<Forges>, config: &Config) -> anyhow::Result<&'a Forges> {
-    Ok(match forges {
-        Some(forges) => forges,
-        None => forges.insert(Forges::new(config)?),
-    })
 }
 
 /// Who runs this: the name of the process's real uid (not `$USER`, which anyone can

@@ -9,12 +9,13 @@ use crate::Exit;
 use crate::api::Live;
 use crate::cli::{Cli, WatchArgs};
 use crate::config::{Config, Env};
-use crate::deploy::{DeployOptions, Deployer, Observers, Trigger};
+use crate::deploy::{DeployOptions, Deployer, Observers, RunObserver, Trigger};
 use crate::forge::Forges;
 use crate::history::History;
 use crate::monitor::scheduler::Scheduler;
 use crate::monitor::state::StateStore;
 use crate::monitor::{self, Monitor, Scope};
+use crate::report::Reporting;
 use crate::server::{self, AppState};
 use crate::shutdown::Shutdown;
 use crate::telemetry::audit::Audit;
@@ -48,9 +49,8 @@ async fn watch_async(
     } else {
         History::open(config.clone(), &history_file).context("cannot open the run history")?
     });
-    let monitor = Arc::new(build(
-        &config, state, args, env, &shutdown, &metrics, &history,
-    )?);
+    let (monitor, reporting) = build(&config, state, args, env, &shutdown, &metrics, &history)?;
+    let monitor = Arc::new(monitor);
     tracing::info!(
         version = crate::build_info::VERSION,
         "sentry watching {} every {}",
@@ -58,7 +58,9 @@ async fn watch_async(
         humantime::format_duration(config.polling_interval)
     );
     if args.once {
-        return watch_once(&monitor, &shutdown).await;
+        let exit = watch_once(&monitor, &shutdown).await;
+        reporting.flush(FLUSH_ONCE).await;
+        return exit;
     }
     let (hints_tx, hints_rx) = mpsc::channel::<Vec<String>>(64);
     // The server outlives the poll loop so that /readyz can answer 503 while running
@@ -101,6 +103,7 @@ async fn watch_async(
     }
     monitor.scheduler().wait_idle().await;
     let saved = monitor.save_state().await;
+    reporting.flush(FLUSH_AT_STOP).await;
     // Every finished run is in the history file before the process ends.
     let closing = history.clone();
     let _ = tokio::task::spawn_blocking(move || closing.close()).await;
@@ -116,6 +119,11 @@ async fn watch_async(
     }
     Ok(Exit::Success)
 }
+
+/// How long `watch --once` waits for statuses and notifications before it exits.
+const FLUSH_ONCE: std::time::Duration = std::time::Duration::from_secs(30);
+/// The same at a stop: short, as a container's stop timeout is counting.
+const FLUSH_AT_STOP: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn watch_once(monitor: &Monitor, shutdown: &Shutdown) -> anyhow::Result<Exit> {
     let report = monitor
@@ -146,7 +154,7 @@ fn build(
     shutdown: &Shutdown,
     metrics: &Arc<Metrics>,
     history: &Arc<History>,
-) -> anyhow::Result<Monitor> {
+) -> anyhow::Result<(Monitor, Reporting)> {
     let deployer = Deployer::new(
         config.clone(),
         DeployOptions {
@@ -168,7 +176,11 @@ fn build(
     }
     let forges = Forges::new(config)?.with_events(metrics.clone());
     let audit = Audit::open(config.audit_log.as_deref()).context("cannot open audit_log")?;
-    let observers = Observers::new(vec![metrics.clone(), Arc::new(audit), history.clone()]);
+    let reporting = Reporting::start(config, &forges, metrics).context("cannot start reporting")?;
+    let mut list: Vec<Arc<dyn RunObserver>> =
+        vec![metrics.clone(), Arc::new(audit), history.clone()];
+    list.extend(reporting.observers());
+    let observers = Observers::new(list);
     let scheduler = Scheduler::new(
         config.clone(),
         deployer,
@@ -177,11 +189,6 @@ fn build(
         observers,
         metrics.clone(),
     );
-    Ok(Monitor::new(
-        config.clone(),
-        forges,
-        state,
-        scheduler,
-        metrics.clone(),
-    ))
+    let monitor = Monitor::new(config.clone(), forges, state, scheduler, metrics.clone());
+    Ok((monitor, reporting))
 }

@@ -67,6 +67,93 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Bearer token for the status API and the dashboard; `None` leaves them open.
     pub read_token: Option<SecretString>,
+    /// Where people reach Sentry, without a trailing slash; links point below it.
+    pub public_url: Option<String>,
+}
+
+impl ServerConfig {
+    /// The link for a group run, when `public_url` is set.
+    pub fn run_url(&self, run_id: &str) -> Option<String> {
+        self.public_url
+            .as_ref()
+            .map(|base| format!("{base}/runs/{run_id}"))
+    }
+}
+
+/// Commit statuses for one repository (its own `report`, else its group's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub commit_status: bool,
+    /// GitHub `context`, GitLab `name`.
+    pub context: String,
+}
+
+/// A group's `report`, before each repository's own settings are laid over it.
+#[derive(Debug, Clone, Default)]
+pub struct GroupReport {
+    pub commit_status: Option<bool>,
+    pub context: Option<String>,
+}
+
+/// One `notify:` target of a group.
+#[derive(Debug, Clone)]
+pub struct NotifyTarget {
+    pub kind: NotifyKind,
+    /// A secret: webhook URLs carry their own credentials (Slack's do).
+    pub url: SecretString,
+    /// Signs webhook bodies.
+    pub secret: Option<SecretString>,
+    pub on: Vec<NotifyEvent>,
+    /// `groups.<name>.notify[<i>]`: how logs name the target, never by its URL.
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotifyKind {
+    Webhook,
+    Slack,
+}
+
+impl NotifyKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotifyKind::Webhook => "webhook",
+            NotifyKind::Slack => "slack",
+        }
+    }
+}
+
+/// What a notification is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotifyEvent {
+    /// A group run ended and not every unit succeeded.
+    Failure,
+    /// A group run succeeded after the group's previous run (in this process) failed.
+    Recovery,
+    /// A group run succeeded.
+    Success,
+    /// A group run started.
+    Started,
+}
+
+impl NotifyEvent {
+    pub const ALL: [NotifyEvent; 4] = [
+        NotifyEvent::Failure,
+        NotifyEvent::Recovery,
+        NotifyEvent::Success,
+        NotifyEvent::Started,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotifyEvent::Failure => "failure",
+            NotifyEvent::Recovery => "recovery",
+            NotifyEvent::Success => "success",
+            NotifyEvent::Started => "started",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -98,6 +185,8 @@ pub struct Group {
     pub continue_on_error: bool,
     pub global_timeout: Duration,
     pub deploy_scope: DeployScope,
+    pub report: GroupReport,
+    pub notify: Vec<NotifyTarget>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -121,6 +210,7 @@ pub struct Repository {
     pub group: String,
     pub monitor: Monitor,
     pub deploy: Deploy,
+    pub report: Report,
 }
 
 impl Repository {
@@ -286,6 +376,11 @@ impl Config {
             .filter_map(|a| a.token.clone())
             .chain(self.webhooks.github_secret.clone())
             .chain(self.webhooks.gitlab_token.clone())
+            .chain(self.groups.iter().flat_map(|g| &g.notify).flat_map(|t| {
+                [Some(t.url.clone()), t.secret.clone()]
+                    .into_iter()
+                    .flatten()
+            }))
             .collect()
     }
 

@@ -70,6 +70,9 @@ pub struct RawServer {
     /// TOKEN`, or `?token=TOKEN` once in a browser (kept in a cookie). Empty or absent
     /// leaves read access open; probes, metrics and webhooks never need it.
     pub read_token: Option<String>,
+    /// The address people reach Sentry at (`https://sentry.example.com`); commit statuses
+    /// and notifications link to `<public_url>/runs/<run id>`. Default: no link.
+    pub public_url: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
@@ -94,6 +97,36 @@ pub struct RawGroup {
     pub global_timeout: Option<RawDuration>,
     /// `changed` (default): deploy the repositories that changed; `all`: every repository of the group.
     pub deploy_scope: Option<String>,
+    /// Commit statuses for the group's repositories (each repository may override).
+    pub report: Option<RawReport>,
+    /// Where to tell people about the group's runs: generic webhooks and Slack.
+    pub notify: Option<Vec<RawNotify>>,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct RawReport {
+    /// Put each unit's outcome on the watched commit as a commit status (GitHub, GitLab),
+    /// with the monitor's token. Default `false`.
+    pub commit_status: Option<bool>,
+    /// The status's name (GitHub `context`, GitLab `name`). Default `sentry/<group>`.
+    pub context: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct RawNotify {
+    /// `webhook` (JSON, signed with `secret`) or `slack` (an incoming-webhook URL).
+    #[serde(rename = "type")]
+    #[schemars(required)]
+    pub kind: Option<String>,
+    /// Where to POST; a secret (masked, never logged), usually `${VAR}`.
+    #[schemars(required)]
+    pub url: Option<String>,
+    /// With `webhook`: signs each body, `X-Sentry-Signature: sha256=<hex HMAC-SHA256>`.
+    pub secret: Option<String>,
+    /// Any of `failure`, `recovery`, `success`, `started`. Default `[failure, recovery]`.
+    pub on: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
@@ -109,6 +142,8 @@ pub struct RawRepository {
     pub monitor: Option<RawMonitor>,
     #[schemars(required)]
     pub deploy: Option<RawDeploy>,
+    /// Commit statuses for this repository; overrides the group's `report`.
+    pub report: Option<RawReport>,
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]

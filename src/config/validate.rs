@@ -15,13 +15,14 @@ use serde_yaml::Value as Yaml;
 
 use super::expand::{self, Env, ExpandError};
 use super::raw::{
-    RawAuth, RawConfig, RawDeploy, RawDuration, RawGroup, RawMonitor, RawPendingRetry,
-    RawRepository,
+    RawAuth, RawConfig, RawDeploy, RawDuration, RawGroup, RawMonitor, RawNotify, RawPendingRetry,
+    RawReport, RawRepository,
 };
 use super::schema_keys::{check_unknown_keys, suggest};
 use super::{
-    Auth, BranchPattern, BranchSpec, Config, Deploy, DeployScope, Diagnostic, Group, Monitor,
-    PendingRetry, RepoType, Repository, ServerConfig, Strategy, WebhookConfig, from_value,
+    Auth, BranchPattern, BranchSpec, Config, Deploy, DeployScope, Diagnostic, Group, GroupReport,
+    Monitor, NotifyEvent, NotifyKind, NotifyTarget, PendingRetry, RepoType, Report, Repository,
+    ServerConfig, Strategy, WebhookConfig, from_value,
 };
 use crate::forge::kind;
 
@@ -57,7 +58,7 @@ pub(super) fn validate(doc: &Yaml, env: &Env, out: &mut Vec<Diagnostic>) -> Opti
     let raw: RawConfig = cx.extract("", Yaml::Mapping(rest)).unwrap_or_default();
 
     let (groups, group_names) = cx.groups(groups_value);
-    let repositories = cx.repositories(repos_value, &group_names);
+    let repositories = cx.repositories(repos_value, &group_names, &groups);
 
     for name in &group_names {
         if !cx.referenced_groups.contains(name) {
@@ -284,6 +285,8 @@ impl Checker<'_> {
             raw.global_timeout,
             Duration::from_secs(3600),
         );
+        let report = self.group_report(&format!("{path}.report"), raw.report);
+        let notify = self.notify(&format!("{path}.notify"), raw.notify.unwrap_or_default());
         (self.errors() == before).then_some(Group {
             name,
             execution_strategy,
@@ -291,13 +294,169 @@ impl Checker<'_> {
             continue_on_error: raw.continue_on_error.unwrap_or(false),
             global_timeout,
             deploy_scope,
+            report,
+            notify,
         })
+    }
+
+    fn group_report(&mut self, path: &str, raw: Option<RawReport>) -> GroupReport {
+        let raw = raw.unwrap_or_default();
+        GroupReport {
+            commit_status: raw.commit_status,
+            context: raw
+                .context
+                .and_then(|c| self.required_text(&format!("{path}.context"), Some(c))),
+        }
+    }
+
+    /// A repository's `report` laid over its group's. Plain Git has nowhere to put a
+    /// status, so asking for one there is an error at whichever path asked.
+    fn report(
+        &mut self,
+        path: &str,
+        raw: Option<RawReport>,
+        group: Option<&Group>,
+        repo: (&str, Option<&Monitor>),
+    ) -> Report {
+        let own = self.group_report(&format!("{path}.report"), raw);
+        let inherited = group.map(|g| g.report.clone()).unwrap_or_default();
+        let commit_status = own.commit_status.or(inherited.commit_status);
+        let (name, monitor) = repo;
+        let repo_type = monitor.map(|m| m.repo_type);
+        if commit_status == Some(true)
+            && let Some(m) = monitor
+            && m.auth.token.is_none()
+            && kind::of(m.repo_type).status_spacing.is_some()
+        {
+            self.warn(
+                format!("{path}.monitor.auth.token"),
+                "commit statuses are posted with the monitor's token, and none is set: the forge will refuse them",
+            );
+        }
+        if commit_status == Some(true)
+            && let Some(repo_type) = repo_type
+            && kind::of(repo_type).status_spacing.is_none()
+        {
+            let asked_at = match (own.commit_status, group) {
+                (Some(_), _) | (None, None) => format!("{path}.report.commit_status"),
+                (None, Some(g)) => format!("groups.{}.report.commit_status", g.name),
+            };
+            self.error(
+                asked_at,
+                format!(
+                    "repository \"{name}\" has repo_type \"{}\", which has no commit statuses; \
+                     use repo_type github or gitlab, or set {path}.report.commit_status: false",
+                    repo_type.as_str()
+                ),
+            );
+        }
+        let group_name = group.map_or("", |g| g.name.as_str());
+        Report {
+            commit_status: commit_status.unwrap_or(false),
+            context: own
+                .context
+                .or(inherited.context)
+                .unwrap_or_else(|| format!("sentry/{group_name}")),
+        }
+    }
+
+    fn notify(&mut self, path: &str, raw: Vec<RawNotify>) -> Vec<NotifyTarget> {
+        raw.into_iter()
+            .enumerate()
+            .filter_map(|(i, item)| self.notify_target(&format!("{path}[{i}]"), item))
+            .collect()
+    }
+
+    /// One notification target. Messages never quote the URL or the secret.
+    fn notify_target(&mut self, path: &str, raw: RawNotify) -> Option<NotifyTarget> {
+        let before = self.errors();
+        let type_path = format!("{path}.type");
+        let kind = match self.required_text(&type_path, raw.kind).as_deref() {
+            Some("webhook") => Some(NotifyKind::Webhook),
+            Some("slack") => Some(NotifyKind::Slack),
+            Some(other) => {
+                self.error(
+                    &type_path,
+                    format!("\"{other}\" is not a notification type; use \"webhook\" or \"slack\""),
+                );
+                None
+            }
+            None => None,
+        };
+        let url_path = format!("{path}.url");
+        let url = self.required_text(&url_path, raw.url);
+        if let Some(url) = &url {
+            match url::Url::parse(url) {
+                Ok(u) if matches!(u.scheme(), "https" | "http") && u.has_host() => {
+                    if u.scheme() == "http" && !is_loopback(&u) {
+                        self.warn(
+                            &url_path,
+                            "notifications would travel unencrypted over plain http; use https",
+                        );
+                    }
+                }
+                Ok(_) => self.error(&url_path, "must be an https:// (or http://) URL"),
+                Err(e) => self.error(&url_path, format!("not a valid URL: {e}")),
+            }
+        }
+        let secret = self
+            .optional_text(&format!("{path}.secret"), raw.secret)
+            .filter(|s| !s.is_empty())
+            .map(SecretString::from);
+        if secret.is_some() && kind == Some(NotifyKind::Slack) {
+            self.warn(
+                format!("{path}.secret"),
+                "ignored: Slack incoming webhooks are not signed (the URL is the secret)",
+            );
+        }
+        let on = self.notify_events(&format!("{path}.on"), raw.on);
+        if self.errors() != before {
+            return None;
+        }
+        Some(NotifyTarget {
+            kind: kind?,
+            url: SecretString::from(url?),
+            secret,
+            on,
+            path: path.to_owned(),
+        })
+    }
+
+    fn notify_events(&mut self, path: &str, raw: Option<Vec<String>>) -> Vec<NotifyEvent> {
+        let Some(raw) = raw else {
+            return vec![NotifyEvent::Failure, NotifyEvent::Recovery];
+        };
+        if raw.is_empty() {
+            self.error(
+                path,
+                "must name at least one of failure, recovery, success, started (or leave `on` out)",
+            );
+        }
+        let mut events = Vec::new();
+        for (i, text) in raw.iter().enumerate() {
+            let item_path = format!("{path}[{i}]");
+            let Some(text) = self.expand(&item_path, text) else {
+                continue;
+            };
+            match NotifyEvent::ALL.into_iter().find(|e| e.as_str() == text) {
+                Some(event) if !events.contains(&event) => events.push(event),
+                Some(_) => {}
+                None => self.error(
+                    item_path,
+                    format!(
+                        "\"{text}\" is not an event; use failure, recovery, success or started"
+                    ),
+                ),
+            }
+        }
+        events
     }
 
     fn repositories(
         &mut self,
         value: Option<Yaml>,
         group_names: &[String],
+        groups: &[Group],
     ) -> Vec<Arc<Repository>> {
         let items = match value {
             None | Some(Yaml::Null) => {
@@ -337,7 +496,7 @@ impl Checker<'_> {
                     );
                 }
             }
-            if let Some(repo) = self.repository(&path, raw, group_names) {
+            if let Some(repo) = self.repository(&path, raw, group_names, groups) {
                 repositories.push(Arc::new(repo));
             }
         }
@@ -349,6 +508,7 @@ impl Checker<'_> {
         path: &str,
         raw: RawRepository,
         group_names: &[String],
+        groups: &[Group],
     ) -> Option<Repository> {
         let before = self.errors();
         let name = self.required_text(&format!("{path}.name"), raw.name);
@@ -376,6 +536,11 @@ impl Checker<'_> {
         let deploy = self
             .required(&deploy_path, raw.deploy)
             .and_then(|d| self.deploy(&deploy_path, d, name.as_deref().unwrap_or_default()));
+        let own_group = group
+            .as_deref()
+            .and_then(|g| groups.iter().find(|known| known.name == g));
+        let repo = (name.as_deref().unwrap_or_default(), monitor.as_ref());
+        let report = self.report(path, raw.report, own_group, repo);
         if self.errors() != before {
             return None;
         }
@@ -384,6 +549,7 @@ impl Checker<'_> {
             group: group?,
             monitor: monitor?,
             deploy: deploy?,
+            report,
         })
     }
 
@@ -711,6 +877,7 @@ impl Checker<'_> {
                 }
             }
         };
+        let public_url = self.public_url(server.public_url);
         let hooks = raw.webhooks.unwrap_or_default();
         let secret = |cx: &mut Self, path: &str, v: Option<String>| {
             cx.optional_text(path, v)
@@ -739,11 +906,32 @@ impl Checker<'_> {
                 enabled: server.enabled.unwrap_or(true),
                 listen: listen?,
                 read_token,
+                public_url,
             },
             webhooks,
             groups,
             repositories,
         })
+    }
+
+    /// `server.public_url` without a trailing slash, so links join with one `/`.
+    fn public_url(&mut self, raw: Option<String>) -> Option<String> {
+        let text = self
+            .optional_text("server.public_url", raw)
+            .filter(|t| !t.trim().is_empty())?;
+        match url::Url::parse(text.trim()) {
+            Ok(u) if matches!(u.scheme(), "https" | "http") && u.has_host() => {
+                Some(u.as_str().trim_end_matches('/').to_owned())
+            }
+            Ok(_) => {
+                self.error("server.public_url", "must be an https:// (or http://) URL");
+                None
+            }
+            Err(e) => {
+                self.error("server.public_url", format!("not a valid URL: {e}"));
+                None
+            }
+        }
     }
 
     fn pending_retry(&mut self, raw: RawPendingRetry) -> PendingRetry {

@@ -1,6 +1,6 @@
 //! The run-observer seam: everything that wants to hear of group runs and units as they
 //! start and end — metrics, the audit trail, the state (advancing handled SHAs, keeping
-//! pending ones), and later commit statuses or notifications.
+//! pending ones), commit statuses and notifications (`crate::report`).
 //!
 //! Observers are told, they do not decide: a [`RunObserver`] cannot change what is
 //! deployed or when. Calls are synchronous and made from the deploying task, so an
@@ -10,6 +10,7 @@
 use std::sync::Arc;
 
 use super::{GroupResult, Trigger, Unit, UnitResult};
+use crate::forge::Sha;
 
 /// Which group run an event belongs to.
 #[derive(Debug, Clone, Copy)]
@@ -30,6 +31,9 @@ pub trait RunObserver: Send + Sync {
     fn unit_ended(&self, _run: RunRef<'_>, _result: &UnitResult) {}
     /// Every unit of the run has ended and been reported.
     fn group_ended(&self, _result: &GroupResult) {}
+    /// A unit that was queued or deferred in `group` will never run: a newer commit of
+    /// the same branch (`by`) took its place. Called by the scheduler, outside any run.
+    fn unit_superseded(&self, _group: &str, _unit: &Unit, _by: &Sha) {}
 }
 
 /// An ordered list of observers, itself an observer; cheap to clone.
@@ -64,6 +68,12 @@ impl RunObserver for Observers {
 
     fn group_ended(&self, result: &GroupResult) {
         self.0.iter().for_each(|o| o.group_ended(result));
+    }
+
+    fn unit_superseded(&self, group: &str, unit: &Unit, by: &Sha) {
+        self.0
+            .iter()
+            .for_each(|o| o.unit_superseded(group, unit, by));
     }
 }
 

@@ -27,6 +27,8 @@ pub(crate) static KIND: Kind = Kind {
     default_api: |_, _| None,
     owns_host: |_| false,
     rate_limit_headers: None,
+    // A Git host has no API, so nowhere to put a status.
+    status_spacing: None,
     webhook: None,
     // A plain Git host has no known web UI.
     commit_url: |_, _| None,

@@ -7,6 +7,10 @@
 //!
 //! Every request is conditional once an ETag is known, so an unchanged repository costs no
 //! quota (GitHub does not count authenticated 304s).
+//!
+//! - Commit status: `POST {api}/repos/{owner}/{repo}/statuses/{sha}` with `state`
+//!   (`pending|success|failure|error`), `context`, `description` (at most 140 characters:
+//!   GitHub answers 422 to longer ones) and `target_url` → `201`.
 
 use std::sync::Arc;
 
@@ -15,17 +19,20 @@ use reqwest::{StatusCode, Url};
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
-use super::http::{Call, Http};
+use super::http::{Call, Http, Reply};
 use super::kind::{Kind, ProjectRule, WebhookIds};
 use super::{
-    BranchPattern, Forge, ForgeError, Listing, ListingFormat, Sha, api_base, encode, fetch_sha,
-    parse_url, secret_header, walk_listing,
+    BranchPattern, CommitStatus, Forge, ForgeError, Listing, ListingFormat, Posted, Sha,
+    StatusState, api_base, cut, encode, fetch_sha, parse_url, secret_header, secrets_of, snippet,
+    walk_listing,
 };
 use crate::config::{RepoType, Repository};
 
 const API_VERSION: &str = "2022-11-28";
 const ACCEPT_SHA: &str = "application/vnd.github.sha";
 const ACCEPT_JSON: &str = "application/vnd.github+json";
+/// GitHub answers 422 to a longer status description.
+const MAX_DESCRIPTION: usize = 140;
 
 /// GitHub and GitHub Enterprise Server.
 pub(crate) static KIND: Kind = Kind {
@@ -47,6 +54,9 @@ pub(crate) static KIND: Kind = Kind {
     },
     owns_host: |host| host == "github.com",
     rate_limit_headers: Some(("x-ratelimit-remaining", "x-ratelimit-reset")),
+    // A write costs 5 of the 900 secondary-limit points a minute (a read 1): one a second
+    // uses a third of the budget and leaves the rest to polling.
+    status_spacing: Some(std::time::Duration::from_secs(1)),
     webhook: Some(WebhookIds {
         ids: &[
             ("repository", "full_name"),
@@ -165,6 +175,54 @@ impl GitHub {
             },
         )
         .await
+    }
+
+    /// Posts one commit status (see the module header).
+    pub async fn post_status(
+        &self,
+        status: &CommitStatus,
+        cancel: &CancellationToken,
+    ) -> Result<Posted, ForgeError> {
+        let url = self.url(&format!("statuses/{}", status.sha), None);
+        let mut body = serde_json::json!({
+            "state": state_word(status.state),
+            "context": status.context,
+            "description": cut(&status.description, MAX_DESCRIPTION),
+        });
+        if let Some(target) = &status.target_url {
+            body["target_url"] = serde_json::Value::from(target.as_str());
+        }
+        let spacing = KIND.status_spacing.unwrap_or_default();
+        let call = self.call(url, &self.json_headers, cancel);
+        match self
+            .http
+            .post(call, body.to_string().as_bytes(), spacing)
+            .await?
+        {
+            Reply::Fresh { .. } | Reply::Cached(_) => Ok(Posted::Created),
+            Reply::Refused { status: code, body } => Err(match code {
+                StatusCode::NOT_FOUND => self.repository_not_found(),
+                StatusCode::UNPROCESSABLE_ENTITY | StatusCode::BAD_REQUEST => {
+                    ForgeError::Rejected(format!(
+                        "{}: {} refused the commit status ({code}): {}",
+                        self.repo.name,
+                        self.host,
+                        snippet(&body, &secrets_of(&self.json_headers))
+                    ))
+                }
+                other => self.refused(other, None),
+            }),
+        }
+    }
+}
+
+/// GitHub's word for a state; a superseded unit is an `error` (GitHub has no `canceled`).
+fn state_word(state: StatusState) -> &'static str {
+    match state {
+        StatusState::Pending => "pending",
+        StatusState::Success => "success",
+        StatusState::Failure => "failure",
+        StatusState::Error | StatusState::Superseded => "error",
     }
 }
 

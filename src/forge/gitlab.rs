@@ -7,6 +7,11 @@
 //!   when every pattern starts with a literal prefix (one listing per distinct prefix),
 //!   following `Link` `rel="next"` or `x-next-page`.
 //!
+//! - Commit status: `POST {api}/projects/{path}/statuses/{sha}` with `state`
+//!   (`pending|success|failed|canceled`), `name`, `ref`, `description`, `target_url` →
+//!   `201`; posting the state the status already has answers `400 Cannot transition status`,
+//!   which here means the status is already right.
+//!
 //! Auth is `PRIVATE-TOKEN`. ETags are used when GitLab sends them, never relied on.
 
 use std::sync::Arc;
@@ -16,12 +21,17 @@ use reqwest::header::{self, HeaderMap, HeaderValue};
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
+use super::http::Reply;
 use super::http::{Call, Http};
 use super::kind::{Kind, ProjectRule, WebhookIds};
 use super::{
-    BranchPattern, Forge, ForgeError, Listing, ListingFormat, Sha, api_base, encode, fetch_sha,
-    parse_url, secret_header, walk_listing,
+    BranchPattern, CommitStatus, Forge, ForgeError, Listing, ListingFormat, Posted, Sha,
+    StatusState, api_base, cut, encode, fetch_sha, parse_url, secret_header, secrets_of, snippet,
+    walk_listing,
 };
+
+/// GitLab keeps at most this much of a description; longer ones are cut here, readably.
+const MAX_DESCRIPTION: usize = 255;
 use crate::config::{RepoType, Repository};
 
 /// gitlab.com and self-hosted GitLab.
@@ -38,6 +48,8 @@ pub(crate) static KIND: Kind = Kind {
     default_api: |_, origin| Some(format!("{origin}/api/v4")),
     owns_host: |host| host.contains("gitlab"),
     rate_limit_headers: Some(("ratelimit-remaining", "ratelimit-reset")),
+    // GitLab documents no extra cost for writes; a short gap keeps bursts polite.
+    status_spacing: Some(std::time::Duration::from_millis(100)),
     webhook: Some(WebhookIds {
         ids: &[
             ("project", "path_with_namespace"),
@@ -52,7 +64,9 @@ pub(crate) static KIND: Kind = Kind {
 pub(crate) struct GitLab {
     http: Arc<Http>,
     repo: Arc<Repository>,
-    /// `{api}/projects/{encoded path}/repository/branches`.
+    /// `{api}/projects/{encoded path}`.
+    project_api: String,
+    /// `{project_api}/repository/branches`.
     branches_api: String,
     host: String,
     /// `Accept` and the token (when configured) as a sensitive header, built once.
@@ -62,10 +76,8 @@ pub(crate) struct GitLab {
 impl GitLab {
     pub fn new(http: Arc<Http>, repo: Arc<Repository>) -> Result<GitLab, ForgeError> {
         let base = api_base(&repo)?;
-        let branches_api = format!(
-            "{base}/projects/{}/repository/branches",
-            encode(&repo.monitor.project_path)
-        );
+        let project_api = format!("{base}/projects/{}", encode(&repo.monitor.project_path));
+        let branches_api = format!("{project_api}/repository/branches");
         let host = parse_url(&repo, &branches_api)?
             .host_str()
             .unwrap_or_default()
@@ -81,6 +93,7 @@ impl GitLab {
         Ok(GitLab {
             http,
             repo,
+            project_api,
             branches_api,
             host,
             headers: Arc::new(headers),
@@ -175,6 +188,62 @@ impl GitLab {
             self.refused(status, body, None)
         })
         .await
+    }
+}
+
+impl GitLab {
+    /// Posts one commit status (see the module header).
+    pub async fn post_status(
+        &self,
+        status: &CommitStatus,
+        cancel: &CancellationToken,
+    ) -> Result<Posted, ForgeError> {
+        let url = format!("{}/statuses/{}", self.project_api, status.sha);
+        let mut body = serde_json::json!({
+            "state": state_word(status.state),
+            "name": status.context,
+            "ref": status.branch,
+            "description": cut(&status.description, MAX_DESCRIPTION),
+        });
+        if let Some(target) = &status.target_url {
+            body["target_url"] = serde_json::Value::from(target.as_str());
+        }
+        let spacing = KIND.status_spacing.unwrap_or_default();
+        let call = self.call(&url, cancel)?;
+        match self
+            .http
+            .post(call, body.to_string().as_bytes(), spacing)
+            .await?
+        {
+            Reply::Fresh { .. } | Reply::Cached(_) => Ok(Posted::Created),
+            Reply::Refused { status: code, body } => {
+                let text = String::from_utf8_lossy(&body).to_ascii_lowercase();
+                if code == StatusCode::BAD_REQUEST && text.contains("cannot transition") {
+                    return Ok(Posted::AlreadySet);
+                }
+                Err(match code {
+                    StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => {
+                        ForgeError::Rejected(format!(
+                            "{}: {} refused the commit status ({code}): {}",
+                            self.repo.name,
+                            self.host,
+                            snippet(&body, &secrets_of(&self.headers))
+                        ))
+                    }
+                    other => self.refused(other, &body, None),
+                })
+            }
+        }
+    }
+}
+
+/// GitLab's word for a state: it has no `error`, and a superseded unit is `canceled`.
+fn state_word(state: StatusState) -> &'static str {
+    match state {
+        StatusState::Pending => "pending",
+        StatusState::Success => "success",
+        StatusState::Failure | StatusState::Error => "failed",
+        StatusState::Superseded => "canceled",
     }
 }
 

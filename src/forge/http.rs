@@ -12,6 +12,10 @@
 //!
 //! What a `2xx` body means, and what a `404` means, is the forge module's business: it parses
 //! the body and calls [`Http::remember`] so the next request can be conditional.
+//!
+//! [`Http::post`] is the one write (commit statuses): the same pause, semaphore and rate-limit
+//! reading, no ETag, sent once (a write that timed out may have happened; the caller's queue
+//! retries), and spaced out per host because writes cost more of a secondary limit than reads.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -97,6 +101,8 @@ pub(crate) struct Host {
     name: String,
     semaphore: Arc<Semaphore>,
     limits: Mutex<Limits>,
+    /// When the next write to this host may be sent.
+    next_write: Mutex<Option<tokio::time::Instant>>,
 }
 
 impl Http {
@@ -151,6 +157,7 @@ impl Http {
                     name: key.to_owned(),
                     semaphore: Arc::new(Semaphore::new(self.max_per_host)),
                     limits: Mutex::default(),
+                    next_write: Mutex::default(),
                 })
             })
             .clone()
@@ -243,7 +250,30 @@ impl Http {
         )))
     }
 
+    /// One POST of the JSON `body`, at least `spacing` after the previous write to the
+    /// same host. Never panics; never retried here (see the module header).
+    pub async fn post(
+        &self,
+        call: Call<'_>,
+        body: &[u8],
+        spacing: Duration,
+    ) -> Result<Reply, ForgeError> {
+        let host = self.host(host_key(&call.url));
+        if !host.space_write(spacing, call.cancel).await {
+            return Err(cancelled(call.repo));
+        }
+        match self.attempt_with(&host, &call, Some(body)).await {
+            Attempt::Done(result) => result,
+            Attempt::Retry(why) => Err(ForgeError::Transient(format!("{}: {why}", call.repo))),
+        }
+    }
+
     async fn attempt(&self, host: &Host, call: &Call<'_>) -> Attempt {
+        self.attempt_with(host, call, None).await
+    }
+
+    /// A GET (conditional when an ETag is cached), or a POST of `body` as JSON.
+    async fn attempt_with(&self, host: &Host, call: &Call<'_>, body: Option<&[u8]>) -> Attempt {
         if let Some(until) = host.limits().paused(SystemTime::now()) {
             return Attempt::Done(Err(rate_limited(host, until)));
         }
@@ -256,13 +286,25 @@ impl Http {
             return Attempt::Done(Err(rate_limited(host, until)));
         }
 
-        let cached = self.cached(&call.url);
-        let mut request = reqwest::Request::new(reqwest::Method::GET, call.url.clone());
+        let method = if body.is_some() {
+            reqwest::Method::POST
+        } else {
+            reqwest::Method::GET
+        };
+        let cached = body.is_none().then(|| self.cached(&call.url)).flatten();
+        let mut request = reqwest::Request::new(method.clone(), call.url.clone());
         *request.headers_mut() = call.headers.clone();
         if let Some((etag, _)) = &cached {
             request
                 .headers_mut()
                 .insert(header::IF_NONE_MATCH, etag.clone());
+        }
+        if let Some(body) = body {
+            request.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            *request.body_mut() = Some(body.to_vec().into());
         }
         let started = Instant::now();
         self.requests.fetch_add(1, Ordering::Relaxed);
@@ -273,7 +315,7 @@ impl Http {
         let response = match sent {
             Ok(r) => r,
             Err(e) => {
-                self.record(call, &host.name, None, started);
+                self.record(call, &method, &host.name, None, started);
                 return Attempt::Retry(describe_transport(&host.name, &e));
             }
         };
@@ -281,7 +323,7 @@ impl Http {
         self.read_rate_limit(host, response.headers());
 
         if status == StatusCode::NOT_MODIFIED {
-            self.record(call, &host.name, Some(status), started);
+            self.record(call, &method, &host.name, Some(status), started);
             self.not_modified.fetch_add(1, Ordering::Relaxed);
             host.limits().success();
             return Attempt::Done(match cached {
@@ -298,7 +340,7 @@ impl Http {
             () = call.cancel.cancelled() => return Attempt::Done(Err(cancelled(call.repo))),
             body = read_body(response) => body,
         };
-        self.record(call, &host.name, Some(status), started);
+        self.record(call, &method, &host.name, Some(status), started);
         let body = match body {
             Ok(b) => b,
             Err(BodyError::TooLarge) => {
@@ -400,7 +442,14 @@ impl Http {
     }
 
     /// Debug log, counters and the hook for one request that was sent.
-    fn record(&self, call: &Call<'_>, host: &str, status: Option<StatusCode>, started: Instant) {
+    fn record(
+        &self,
+        call: &Call<'_>,
+        method: &reqwest::Method,
+        host: &str,
+        status: Option<StatusCode>,
+        started: Instant,
+    ) {
         let status_label = status.map_or_else(|| "error".to_owned(), |s| s.as_u16().to_string());
         let failed = status.is_none_or(|s| s.is_client_error() || s.is_server_error());
         if failed {
@@ -408,7 +457,7 @@ impl Http {
         }
         tracing::debug!(
             repo = call.repo,
-            method = "GET",
+            method = method.as_str(),
             url = %call.url,
             host,
             status = %status_label,
@@ -428,6 +477,25 @@ impl Host {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Waits for this host's next write slot and books the one after it, `spacing` later;
+    /// false when `cancel` fired first.
+    pub async fn space_write(&self, spacing: Duration, cancel: &CancellationToken) -> bool {
+        let at = {
+            let mut next = self
+                .next_write
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let now = tokio::time::Instant::now();
+            let at = next.map_or(now, |n| n.max(now));
+            *next = Some(at + spacing);
+            at
+        };
+        tokio::select! {
+            () = cancel.cancelled() => false,
+            () = tokio::time::sleep_until(at) => true,
+        }
     }
 
     /// A concurrency permit, or `None` when `cancel` fired first.
@@ -755,6 +823,28 @@ mod tests {
             assert!((100..=300).contains(&first.as_millis()), "{first:?}");
             assert!((200..=600).contains(&second.as_millis()), "{second:?}");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writes_to_one_host_are_spaced() {
+        let http = Http::new(Duration::from_secs(5), 4).unwrap();
+        let host = http.host("api.github.com");
+        let never = CancellationToken::new();
+        let start = tokio::time::Instant::now();
+        let spacing = Duration::from_secs(1);
+        for _ in 0..3 {
+            assert!(host.space_write(spacing, &never).await);
+        }
+        // The first goes at once, each next one a second after the one before.
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+        let other = http.host("gitlab.com");
+        let before = tokio::time::Instant::now();
+        assert!(other.space_write(spacing, &never).await);
+        assert_eq!(
+            before.elapsed(),
+            Duration::ZERO,
+            "hosts are spaced separately"
+        );
     }
 
     #[test]

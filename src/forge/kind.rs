@@ -4,7 +4,8 @@
 //!
 //! Configuration validation asks it for the default API URL, the project path rule and
 //! the kind a URL's host implies; the QA checkout for the user name sent with a token;
-//! the HTTP layer for rate-limit header names; the server for webhook identities.
+//! the HTTP layer for rate-limit header names; the server for webhook identities; the
+//! status reporter whether commit statuses exist and how far apart writes must be.
 //! [`of`] is the one `match` on [`RepoType`] outside this module's kinds, and it has no
 //! catch-all arm: adding a kind is a variant in the config's enum, a `Kind` beside its
 //! client, and an arm here — the compiler finds every other place.
@@ -29,6 +30,9 @@ pub struct Kind {
     pub rate_limit_headers: Option<(&'static str, &'static str)>,
     /// Where a push webhook's payload names the repository.
     pub webhook: Option<WebhookIds>,
+    /// The least time between two commit-status writes to one host; `None` when this
+    /// kind has no commit statuses at all.
+    pub status_spacing: Option<std::time::Duration>,
     /// The web page of commit `sha` of the repository at `repo_url` (as configured);
     /// `None` when the kind has no web UI or the URL is not a web URL.
     pub commit_url: fn(repo_url: &str, sha: &str) -> Option<String>,

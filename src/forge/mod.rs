@@ -8,7 +8,9 @@
 //! `git` runs ls-remote through libgit2; `http` is the shared client (per-host semaphore,
 //! rate-limit pauses, retries, ETag cache). This file holds the types, the [`Forges`] facade,
 //! the orchestration of one check (exact branches and the listing concurrently), and the
-//! pagination shared by both APIs (`Link: rel="next"`, GitLab's `x-next-page`).
+//! pagination shared by both APIs (`Link: rel="next"`, GitLab's `x-next-page`), and
+//! [`Forges::post_status`], which hands a [`CommitStatus`] to the repository's forge
+//! (each forge's file builds its request).
 //!
 //! Invariants: a body that is not a 40-hex SHA is an error, never a head; a token only ever
 //! travels in a sensitive header (never in a URL, a log line or a message); no request is
@@ -122,6 +124,9 @@ pub enum ForgeError {
     /// The answer was not what the API promises (no SHA, bad JSON).
     #[error("{0}")]
     Malformed(String),
+    /// The forge refused a write (400, 422): sending it again will not help.
+    #[error("{0}")]
+    Rejected(String),
 }
 
 impl ForgeError {
@@ -133,6 +138,7 @@ impl ForgeError {
             ForgeError::NotFound(_) => "not_found",
             ForgeError::Transient(_) => "transient",
             ForgeError::Malformed(_) => "malformed",
+            ForgeError::Rejected(_) => "rejected",
         }
     }
 
@@ -261,10 +267,92 @@ impl Forges {
         }
     }
 
+    /// Puts `status` on a commit of `repo`'s watched repository, with the monitor's
+    /// token, through the shared HTTP layer (rate-limit pauses, per-host semaphore, writes
+    /// spaced per the forge kind). Sent once; the caller retries.
+    pub async fn post_status(
+        &self,
+        repo: &Arc<Repository>,
+        status: &CommitStatus,
+        cancel: &CancellationToken,
+    ) -> Result<Posted, ForgeError> {
+        let http = self.http.clone();
+        match repo.monitor.repo_type {
+            RepoType::Github => {
+                github::GitHub::new(http, repo.clone())?
+                    .post_status(status, cancel)
+                    .await
+            }
+            RepoType::Gitlab => {
+                gitlab::GitLab::new(http, repo.clone())?
+                    .post_status(status, cancel)
+                    .await
+            }
+            RepoType::Git => Err(ForgeError::Rejected(format!(
+                "{}: plain Git hosts have no commit statuses",
+                repo.name
+            ))),
+        }
+    }
+
     /// Cumulative counters since start.
     pub fn stats(&self) -> ForgeStats {
         self.http.stats()
     }
+}
+
+/// What Sentry says about a unit on its commit, in forge-neutral words; each forge maps
+/// the state to its own (GitLab has no `error`, GitHub no `canceled`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StatusState {
+    /// Deploying, or waiting to be tried again.
+    Pending,
+    Success,
+    /// The commands failed or timed out.
+    Failure,
+    /// Sentry could not run the commands (the clone failed, shutdown).
+    Error,
+    /// A newer commit of the branch took the unit's place before it ran.
+    Superseded,
+}
+
+impl StatusState {
+    /// Whether nothing more will be posted for this commit after it (short of a restart).
+    pub fn is_final(self) -> bool {
+        matches!(self, StatusState::Success | StatusState::Failure)
+    }
+}
+
+/// One commit status to post.
+#[derive(Debug, Clone)]
+pub struct CommitStatus {
+    pub sha: Sha,
+    /// The branch the commit was deployed from (GitLab's `ref`).
+    pub branch: String,
+    pub state: StatusState,
+    /// GitHub's `context`, GitLab's `name`: `sentry/<group>` unless configured.
+    pub context: String,
+    /// Cut to the forge's limit by the forge's client.
+    pub description: String,
+    pub target_url: Option<String>,
+}
+
+/// What a forge did with a status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Posted {
+    Created,
+    /// The commit already had this state for this context (GitLab answers 400 to a repeat).
+    AlreadySet,
+}
+
+/// `text` cut to at most `max` characters, ending in `…` when cut.
+fn cut(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_owned();
+    }
+    let mut out: String = text.chars().take(max.saturating_sub(1)).collect();
+    out.push('…');
+    out
 }
 
 /// One repository's forge client, built once by [`Forges::watcher`] and asked every cycle.

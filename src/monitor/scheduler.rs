@@ -15,6 +15,8 @@
 //! A unit cancelled by shutdown stays pending in the state; the next start finds it again.
 //!
 //! The state and metrics hear of units through [`StateObserver`], one of the run observers.
+//! A queued or deferred unit that a newer SHA of its branch replaces before it ran is
+//! reported to the observers as superseded (commit statuses mark it so).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -130,7 +132,10 @@ impl Scheduler {
                     trigger: trigger.clone(),
                 });
                 for unit in units {
-                    merge(&mut pending.units, unit);
+                    if let Some((old, by)) = merge(&mut pending.units, unit) {
+                        // Observers only queue work, so calling them under the lock is quick.
+                        self.inner.observers.unit_superseded(group, &old, &by);
+                    }
                 }
                 tracing::info!(
                     group,
@@ -142,7 +147,9 @@ impl Scheduler {
             } else {
                 let mut merged = BTreeMap::new();
                 for unit in units {
-                    merge(&mut merged, unit);
+                    if let Some((old, by)) = merge(&mut merged, unit) {
+                        self.inner.observers.unit_superseded(group, &old, &by);
+                    }
                 }
                 Some((self.inner.start(group, slot, merged), trigger))
             }
@@ -271,6 +278,9 @@ impl Inner {
             let newer = units.remove(&key);
             let mut unit = deferred.unit;
             if let Some(newer) = newer {
+                if newer.sha != unit.sha {
+                    self.observers.unit_superseded(group, &unit, &newer.sha);
+                }
                 unit.sha = newer.sha;
             }
             units.insert(key, unit);
@@ -542,12 +552,19 @@ fn round_secs(d: Duration) -> Duration {
 }
 
 /// The newest SHA wins; the previous SHA stays the one before the first queued move.
-fn merge(pending: &mut BTreeMap<BranchKey, Unit>, unit: Unit) {
+/// Returns the unit a different SHA replaced, and that SHA, for the observers.
+fn merge(pending: &mut BTreeMap<BranchKey, Unit>, unit: Unit) -> Option<(Unit, Sha)> {
     let key = (unit.repository.clone(), unit.branch.clone());
     match pending.get_mut(&key) {
-        Some(existing) => existing.sha = unit.sha,
+        Some(existing) if existing.sha != unit.sha => {
+            let old = existing.clone();
+            existing.sha = unit.sha.clone();
+            Some((old, unit.sha))
+        }
+        Some(_) => None,
         None => {
             pending.insert(key, unit);
+            None
         }
     }
 }
@@ -576,8 +593,16 @@ mod tests {
     #[test]
     fn merge_keeps_newest_sha_and_first_previous() {
         let mut pending = BTreeMap::new();
-        merge(&mut pending, unit("main", 'b', Some('a')));
-        merge(&mut pending, unit("main", 'c', Some('b')));
+        assert!(merge(&mut pending, unit("main", 'b', Some('a'))).is_none());
+        let (old, by) = merge(&mut pending, unit("main", 'c', Some('b'))).unwrap();
+        assert_eq!(
+            (old.sha, by),
+            (unit("main", 'b', None).sha, unit("main", 'c', None).sha)
+        );
+        assert!(
+            merge(&mut pending, unit("main", 'c', Some('b'))).is_none(),
+            "same SHA"
+        );
         merge(&mut pending, unit("main", 'd', Some('c')));
         merge(&mut pending, unit("dev", 'e', None));
         assert_eq!(pending.len(), 2);

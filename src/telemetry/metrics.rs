@@ -57,6 +57,23 @@ struct RepoResult {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ForgeOutcome {
+    forge: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TypeOutcome {
+    r#type: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Queue {
+    queue: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: String,
     commit: String,
@@ -81,6 +98,9 @@ pub struct Metrics {
     pending_units: Family<Group, Gauge>,
     unit_retries: Family<RepoResult, Counter>,
     last_successful_cycle: FloatGauge,
+    status_posts: Family<ForgeOutcome, Counter>,
+    notifications: Family<TypeOutcome, Counter>,
+    report_dropped: Family<Queue, Counter>,
 }
 
 impl Default for Metrics {
@@ -110,6 +130,9 @@ impl Metrics {
             pending_units: Family::default(),
             unit_retries: Family::default(),
             last_successful_cycle: FloatGauge::default(),
+            status_posts: Family::default(),
+            notifications: Family::default(),
+            report_dropped: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -182,6 +205,21 @@ impl Metrics {
             "last_successful_cycle_timestamp_seconds",
             "When the last poll cycle without errors ended (Unix seconds)",
             m.last_successful_cycle.clone(),
+        );
+        registry.register(
+            "commit_status_posts",
+            "Commit-status requests, by forge kind and outcome (created, already_set, rate_limited, error, rejected, gave_up)",
+            m.status_posts.clone(),
+        );
+        registry.register(
+            "notifications",
+            "Notification deliveries, by type and outcome (sent, error, rejected, gave_up)",
+            m.notifications.clone(),
+        );
+        registry.register(
+            "report_dropped",
+            "Commit statuses and notifications dropped because their queue was full, by queue",
+            m.report_dropped.clone(),
         );
         registry.register(
             "build",
@@ -298,6 +336,35 @@ impl Metrics {
             .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
+    /// One commit-status request to a `forge` kind ended with `outcome`.
+    pub fn status_post(&self, forge: &str, outcome: &str) {
+        self.status_posts
+            .get_or_create(&ForgeOutcome {
+                forge: forge.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    /// One delivery attempt of a notification of type `kind` ended with `outcome`.
+    pub fn notification(&self, kind: &str, outcome: &str) {
+        self.notifications
+            .get_or_create(&TypeOutcome {
+                r#type: kind.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A message for `queue` (`status`, `notify`) was dropped: the queue was full.
+    pub fn report_dropped(&self, queue: &str) {
+        self.report_dropped
+            .get_or_create(&Queue {
+                queue: queue.to_owned(),
+            })
+            .inc();
+    }
+
     /// A retry was scheduled for a unit of `repository` that ended with `status`.
     pub fn retry_scheduled(&self, repository: &str, status: &str) {
         self.unit_retries
@@ -363,6 +430,9 @@ mod tests {
         m.group_run_ended("g", true, Duration::from_secs(3));
         m.unit_ended("rag", "succeeded");
         m.set_pending("g", false);
+        m.status_post("github", "created");
+        m.notification("slack", "sent");
+        m.report_dropped("notify");
         let text = m.encode();
         for name in [
             "sentry_poll_cycles_total 1",
@@ -379,6 +449,9 @@ mod tests {
             "sentry_pending_runs{group=\"g\"} 0",
             "sentry_last_successful_cycle_timestamp_seconds ",
             "sentry_build_info{version=",
+            "sentry_commit_status_posts_total{forge=\"github\",outcome=\"created\"} 1",
+            "sentry_notifications_total{type=\"slack\",outcome=\"sent\"} 1",
+            "sentry_report_dropped_total{queue=\"notify\"} 1",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

@@ -17,6 +17,7 @@ mod live;
 mod monitor;
 mod output;
 mod promise;
+mod report;
 mod secrets;
 mod server;
 mod soak;

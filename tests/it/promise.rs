@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    Background, TempDir, commit, git, init_repo, lines_of, run, sentry, tempdir, wait_until, write,
+    Background, TempDir, commit, git, init_repo, lines_of, qa_repo, run, sentry, tempdir,
+    wait_until, write,
 };
 
 /// Appends `repo branch sha trigger` per unit; fails while `$FAIL_FLAG` exists.
@@ -32,13 +33,7 @@ impl Fixture {
         let root = dir.path().to_owned();
         let a = init_repo(&root.join("a"));
         let b = init_repo(&root.join("b"));
-        let qa = root.join("qa");
-        std::fs::create_dir_all(&qa).expect("qa dir");
-        git(&qa, &["init", "-q"]);
-        write(&qa, "deploy.sh", DEPLOY_SH);
-        git(&qa, &["add", "."]);
-        git(&qa, &["update-index", "--chmod=+x", "deploy.sh"]);
-        git(&qa, &["commit", "-q", "-m", "qa"]);
+        let qa = qa_repo(&root.join("qa"), DEPLOY_SH);
         let log = root.join("deploys.log");
         let fail_flag = root.join("fail-a");
         let a_qa = a_qa.map_or_else(

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 
 use crate::support::{
-    Background, TempDir, commit, git, init_repo, lines_of, run, sentry, tempdir, wait_until, write,
+    Background, TempDir, commit, git, init_repo, lines_of, qa_repo, run, sentry, tempdir,
+    wait_until, write,
 };
 
 /// Records one line per unit: repo branch sha previous trigger.
@@ -26,13 +27,7 @@ impl Fixture {
         let dir = tempdir();
         let root = dir.path().to_owned();
         let watched = init_repo(&root.join("app"));
-        let qa = root.join("qa");
-        std::fs::create_dir_all(&qa).expect("qa dir");
-        git(&qa, &["init", "-q"]);
-        write(&qa, "deploy.sh", DEPLOY_SH);
-        git(&qa, &["add", "."]);
-        git(&qa, &["update-index", "--chmod=+x", "deploy.sh"]);
-        git(&qa, &["commit", "-q", "-m", "qa"]);
+        let qa = qa_repo(&root.join("qa"), DEPLOY_SH);
         let log = root.join("deploys.log");
         let yaml = format!(
             "polling_interval: 1s\nstate_file: {root}/state/state.json\nwork_dir: {root}/work\nshutdown_grace: 2s\n\

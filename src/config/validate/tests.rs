@@ -416,3 +416,103 @@ fn no_secret_in_any_diagnostic() {
     let all = format!("{:?}", load_str(&yaml, &seed_env()));
     assert!(!all.contains("ghp_seedtokenvalue") && !all.contains("glpat-seedtokenvalue"));
 }
+
+const REPORTING: &str = "server: {public_url: 'https://sentry.example.com/'}\ngroups:\n  g:\n    report: {commit_status: true}\n    notify:\n      - {type: webhook, url: 'https://hooks.example.com/x', secret: '${HOOK_SECRET:-s3cr3t-hook}', on: [failure, started]}\n      - {type: slack, url: 'https://hooks.slack.com/services/T/B/XYZ'}\nrepositories:\n  - name: gh\n    group: g\n    monitor: {repo_url: 'https://github.com/o/r', branches: [main], repo_type: github}\n    deploy: {qa_repo_url: /tmp/qa, qa_repo_branch: main, commands: [\"true\"]}\n  - name: gl\n    group: g\n    report: {context: qa/custom}\n    monitor: {repo_url: 'https://gitlab.com/g/p', branches: [main], repo_type: gitlab, auth: {token: '${GITLAB_TOKEN}'}}\n    deploy: {qa_repo_url: /tmp/qa, qa_repo_branch: main, commands: [\"true\"]}\n";
+
+#[test]
+fn report_and_notify_are_read_with_defaults() {
+    let loaded = load_str(REPORTING, &seed_env());
+    assert!(
+        loaded.diagnostics.iter().all(|d| !d.is_error()),
+        "{:?}",
+        loaded.diagnostics
+    );
+    let config = loaded.config.unwrap();
+    let (gh, gl) = (&config.repositories[0], &config.repositories[1]);
+    assert_eq!(
+        (gh.report.commit_status, gh.report.context.as_str()),
+        (true, "sentry/g")
+    );
+    assert_eq!(
+        (gl.report.commit_status, gl.report.context.as_str()),
+        (true, "qa/custom"),
+        "a repository's report is laid over its group's"
+    );
+    assert_eq!(
+        config.server.run_url("r1").as_deref(),
+        Some("https://sentry.example.com/runs/r1")
+    );
+    let notify = &config.groups[0].notify;
+    assert_eq!(notify[0].on, [NotifyEvent::Failure, NotifyEvent::Started]);
+    assert_eq!(
+        notify[1].on,
+        [NotifyEvent::Failure, NotifyEvent::Recovery],
+        "default events"
+    );
+    assert_eq!(notify[1].path, "groups.g.notify[1]");
+    let secrets: Vec<String> = config
+        .secrets()
+        .iter()
+        .map(|s| secrecy::ExposeSecret::expose_secret(s).to_owned())
+        .collect();
+    for secret in [
+        "https://hooks.example.com/x",
+        "s3cr3t-hook",
+        "https://hooks.slack.com/services/T/B/XYZ",
+    ] {
+        assert!(secrets.iter().any(|s| s == secret), "{secret} is masked");
+    }
+}
+
+#[test]
+fn plain_git_cannot_report_commit_statuses() {
+    let own = "groups: {g: }\nrepositories:\n  - name: a\n    group: g\n    report: {commit_status: true}\n    monitor: {repo_url: /tmp/x, branches: [main], repo_type: git}\n    deploy: {qa_repo_url: /tmp/qa, qa_repo_branch: main, commands: [\"true\"]}\n";
+    let errors = errors_at(own, "repositories[0].report.commit_status");
+    assert_eq!(errors.len(), 1, "{:?}", diags(own));
+    assert!(errors[0].contains("repo_type \"git\""), "{errors:?}");
+    let inherited = own
+        .replace("g: }", "g: {report: {commit_status: true}}}")
+        .replace("    report: {commit_status: true}\n", "");
+    let errors = errors_at(&inherited, "groups.g.report.commit_status");
+    assert_eq!(errors.len(), 1, "{:?}", diags(&inherited));
+    assert!(errors[0].contains("repository \"a\""), "{errors:?}");
+    let opted_out = own.replace("commit_status: true", "commit_status: false");
+    assert!(load_str(&opted_out, &seed_env()).config.is_some());
+}
+
+#[test]
+fn notify_targets_are_checked_without_printing_urls() {
+    let yaml = REPORTING
+        .replace("type: webhook", "type: teams")
+        .replace("[failure, started]", "[failure, deployed]")
+        .replace(
+            "https://hooks.slack.com/services/T/B/XYZ",
+            "ftp://secret-host/XYZ",
+        );
+    assert_eq!(errors_at(&yaml, "groups.g.notify[0].type").len(), 1);
+    assert_eq!(errors_at(&yaml, "groups.g.notify[0].on[1]").len(), 1);
+    let url = errors_at(&yaml, "groups.g.notify[1].url");
+    assert_eq!(url.len(), 1);
+    assert!(!url[0].contains("secret-host"), "{url:?}");
+    let no_url = REPORTING.replace("url: 'https://hooks.example.com/x', ", "");
+    assert_eq!(
+        errors_at(&no_url, "groups.g.notify[0].url"),
+        ["required field is missing"]
+    );
+}
+
+#[test]
+fn commit_statuses_without_a_monitor_token_warn() {
+    let yaml = REPORTING;
+    let warnings: Vec<String> = diags(yaml)
+        .into_iter()
+        .filter(|(s, p, _)| *s == Severity::Warning && p == "repositories[0].monitor.auth.token")
+        .map(|(_, _, m)| m)
+        .collect();
+    assert_eq!(warnings.len(), 1, "{:?}", diags(yaml));
+    let with_token = diags(yaml)
+        .into_iter()
+        .filter(|(_, p, _)| p == "repositories[1].monitor.auth.token")
+        .count();
+    assert_eq!(with_token, 0, "the GitLab repository has a token");
+}

@@ -5,6 +5,7 @@
 
 pub mod browser;
 pub mod git_http;
+pub mod status_forge;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -101,6 +102,18 @@ pub fn init_repo(path: &Path) -> PathBuf {
     std::fs::create_dir_all(path).expect("mkdir repo");
     git(path, &["init", "-q"]);
     commit(path, "initial");
+    path.to_owned()
+}
+
+/// A QA repository at `path` whose one commit on `main` holds an executable `deploy.sh`
+/// with `script` as its text.
+pub fn qa_repo(path: &Path, script: &str) -> PathBuf {
+    std::fs::create_dir_all(path).expect("qa dir");
+    git(path, &["init", "-q"]);
+    write(path, "deploy.sh", script);
+    git(path, &["add", "."]);
+    git(path, &["update-index", "--chmod=+x", "deploy.sh"]);
+    git(path, &["commit", "-q", "-m", "qa"]);
     path.to_owned()
 }
 
@@ -344,6 +357,7 @@ pub struct FakeRequest {
     pub target: String,
     /// Header names in lower case.
     pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
     pub at: std::time::Instant,
     pub wall: std::time::SystemTime,
 }
@@ -468,6 +482,7 @@ fn fake_serve(
             method,
             target,
             headers,
+            body,
             at: std::time::Instant::now(),
             wall: std::time::SystemTime::now(),
         };
