@@ -267,14 +267,15 @@ pub fn render_group(view: &StatusView, name: &str, runs: &[RunRecord]) -> Option
     );
     if !g.units.deferred.is_empty() {
         m.push_str("<h2>Waiting for a retry</h2><ul>");
-        for (u, secs_left) in &g.units.deferred {
+        for d in &g.units.deferred {
+            let (u, secs_left) = (&d.unit, d.retry_in_secs);
             let _ = write!(
                 m,
                 "<li>{}@{} <code>{}</code>: retry in {}</li>",
                 esc(&u.repository),
                 esc(&u.branch),
                 esc(&u.sha.chars().take(8).collect::<String>()),
-                crate::history::short_duration(i64::try_from(*secs_left).unwrap_or(i64::MAX))
+                crate::history::short_duration(i64::try_from(secs_left).unwrap_or(i64::MAX))
             );
         }
         m.push_str("</ul>");

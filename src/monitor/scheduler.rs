@@ -208,7 +208,15 @@ pub struct GroupSnapshot {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_trigger: Option<String>,
     /// Units that could not run, each with the seconds until its retry is due.
-    pub deferred: Vec<(UnitRef, u64)>,
+    pub deferred: Vec<DeferredRef>,
+}
+
+/// A unit that could not run, waiting for its retry.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeferredRef {
+    #[serde(flatten)]
+    pub unit: UnitRef,
+    pub retry_in_secs: u64,
 }
 
 impl Scheduler {
@@ -245,11 +253,12 @@ impl Scheduler {
                         deferred: slot
                             .deferred
                             .iter()
-                            .map(|(k, d)| {
-                                (
-                                    unit_ref(k, &d.unit.sha),
-                                    d.not_before.saturating_duration_since(now).as_secs(),
-                                )
+                            .map(|(k, d)| DeferredRef {
+                                unit: unit_ref(k, &d.unit.sha),
+                                retry_in_secs: d
+                                    .not_before
+                                    .saturating_duration_since(now)
+                                    .as_secs(),
                             })
                             .collect(),
                     };

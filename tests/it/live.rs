@@ -245,6 +245,20 @@ fn status_runs_and_events_follow_a_move_a_failure_and_a_pending_retry() {
         "plain git has no API quota"
     );
 
+    // Between tries, the scheduler shows lib's unit waiting for its retry.
+    let deferred = wait_until(Duration::from_secs(30), || {
+        let status = get_json(port, "/api/v1/status");
+        let d = status["groups"][0]["deferred"].as_array()?.first()?.clone();
+        Some(d)
+    })
+    .expect("lib's unit never showed as deferred");
+    assert_eq!(deferred["repository"], "lib", "{deferred:#}");
+    assert_eq!(deferred["sha"], lib_sha.as_str());
+    assert!(
+        deferred["retry_in_secs"].as_u64().unwrap() <= 3,
+        "{deferred:#}"
+    );
+
     // A retry run was recorded with its trigger.
     let retried = wait_until(Duration::from_secs(30), || {
         let runs = get_json(port, "/api/v1/runs?group=g&limit=100");
