@@ -396,6 +396,128 @@ fn query_token(query: Option<&str>) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::deploy::{GroupResult, RunObserver, RunRef, Trigger, Unit, UnitResult, UnitStatus};
+    use crate::forge::Sha;
+    use crate::monitor::state::{BranchState, StateStore};
+
+    /// The whole path of a dashboard answer for 1,000 repositories (10 groups, 50 runs of
+    /// 10 units each in the history): the status snapshot plus the rendered pages.
+    /// `cargo test --release --lib api::tests::dashboard_answers -- --nocapture` prints it.
+    #[tokio::test]
+    async fn dashboard_answers_for_1000_repositories_take_milliseconds() {
+        let mut yaml = String::from("groups:\n");
+        for g in 0..10 {
+            yaml.push_str(&format!("  g{g}: {{}}\n"));
+        }
+        yaml.push_str("repositories:\n");
+        for i in 0..1000 {
+            yaml.push_str(&format!(
+                "  - {{name: r{i}, group: g{}, monitor: {{repo_url: 'https://github.com/o/r{i}', branches: [main], repo_type: github}}, \
+                 deploy: {{qa_repo_url: 'file:///qa', qa_repo_branch: main, commands: ['true']}}}}\n",
+                i % 10
+            ));
+        }
+        let env = crate::config::Env::fixed([("HOME", "/")]);
+        let config = Arc::new(crate::config::load_str(&yaml, &env).config.unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let state = Arc::new(StateStore::load(&dir.path().join("state.json")).unwrap());
+        let sha = Sha::parse(&"a".repeat(40)).unwrap();
+        state.with(|s| {
+            for i in 0..1000 {
+                s.repositories
+                    .entry(format!("r{i}"))
+                    .or_default()
+                    .branches
+                    .insert(
+                        "main".into(),
+                        BranchState {
+                            sha: sha.clone(),
+                            seen_at: "2026-11-29T10:00:00Z".into(),
+                            last_deploy: None,
+                        },
+                    );
+            }
+        });
+        let metrics = Arc::new(crate::telemetry::metrics::Metrics::new());
+        let deployer = crate::deploy::Deployer::new(config.clone(), Default::default());
+        let shutdown = crate::shutdown::Shutdown::new();
+        let history = Arc::new(History::in_memory(config.clone()));
+        let scheduler = crate::monitor::scheduler::Scheduler::new(
+            config.clone(),
+            deployer,
+            state.clone(),
+            shutdown,
+            Default::default(),
+            metrics.clone(),
+        );
+        let forges = crate::forge::Forges::new(&config).unwrap();
+        let monitor = Arc::new(Monitor::new(
+            config.clone(),
+            forges,
+            state,
+            scheduler,
+            metrics,
+        ));
+        for n in 0..50 {
+            let run_id = format!("20261129T10{n:04}Z-abcdef");
+            let trigger = Trigger::Poll;
+            let units: Vec<Unit> = (0..10)
+                .map(|i| Unit {
+                    repository: format!("r{i}0"),
+                    branch: "main".into(),
+                    previous_sha: None,
+                    sha: sha.clone(),
+                })
+                .collect();
+            history.group_started(
+                RunRef {
+                    group: "g0",
+                    run_id: &run_id,
+                    trigger: &trigger,
+                },
+                &units,
+            );
+            let results: Vec<UnitResult> = units
+                .into_iter()
+                .map(|unit| UnitResult {
+                    unit,
+                    status: UnitStatus::Failed,
+                    exit_code: Some(1),
+                    duration: Duration::from_secs(3),
+                    output_tail: "x".repeat(4096),
+                    attempts: 1,
+                    failed_command: None,
+                    reason: None,
+                })
+                .collect();
+            history.group_ended(&GroupResult {
+                run_id,
+                group: "g0".into(),
+                trigger,
+                units: results,
+                duration: Duration::from_secs(30),
+            });
+        }
+        let live = Live {
+            monitor,
+            history: history.clone(),
+            stop: CancellationToken::new(),
+        };
+        let start = std::time::Instant::now();
+        let view = status_view(&live);
+        let index = crate::dashboard::render_index(&view);
+        let runs = history.runs(Some("g0"), 20);
+        let group = crate::dashboard::render_group(&view, "g0", &runs).unwrap();
+        let run = crate::dashboard::render_run(&runs[0]);
+        let json = serde_json::to_vec(&view).unwrap();
+        let took = start.elapsed();
+        println!(
+            "status snapshot + JSON + index, group and run pages for 1,000 repositories: {took:?} ({} bytes)",
+            index.len() + group.len() + run.len() + json.len()
+        );
+        assert_eq!(view.repositories.len(), 1000);
+        assert!(took < Duration::from_secs(1), "{took:?}");
+    }
 
     #[test]
     fn tokens_are_read_from_header_cookie_and_query() {
