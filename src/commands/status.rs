@@ -123,9 +123,7 @@ fn live_status(
     token: Option<&str>,
     format: OutputFormat,
 ) -> anyhow::Result<Exit> {
-    let url = server
-        .join("api/v1/status")
-        .with_context(|| format!("{server} cannot be joined with api/v1/status"))?;
+    let url = status_url(server)?;
     let body = super::runtime()?.block_on(fetch(url.clone(), token))?;
     let view: StatusView = serde_json::from_slice(&body)
         .with_context(|| format!("{url} did not answer with a Sentry status"))?;
@@ -134,6 +132,17 @@ fn live_status(
         OutputFormat::Text => print_live(&view),
     }
     Ok(Exit::Success)
+}
+
+/// `/api/v1/status` below `server`; `https://host/sentry` behind a proxy is a directory,
+/// so the path is joined below it, not beside it.
+fn status_url(server: &url::Url) -> anyhow::Result<url::Url> {
+    let mut base = server.clone();
+    if !base.path().ends_with('/') {
+        base.set_path(&format!("{}/", base.path()));
+    }
+    base.join("api/v1/status")
+        .with_context(|| format!("{server} cannot be joined with api/v1/status"))
 }
 
 async fn fetch(url: url::Url, token: Option<&str>) -> anyhow::Result<Vec<u8>> {
@@ -265,4 +274,24 @@ fn live_pending(p: &PendingRecord) -> String {
         );
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_urls_stay_below_a_proxy_path() {
+        let url = |s: &str| {
+            status_url(&url::Url::parse(s).unwrap())
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(
+            url("http://127.0.0.1:8080"),
+            "http://127.0.0.1:8080/api/v1/status"
+        );
+        assert_eq!(url("https://h/sentry"), "https://h/sentry/api/v1/status");
+        assert_eq!(url("https://h/sentry/"), "https://h/sentry/api/v1/status");
+    }
 }
