@@ -34,7 +34,7 @@ DESTDIR       ?=
 INSTALL_BIN   ?= target/release/sentry
 INSTALL_BUILD ?= release
 
-.PHONY: help build release install test lint audit fmt demo docker cross-compile \
+.PHONY: help build release install test lint audit fmt demo demo-serve screenshots docker cross-compile \
         helm-lint k8s-validate dockerfile-lint packaging-tools packaging-check clean
 
 help: ## List the targets
@@ -80,8 +80,14 @@ audit: ## cargo deny check advisories (fetches the RustSec database: needs the n
 fmt: ## Format the code
 	$(CARGO) fmt --all
 
-demo: ## Build, then run the end-to-end demo (scripts/demo.sh)
+demo: ## Build, then run the end-to-end demo (scripts/demo.sh); prints the dashboard URL and ends by itself
 	$(CARGO) build --locked && ./scripts/demo.sh
+
+demo-serve: ## The same demo, then keep watch and its dashboard up until Ctrl-C
+	$(CARGO) build --locked && DEMO_SERVE=1 ./scripts/demo.sh
+
+screenshots: ## Refresh the dashboard screenshots in docs/images (needs chromium)
+	SENTRY_SCREENSHOTS="$(CURDIR)/docs/images" $(CARGO) test --locked --test it the_dashboard_shows_runs
 
 docker: ## Build the container image IMAGE:TAG (default sentry:<crate version>) with version, commit and date
 	$(DOCKER) build \

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # The offline demo: no accounts, no network. It creates two watched repositories and a QA
 # repository under a temporary directory, starts `sentry watch` on them, pushes a commit,
-# and lets you watch Sentry detect the move and deploy. Then it stops Sentry cleanly.
+# and lets you watch Sentry detect the move and deploy, on its log and on its dashboard
+# (the URL is printed). Then it stops Sentry cleanly — or, with DEMO_SERVE=1
+# (`make demo-serve`), keeps it and the dashboard up until Ctrl-C. DEMO_PORT picks the
+# port (default: any free one; 8088 with DEMO_SERVE=1).
 set -euo pipefail
 
 SENTRY=${SENTRY_BIN:-target/debug/sentry}
 [ -x "$SENTRY" ] || { echo "demo: $SENTRY not found; run 'cargo build' first" >&2; exit 2; }
 SENTRY=$(cd "$(dirname "$SENTRY")" && pwd)/$(basename "$SENTRY")
 
+if [ -n "${DEMO_SERVE:-}" ]; then port=${DEMO_PORT:-8088}; else port=${DEMO_PORT:-0}; fi
 demo=$(mktemp -d "${TMPDIR:-/tmp}/sentry-demo.XXXXXX")
 sentry_pid=
 cleanup() {
@@ -43,7 +47,7 @@ work_dir: $demo/work
 audit_log: $demo/state/audit.jsonl
 shutdown_grace: 5s
 server:
-  listen: "127.0.0.1:0"
+  listen: "127.0.0.1:$port"
 groups:
   demo:
     execution_strategy: parallel
@@ -71,7 +75,7 @@ say "Validating the configuration"
 "$SENTRY" -c "$demo/sentry.yaml" validate
 
 say "Starting: sentry watch (polling every second)"
-"$SENTRY" -c "$demo/sentry.yaml" watch &
+"$SENTRY" -c "$demo/sentry.yaml" watch 2> >(tee "$demo/watch.log" >&2) &
 sentry_pid=$!
 
 wait_for() { # wait_for SECONDS COMMAND...: until the command succeeds
@@ -81,6 +85,9 @@ wait_for() { # wait_for SECONDS COMMAND...: until the command succeeds
     sleep 0.2
   done
 }
+wait_for 30 grep -q "http server listening on" "$demo/watch.log"
+url="http://$(sed -n 's/.*http server listening on \([0-9.:]*\).*/\1/p' "$demo/watch.log" | head -1)"
+say "Dashboard: $url/  (status API: $url/api/v1/status, events: $url/api/v1/events)"
 wait_for 30 test -s "$demo/state/state.json"
 
 say "Pushing a commit to blueprint-a"
@@ -90,6 +97,17 @@ wait_for 60 grep -q "$new_sha" "$demo/state/state.json"
 
 say "What Sentry recorded (sentry status)"
 "$SENTRY" -c "$demo/sentry.yaml" status
+
+say "The live view from the running watch (sentry status --server $url)"
+"$SENTRY" status --server "$url"
+
+if [ -n "${DEMO_SERVE:-}" ]; then
+  say "Dashboard: $url/ — commit to $demo/blueprint-a or blueprint-b to see a deploy appear; Ctrl-C stops"
+  trap 'echo' INT
+  wait "$sentry_pid" || true
+  sentry_pid=
+  exit 0
+fi
 
 say "Stopping Sentry (SIGTERM)"
 kill -TERM "$sentry_pid"

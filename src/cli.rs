@@ -125,7 +125,9 @@ Examples:
 const STATUS_EXAMPLES: &str = "\
 Examples:
   sentry status
-  sentry status -o json";
+  sentry status -o json
+  sentry status --server http://127.0.0.1:8080
+  SENTRY_READ_TOKEN=… sentry status --server https://sentry.example.com";
 
 const CONFIG_SCHEMA_EXAMPLES: &str = "\
 Examples:
@@ -243,6 +245,18 @@ pub struct StatusArgs {
     /// `json` for scripts.
     #[arg(short = 'o', long, value_enum, default_value_t = OutputFormat::Text)]
     pub format: OutputFormat,
+    /// Ask a running `watch` at URL for its live view (runs, pending changes, backoffs,
+    /// rate limits) instead of reading the state file.
+    #[arg(long, value_name = "URL")]
+    pub server: Option<url::Url>,
+    /// The server's `server.read_token`, when it has one.
+    #[arg(
+        long,
+        env = "SENTRY_READ_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
 }
 
 /// A usage error found before clap sees the arguments.

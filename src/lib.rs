@@ -9,14 +9,17 @@
 
 // Everything is crate-private: the binary calls [`main`], tests and benches reach what
 // they drive through [`testing`]. So the compiler, not review, reports dead code.
+pub(crate) mod api;
 pub(crate) mod build_info;
 pub(crate) mod cli;
 pub(crate) mod cluster;
 pub(crate) mod commands;
 pub(crate) mod config;
+pub(crate) mod dashboard;
 pub(crate) mod deploy;
 pub(crate) mod forge;
 pub(crate) mod hardening;
+pub(crate) mod history;
 pub(crate) mod leader;
 pub(crate) mod memory;
 pub(crate) mod monitor;

@@ -68,6 +68,9 @@ pub struct AppState {
     /// Repositories to check now.
     pub hints: mpsc::Sender<Vec<String>>,
     pub started: Instant,
+    /// The status API and dashboard (`crate::api`), mounted when set. Only the main
+    /// listener may carry them: a webhook-only listener is built without.
+    pub live: Option<crate::api::Live>,
 }
 
 /// What the handlers share: the application state and the server's own bookkeeping.
@@ -99,7 +102,26 @@ fn shared(state: AppState) -> S {
 pub fn router(state: AppState) -> Router {
     let timeout = state.config.server.request_timeout;
     let s = shared(state);
-    timed(probes(s.clone()).merge(webhooks(s)), timeout)
+    let live = live(&s);
+    with_live(timed(probes(s.clone()).merge(webhooks(s)), timeout), live)
+}
+
+/// The status API and dashboard (`crate::api`) when the state carries them. Mounted
+/// outside the request timeout: its event stream stays open (a connection still ends
+/// after its lifetime bound, and EventSource reconnects).
+fn live(s: &S) -> Option<Router> {
+    let read_token = s.app.config.server.read_token.clone();
+    s.app
+        .live
+        .clone()
+        .map(|live| crate::api::router(live, read_token))
+}
+
+fn with_live(app: Router, live: Option<Router>) -> Router {
+    match live {
+        Some(live) => app.merge(live),
+        None => app,
+    }
 }
 
 fn probes(s: S) -> Router {
@@ -148,6 +170,7 @@ pub async fn serve(
     let limits = state.config.server.clone();
     let timeout = limits.request_timeout;
     let s = shared(state);
+    let live = live(&s);
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let mut tasks = Vec::new();
@@ -167,7 +190,8 @@ pub async fn serve(
         None => probes(s.clone()).merge(webhooks(s)),
     };
     tracing::info!("http server listening on {bound}");
-    let app = timed(main_app, timeout);
+    // Only the main listener serves the live view: never the webhook listener.
+    let app = with_live(timed(main_app, timeout), live);
     tasks.push(tokio::spawn(accept_loop(listener, app, limits, stop)));
     let handle = tokio::spawn(async move {
         for task in tasks {
@@ -586,6 +610,7 @@ mod tests {
             shutdown: Shutdown::new(),
             hints: mpsc::channel(1).0,
             started: Instant::now(),
+            live: None,
         }
     }
 

@@ -92,6 +92,7 @@ fuzz_target!(|data: &[u8]| {
         shutdown: Shutdown::new(),
         hints,
         started: Instant::now(),
+        live: None,
     };
     let gitlab = selector & 1 == 1;
     let authentic = selector & 2 == 2;

@@ -7,11 +7,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::Exit;
+use crate::api::Live;
 use crate::cli::{Cli, WatchArgs};
 use crate::config::StateConfig;
 use crate::config::{Config, Env};
 use crate::deploy::{DeployOptions, Deployer, Observers, RunObserver, Trigger};
 use crate::forge::Forges;
+use crate::history::History;
 use crate::leader::{self, Elector};
 use crate::monitor::scheduler::Scheduler;
 use crate::monitor::state::configmap::ConfigMapBackend;
@@ -53,7 +55,15 @@ async fn watch_async(
         .listen_for_signals()
         .context("cannot install signal handlers")?;
     let metrics = Arc::new(Metrics::new());
-    let (monitor, reporting) = build(&config, state, args, env, &shutdown, &metrics)?;
+    let history_file = History::path_for(&config.state_file);
+    // `--once` keeps no history: nobody can ask for it, and the file belongs to the
+    // long-running watch.
+    let history = Arc::new(if args.once {
+        History::in_memory(config.clone())
+    } else {
+        History::open(config.clone(), &history_file).context("cannot open the run history")?
+    });
+    let (monitor, reporting) = build(&config, state, args, env, &shutdown, &metrics, &history)?;
     let monitor = Arc::new(monitor);
     if args.once {
         log_start(&config);
@@ -71,10 +81,14 @@ async fn watch_async(
         metrics,
         &shutdown,
         hints_tx,
+        Some((monitor.clone(), history.clone())),
     )
     .await?;
     let saved = lead(monitor, &shutdown, hints_rx).await;
     reporting.flush(FLUSH_AT_STOP).await;
+    // Every finished run is in the history file before the process ends.
+    let closing = history.clone();
+    let _ = tokio::task::spawn_blocking(move || closing.close()).await;
     server.stop().await;
     tracing::info!("stopped");
     if !saved {
@@ -113,6 +127,7 @@ impl Server {
         metrics: Arc<Metrics>,
         shutdown: &Shutdown,
         hints: mpsc::Sender<Vec<String>>,
+        live: Option<(Arc<Monitor>, Arc<History>)>,
     ) -> anyhow::Result<Server> {
         let stop = CancellationToken::new();
         if !config.server.enabled {
@@ -125,6 +140,12 @@ impl Server {
             shutdown: shutdown.clone(),
             hints,
             started: std::time::Instant::now(),
+            // The server's own stop ends the live view's event streams.
+            live: live.map(|(monitor, history)| Live {
+                monitor,
+                history,
+                stop: stop.clone(),
+            }),
         };
         let addr = args.listen.unwrap_or(config.server.listen);
         let (_, handle) = server::serve(addr, state, stop.clone())
@@ -200,7 +221,9 @@ async fn watch_replicated(
     );
     let (hints_tx, hints_rx) = mpsc::channel::<Vec<String>>(64);
     let server =
-        Server::start(&config, args, &health, metrics.clone(), &shutdown, hints_tx).await?;
+        // A replica serves no live view: a standby has no monitor to show, and the leader's
+        // is built only once it leads (see docs/en/deployment.md, High availability).
+        Server::start(&config, args, &health, metrics.clone(), &shutdown, hints_tx, None).await?;
     let alive = || {
         health.cycle_completed_at(std::time::SystemTime::now());
         health.set_ready(!shutdown.is_requested());
@@ -280,7 +303,9 @@ async fn lead_replica(
         .context("cannot take over the state")?;
     let fenced = state.fenced().clone();
     let fenced_after = fenced.clone();
-    let (monitor, reporting) = build(config, state, args, env, shutdown, metrics)?;
+    // Runs are not kept across replicas: the history lives with the live view.
+    let history = Arc::new(History::in_memory(config.clone()));
+    let (monitor, reporting) = build(config, state, args, env, shutdown, metrics, &history)?;
     let monitor = Arc::new(monitor.with_health(health.clone()));
     log_start(config);
     let watchdog = {
@@ -331,6 +356,7 @@ fn build(
     env: &Env,
     shutdown: &Shutdown,
     metrics: &Arc<Metrics>,
+    history: &Arc<History>,
 ) -> anyhow::Result<(Monitor, Reporting)> {
     let deployer = Deployer::new(
         config.clone(),
@@ -354,7 +380,8 @@ fn build(
     let forges = Forges::new(config)?.with_events(metrics.clone());
     let audit = Audit::open(config.audit_log.as_deref()).context("cannot open audit_log")?;
     let reporting = Reporting::start(config, &forges, metrics).context("cannot start reporting")?;
-    let mut list: Vec<Arc<dyn RunObserver>> = vec![metrics.clone(), Arc::new(audit)];
+    let mut list: Vec<Arc<dyn RunObserver>> =
+        vec![metrics.clone(), Arc::new(audit), history.clone()];
     list.extend(reporting.observers());
     let observers = Observers::new(list);
     let scheduler = Scheduler::new(

@@ -114,6 +114,8 @@ pub struct ServerConfig {
     pub header_timeout: Duration,
     pub request_timeout: Duration,
     pub max_connections: usize,
+    /// Bearer token for the status API and the dashboard; `None` leaves them open.
+    pub read_token: Option<SecretString>,
     /// Where people reach Sentry, without a trailing slash; links point below it.
     pub public_url: Option<String>,
 }

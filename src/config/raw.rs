@@ -105,6 +105,10 @@ pub struct RawServer {
     pub enabled: Option<bool>,
     /// Socket address to listen on. Default `0.0.0.0:8080`.
     pub listen: Option<String>,
+    /// When set, the status API and the dashboard require it: `Authorization: Bearer
+    /// TOKEN`, or `?token=TOKEN` once in a browser (kept in a cookie). Empty or absent
+    /// leaves read access open; probes, metrics and webhooks never need it.
+    pub read_token: Option<String>,
     /// The address people reach Sentry at (`https://sentry.example.com`); commit statuses
     /// and notifications link to `<public_url>/runs/<run id>`. Default: no link.
     pub public_url: Option<String>,

@@ -966,6 +966,7 @@ impl Checker<'_> {
         let masked_values = self.masked_values(raw.secret_env.unwrap_or_default());
         let leader_election = self.leader_election(raw.leader_election.unwrap_or_default());
         let state = self.state_config(raw.state.unwrap_or_default(), &leader_election);
+        let read_token = secret(self, "server.read_token", server.read_token);
         if self.errors() > 0 {
             return None;
         }
@@ -982,6 +983,7 @@ impl Checker<'_> {
             server: ServerConfig {
                 enabled: server.enabled.unwrap_or(true),
                 listen: listen?,
+                read_token,
                 public_url,
                 webhook_listen,
                 header_timeout,

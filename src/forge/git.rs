@@ -30,6 +30,8 @@ pub(crate) static KIND: Kind = Kind {
     // A Git host has no API, so nowhere to put a status.
     status_spacing: None,
     webhook: None,
+    // A plain Git host has no known web UI.
+    commit_url: |_, _| None,
 };
 
 const TRIES: u32 = 3;

@@ -74,6 +74,7 @@ pub(crate) static KIND: Kind = Kind {
             ("repository", "html_url"),
         ],
     }),
+    commit_url: |repo, sha| Some(format!("{}/commit/{sha}", super::kind::web_base(repo)?)),
 };
 
 #[derive(Clone)]

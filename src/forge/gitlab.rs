@@ -65,6 +65,7 @@ pub(crate) static KIND: Kind = Kind {
             ("project", "web_url"),
         ],
     }),
+    commit_url: |repo, sha| Some(format!("{}/-/commit/{sha}", super::kind::web_base(repo)?)),
 };
 
 #[derive(Clone)]

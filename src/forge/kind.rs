@@ -33,6 +33,21 @@ pub struct Kind {
     /// The least time between two commit-status writes to one host; `None` when this
     /// kind has no commit statuses at all.
     pub status_spacing: Option<std::time::Duration>,
+    /// The web page of commit `sha` of the repository at `repo_url` (as configured);
+    /// `None` when the kind has no web UI or the URL is not a web URL.
+    pub commit_url: fn(repo_url: &str, sha: &str) -> Option<String>,
+}
+
+/// `https://host/path` of a configured http(s) URL, without a trailing `.git` or `/`.
+pub fn web_base(repo_url: &str) -> Option<String> {
+    let url = url::Url::parse(repo_url).ok()?;
+    if !matches!(url.scheme(), "https" | "http") {
+        return None;
+    }
+    let path = url.path().trim_end_matches('/').trim_end_matches(".git");
+    let host = url.host_str()?;
+    let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
+    Some(format!("{}://{host}{port}{path}", url.scheme()))
 }
 
 /// The rule a project path (`owner/repo`, `group/sub/project`) must follow.
@@ -142,6 +157,11 @@ pub fn of(repo_type: RepoType) -> &'static Kind {
     }
 }
 
+/// The forge's web page of commit `sha` of a configured repository, when its kind has one.
+pub fn commit_url(repo: &crate::config::Repository, sha: &str) -> Option<String> {
+    (of(repo.monitor.repo_type).commit_url)(&repo.monitor.repo_url, sha)
+}
+
 /// Every kind, in the order `repo_type` errors list them.
 pub fn all() -> [&'static Kind; 3] {
     [
@@ -219,6 +239,24 @@ mod tests {
         assert!(gitlab.plausible(b"tok", Some("tok")) && gitlab.verify(b"tok", Some("tok"), b""));
         assert!(!gitlab.plausible(b"tok", Some("tok2")) && !gitlab.plausible(b"tok", None));
         assert!(of(RepoType::Git).webhook.is_none());
+    }
+
+    #[test]
+    fn commit_urls() {
+        let sha = "a".repeat(40);
+        let url = |t: RepoType, repo: &str| (of(t).commit_url)(repo, &sha);
+        assert_eq!(
+            url(RepoType::Github, "https://github.com/o/r.git"),
+            Some(format!("https://github.com/o/r/commit/{sha}"))
+        );
+        assert_eq!(
+            url(RepoType::Gitlab, "https://gitlab.example.com:8443/g/s/p/"),
+            Some(format!(
+                "https://gitlab.example.com:8443/g/s/p/-/commit/{sha}"
+            ))
+        );
+        assert_eq!(url(RepoType::Git, "https://git.corp/r.git"), None);
+        assert_eq!(url(RepoType::Github, "file:///tmp/r"), None);
     }
 
     #[test]

@@ -158,6 +158,25 @@ impl Monitor {
         &self.config
     }
 
+    pub fn state(&self) -> &Arc<StateStore> {
+        &self.state
+    }
+
+    pub fn forges(&self) -> &Forges {
+        &self.forges
+    }
+
+    /// Repositories backing off after errors, with the time left until their next check.
+    pub fn backoffs(&self) -> HashMap<String, Duration> {
+        let now = Instant::now();
+        let backoff = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+        backoff
+            .iter()
+            .filter(|(_, b)| b.until > now)
+            .map(|(name, b)| (name.clone(), b.until - now))
+            .collect()
+    }
+
     /// One cycle: observe, detect, record baselines, submit changes to the scheduler.
     pub async fn poll_once(
         &self,

@@ -195,6 +195,85 @@ impl Scheduler {
     }
 }
 
+/// A unit as the live view shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UnitRef {
+    pub repository: String,
+    pub branch: String,
+    pub sha: String,
+}
+
+/// One group's units in the scheduler, read at one instant.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct GroupSnapshot {
+    /// Units of the run in progress that have not ended yet.
+    pub running: Vec<UnitRef>,
+    /// Changes merged into the group's next run, and what triggered it.
+    pub pending: Vec<UnitRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_trigger: Option<String>,
+    /// Units that could not run, each with the seconds until its retry is due.
+    pub deferred: Vec<DeferredRef>,
+}
+
+/// A unit that could not run, waiting for its retry.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeferredRef {
+    #[serde(flatten)]
+    pub unit: UnitRef,
+    pub retry_in_secs: u64,
+}
+
+impl Scheduler {
+    /// What every group with something in flight holds; a copy taken under the lock,
+    /// which is released before it returns (callers may then await freely).
+    pub fn snapshot(&self) -> BTreeMap<String, GroupSnapshot> {
+        let now = Instant::now();
+        let unit_ref = |(repo, branch): &BranchKey, sha: &Sha| UnitRef {
+            repository: repo.clone(),
+            branch: branch.clone(),
+            sha: sha.as_str().to_owned(),
+        };
+        self.inner.with_slots(|slots| {
+            slots
+                .iter()
+                .map(|(group, slot)| {
+                    let snapshot = GroupSnapshot {
+                        running: slot
+                            .running
+                            .iter()
+                            .flatten()
+                            .map(|(k, s)| unit_ref(k, s))
+                            .collect(),
+                        pending: slot
+                            .pending
+                            .iter()
+                            .flat_map(|p| p.units.iter())
+                            .map(|(k, u)| unit_ref(k, &u.sha))
+                            .collect(),
+                        pending_trigger: slot
+                            .pending
+                            .as_ref()
+                            .map(|p| p.trigger.as_str().to_owned()),
+                        deferred: slot
+                            .deferred
+                            .iter()
+                            .map(|(k, d)| DeferredRef {
+                                unit: unit_ref(k, &d.unit.sha),
+                                retry_in_secs: d
+                                    .not_before
+                                    .saturating_duration_since(now)
+                                    .as_secs(),
+                            })
+                            .collect(),
+                    };
+                    (group.clone(), snapshot)
+                })
+                .collect()
+        })
+    }
+}
+
 impl Inner {
     fn with_slots<R>(&self, f: impl FnOnce(&mut HashMap<String, Slot>) -> R) -> R {
         let mut guard = self.slots.lock().unwrap_or_else(|p| p.into_inner());

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod fake_kube;
 pub mod fake_kube_tls;
 pub mod git_http;
