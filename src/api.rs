@@ -44,6 +44,43 @@ pub struct Live {
     /// Cancelled when the server stops: open event streams end then, or the graceful
     /// shutdown would wait for every browser tab to close.
     pub stop: CancellationToken,
+    /// This replica's identity when it leads under leader election.
+    pub leader: Option<String>,
+}
+
+/// Where the live view is, once there is one: a single `watch` fills it at start; a
+/// replica only when it becomes the leader (a standby answers 503 and names no monitor).
+#[derive(Clone, Default)]
+pub struct LiveSlot(Arc<std::sync::OnceLock<Live>>);
+
+impl LiveSlot {
+    pub fn ready(live: Live) -> LiveSlot {
+        let slot = LiveSlot::default();
+        slot.set(live);
+        slot
+    }
+
+    /// Fills the slot; a second call keeps the first view.
+    pub fn set(&self, live: Live) {
+        let _ = self.0.set(live);
+    }
+}
+
+/// The live view, for a handler; a standby answers 503 before the handler runs.
+pub struct Leading(pub Live);
+
+impl axum::extract::FromRequestParts<LiveSlot> for Leading {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        _parts: &mut axum::http::request::Parts,
+        slot: &LiveSlot,
+    ) -> Result<Self, Self::Rejection> {
+        slot.0.get().cloned().map(Leading).ok_or_else(|| {
+            let body = "this replica is a standby: the leader serves the live view\n";
+            (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+        })
+    }
 }
 
 /// `/api/v1/status`.
@@ -53,8 +90,8 @@ pub struct StatusView {
     pub generated_at: String,
     /// When the last poll cycle completed.
     pub last_cycle: Option<String>,
-    /// The leader's identity once Sentry runs with leader election; `None` today (one
-    /// `watch` per state file is enforced by its lock).
+    /// The leader's identity when Sentry runs with leader election (this replica, which
+    /// answers because it leads); `None` for a single `watch`.
     pub leader: Option<String>,
     pub groups: Vec<GroupView>,
     pub repositories: Vec<RepoView>,
@@ -118,7 +155,7 @@ pub struct RateLimitView {
 }
 
 /// The routes, wrapped by the read-token check when a token is configured.
-pub fn router(live: Live, read_token: Option<SecretString>) -> Router {
+pub fn router(live: LiveSlot, read_token: Option<SecretString>) -> Router {
     let routes = Router::new()
         .route("/api/v1/status", get(status))
         .route("/api/v1/runs", get(runs))
@@ -148,7 +185,7 @@ pub fn status_view(live: &Live) -> StatusView {
         version: crate::build_info::VERSION.to_owned(),
         generated_at: crate::telemetry::now_rfc3339(),
         last_cycle: monitor.health().last_cycle_end().map(rfc3339),
-        leader: None,
+        leader: live.leader.clone(),
         groups: group_views(config, scheduled, &latest),
         repositories: repo_views(config, &stored, &backoffs),
         rate_limits: stats
@@ -273,7 +310,7 @@ fn repo_views(
         .collect()
 }
 
-async fn status(State(live): State<Live>) -> Response {
+async fn status(Leading(live): Leading) -> Response {
     axum::Json(status_view(&live)).into_response()
 }
 
@@ -283,7 +320,7 @@ pub struct RunsQuery {
     limit: Option<usize>,
 }
 
-async fn runs(State(live): State<Live>, Query(q): Query<RunsQuery>) -> Response {
+async fn runs(Leading(live): Leading, Query(q): Query<RunsQuery>) -> Response {
     let limit = q.limit.unwrap_or(DEFAULT_RUNS).clamp(1, MAX_RUNS);
     let group = q.group.as_deref().filter(|g| !g.is_empty());
     if let Some(g) = group
@@ -295,7 +332,7 @@ async fn runs(State(live): State<Live>, Query(q): Query<RunsQuery>) -> Response 
     axum::Json(serde_json::json!({ "runs": runs })).into_response()
 }
 
-async fn run(State(live): State<Live>, Path(run_id): Path<String>) -> Response {
+async fn run(Leading(live): Leading, Path(run_id): Path<String>) -> Response {
     match live.history.run(&run_id) {
         Some(run) => axum::Json(run).into_response(),
         None => not_found(&format!("no run {run_id:?} in the history")),
@@ -312,7 +349,7 @@ fn not_found(message: &str) -> Response {
 
 /// Server-sent events: one per run or unit transition, named by its kind, with the JSON
 /// event as data. A subscriber that fell behind gets a `lagged` event (reload the view).
-async fn events(State(live): State<Live>) -> Response {
+async fn events(Leading(live): Leading) -> Response {
     let rx = live.history.subscribe();
     let stream = futures_util::stream::unfold((rx, live.stop), |(mut rx, stop)| async move {
         let received = tokio::select! {
@@ -502,6 +539,7 @@ mod tests {
             monitor,
             history: history.clone(),
             stop: CancellationToken::new(),
+            leader: None,
         };
         let start = std::time::Instant::now();
         let view = status_view(&live);

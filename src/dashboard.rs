@@ -11,29 +11,29 @@
 use std::fmt::Write as _;
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::Path;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-use crate::api::{BranchView, GroupView, Live, RepoView, StatusView, status_view};
+use crate::api::{BranchView, GroupView, Leading, LiveSlot, RepoView, StatusView, status_view};
 use crate::history::{RunRecord, UnitRecord, relative};
 
 /// Runs listed on a group page.
 const RUNS_ON_GROUP_PAGE: usize = 20;
 
-pub fn routes() -> Router<Live> {
+pub fn routes() -> Router<LiveSlot> {
     Router::new()
         .route("/", get(index))
         .route("/groups/{name}", get(group))
         .route("/runs/{run_id}", get(run))
 }
 
-async fn index(State(live): State<Live>) -> Response {
+async fn index(Leading(live): Leading) -> Response {
     html(StatusCode::OK, &render_index(&status_view(&live)))
 }
 
-async fn group(State(live): State<Live>, Path(name): Path<String>) -> Response {
+async fn group(Leading(live): Leading, Path(name): Path<String>) -> Response {
     let view = status_view(&live);
     let runs = live.history.runs(Some(&name), RUNS_ON_GROUP_PAGE);
     match render_group(&view, &name, &runs) {
@@ -48,7 +48,7 @@ async fn group(State(live): State<Live>, Path(name): Path<String>) -> Response {
     }
 }
 
-async fn run(State(live): State<Live>, Path(run_id): Path<String>) -> Response {
+async fn run(Leading(live): Leading, Path(run_id): Path<String>) -> Response {
     match live.history.run(&run_id) {
         Some(r) => html(StatusCode::OK, &render_run(&r)),
         None => html(

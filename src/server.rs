@@ -70,7 +70,7 @@ pub struct AppState {
     pub started: Instant,
     /// The status API and dashboard (`crate::api`), mounted when set. Only the main
     /// listener may carry them: a webhook-only listener is built without.
-    pub live: Option<crate::api::Live>,
+    pub live: Option<crate::api::LiveSlot>,
 }
 
 /// What the handlers share: the application state and the server's own bookkeeping.

@@ -7,7 +7,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::Exit;
-use crate::api::Live;
+use crate::api::{Live, LiveSlot};
 use crate::cli::{Cli, WatchArgs};
 use crate::config::StateConfig;
 use crate::config::{Config, Env};
@@ -74,6 +74,7 @@ async fn watch_async(
     let (hints_tx, hints_rx) = mpsc::channel::<Vec<String>>(64);
     // The server outlives the poll loop so that /readyz can answer 503 while running
     // deployments drain.
+    let slot = LiveSlot::default();
     let server = Server::start(
         &config,
         args,
@@ -81,9 +82,10 @@ async fn watch_async(
         metrics,
         &shutdown,
         hints_tx,
-        Some((monitor.clone(), history.clone())),
+        slot.clone(),
     )
     .await?;
+    server.show(&slot, monitor.clone(), history.clone(), None);
     let saved = lead(monitor, &shutdown, hints_rx).await;
     reporting.flush(FLUSH_AT_STOP).await;
     // Every finished run is in the history file before the process ends.
@@ -127,7 +129,7 @@ impl Server {
         metrics: Arc<Metrics>,
         shutdown: &Shutdown,
         hints: mpsc::Sender<Vec<String>>,
-        live: Option<(Arc<Monitor>, Arc<History>)>,
+        live: LiveSlot,
     ) -> anyhow::Result<Server> {
         let stop = CancellationToken::new();
         if !config.server.enabled {
@@ -140,12 +142,7 @@ impl Server {
             shutdown: shutdown.clone(),
             hints,
             started: std::time::Instant::now(),
-            // The server's own stop ends the live view's event streams.
-            live: live.map(|(monitor, history)| Live {
-                monitor,
-                history,
-                stop: stop.clone(),
-            }),
+            live: Some(live),
         };
         let addr = args.listen.unwrap_or(config.server.listen);
         let (_, handle) = server::serve(addr, state, stop.clone())
@@ -155,6 +152,23 @@ impl Server {
             stop,
             handle: Some(handle),
         })
+    }
+
+    /// The live view of `monitor`, served from now on; the server's stop ends its event
+    /// streams.
+    fn show(
+        &self,
+        slot: &LiveSlot,
+        monitor: Arc<Monitor>,
+        history: Arc<History>,
+        leader: Option<String>,
+    ) {
+        slot.set(Live {
+            monitor,
+            history,
+            stop: self.stop.clone(),
+            leader,
+        });
     }
 
     async fn stop(self) {
@@ -220,10 +234,12 @@ async fn watch_replicated(
         elector.lease()
     );
     let (hints_tx, hints_rx) = mpsc::channel::<Vec<String>>(64);
+    let slot = LiveSlot::default();
     let server =
-        // A replica serves no live view: a standby has no monitor to show, and the leader's
-        // is built only once it leads (see docs/en/deployment.md, High availability).
-        Server::start(&config, args, &health, metrics.clone(), &shutdown, hints_tx, None).await?;
+        // A standby has no monitor to show: the live view answers 503 until this replica
+        // leads (`lead_replica` fills the slot).
+        Server::start(&config, args, &health, metrics.clone(), &shutdown, hints_tx, slot.clone())
+            .await?;
     let alive = || {
         health.cycle_completed_at(std::time::SystemTime::now());
         health.set_ready(!shutdown.is_requested());
@@ -246,7 +262,14 @@ async fn watch_replicated(
             held
         })
     };
-    let outcome = lead_replica(&config, args, env, &shutdown, &metrics, &health, hints_rx).await;
+    let serving = Serving {
+        metrics: &metrics,
+        health: &health,
+        server: &server,
+        slot: &slot,
+        identity: elector.identity().to_owned(),
+    };
+    let outcome = lead_replica(&config, args, env, &shutdown, serving, hints_rx).await;
     stop_renewing.cancel();
     let held = renewing
         .await
@@ -272,15 +295,25 @@ async fn watch_replicated(
 /// The leader's part of [`watch_replicated`]: opens the state (the ConfigMap, read only
 /// now, after the previous leader's last write), then [`lead`]s. A fenced state write
 /// forces the shutdown.
+/// What a replica serves while it leads: its metrics and health, and the live view it
+/// fills once it has a monitor.
+struct Serving<'a> {
+    metrics: &'a Arc<Metrics>,
+    health: &'a Arc<Health>,
+    server: &'a Server,
+    slot: &'a LiveSlot,
+    identity: String,
+}
+
 async fn lead_replica(
     config: &Arc<Config>,
     args: &WatchArgs,
     env: &Env,
     shutdown: &Shutdown,
-    metrics: &Arc<Metrics>,
-    health: &Arc<Health>,
+    serving: Serving<'_>,
     hints: mpsc::Receiver<Vec<String>>,
 ) -> anyhow::Result<bool> {
+    let (metrics, health) = (serving.metrics, serving.health);
     let backend: Box<dyn StateBackend> = match &config.state {
         StateConfig::File => Box::new(FileBackend::new(&config.state_file)),
         StateConfig::Kubernetes {
@@ -307,6 +340,12 @@ async fn lead_replica(
     let history = Arc::new(History::in_memory(config.clone()));
     let (monitor, reporting) = build(config, state, args, env, shutdown, metrics, &history)?;
     let monitor = Arc::new(monitor.with_health(health.clone()));
+    serving.server.show(
+        serving.slot,
+        monitor.clone(),
+        history,
+        Some(serving.identity),
+    );
     log_start(config);
     let watchdog = {
         let shutdown = shutdown.clone();

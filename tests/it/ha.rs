@@ -248,6 +248,18 @@ fn two_replicas_exactly_one_deploys_and_the_standby_is_ready() {
     );
     assert_eq!(code, 202, "{body}");
     assert!(body.contains("checking"), "{body}");
+    // The live view: the standby has none to show; the leader's names itself.
+    let (code, body) = http("GET", port, "/api/v1/status", &[], b"");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("standby"), "{body}");
+    let led_port = led.http_port();
+    let status = wait_until(Duration::from_secs(10), || {
+        let (code, body) = http("GET", led_port, "/api/v1/status", &[], b"");
+        (code == 200).then_some(body)
+    })
+    .unwrap_or_else(|| panic!("the leader serves no live view:\n{}", led.log()));
+    let view: serde_json::Value = serde_json::from_str(&status).expect("status json");
+    assert_eq!(view["leader"], leader.as_str(), "{view}");
 
     let mut shas = Vec::new();
     for i in 0..3 {
