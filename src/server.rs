@@ -176,7 +176,9 @@ pub async fn serve(
     let mut tasks = Vec::new();
     let main_app = match limits.webhook_listen {
         Some(hook_addr) => {
-            let hooks = TcpListener::bind(hook_addr).await?;
+            let hooks = TcpListener::bind(hook_addr).await.map_err(|e| {
+                std::io::Error::new(e.kind(), format!("server.webhook_listen {hook_addr}: {e}"))
+            })?;
             tracing::info!("webhook server listening on {}", hooks.local_addr()?);
             let app = timed(webhooks(s.clone()), timeout);
             tasks.push(tokio::spawn(accept_loop(

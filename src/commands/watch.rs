@@ -65,8 +65,8 @@ async fn watch_async(
     });
     let (monitor, reporting) = build(&config, state, args, env, &shutdown, &metrics, &history)?;
     let monitor = Arc::new(monitor);
+    log_start(&config);
     if args.once {
-        log_start(&config);
         let exit = watch_once(&monitor, &shutdown).await;
         reporting.flush(FLUSH_ONCE).await;
         return exit;
@@ -269,7 +269,17 @@ async fn watch_replicated(
         slot: &slot,
         identity: elector.identity().to_owned(),
     };
-    let outcome = lead_replica(&config, args, env, &shutdown, serving, hints_rx).await;
+    let mut reporting = None;
+    let outcome = lead_replica(
+        &config,
+        args,
+        env,
+        &shutdown,
+        serving,
+        hints_rx,
+        &mut reporting,
+    )
+    .await;
     stop_renewing.cancel();
     let held = renewing
         .await
@@ -278,6 +288,9 @@ async fn watch_replicated(
         // Still ours (whatever went wrong while leading): hand it over now rather than
         // after lease_duration.
         elector.release().await;
+    }
+    if let Some(reporting) = reporting {
+        reporting.flush(FLUSH_AT_STOP).await;
     }
     let result = match (held, outcome) {
         (Err(lost), _) => Err(anyhow::Error::new(lost)),
@@ -312,6 +325,7 @@ async fn lead_replica(
     shutdown: &Shutdown,
     serving: Serving<'_>,
     hints: mpsc::Receiver<Vec<String>>,
+    reporting_out: &mut Option<Reporting>,
 ) -> anyhow::Result<bool> {
     let (metrics, health) = (serving.metrics, serving.health);
     let backend: Box<dyn StateBackend> = match &config.state {
@@ -358,7 +372,9 @@ async fn lead_replica(
     };
     let saved = lead(monitor, shutdown, hints).await;
     watchdog.abort();
-    reporting.flush(FLUSH_AT_STOP).await;
+    // Flushed by the caller after the Lease is released: a slow forge must not delay the
+    // handover.
+    *reporting_out = Some(reporting);
     if fenced_after.is_cancelled() {
         anyhow::bail!(
             "another replica wrote the state: this replica is no longer the leader (its running units were stopped)"

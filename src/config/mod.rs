@@ -475,6 +475,7 @@ impl Config {
             .filter_map(|a| a.token.clone())
             .chain(self.webhooks.github_secret.clone())
             .chain(self.webhooks.gitlab_token.clone())
+            .chain(self.server.read_token.clone())
             .chain(self.groups.iter().flat_map(|g| &g.notify).flat_map(|t| {
                 [Some(t.url.clone()), t.secret.clone()]
                     .into_iter()

@@ -342,11 +342,18 @@ fn command_env(a: &Attempt<'_>, dir: &Path, changes: &Path) -> Vec<(String, Stri
         ("SENTRY_QA_DIR", path(dir)),
         ("SENTRY_CHANGES_FILE", path(changes)),
     ];
-    let mut env = inherited_env(&deploy.inherit_env, a.own_secrets, std::env::vars());
-    env.extend(a.run.extra_env.iter().cloned());
+    // The env file counts as Sentry's environment: the same rule and the same filter.
+    let sentry_env = utf8_env().chain(a.run.extra_env.iter().cloned());
+    let mut env = inherited_env(&deploy.inherit_env, a.own_secrets, sentry_env);
     env.extend(deploy.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     env.extend(sentry.into_iter().map(|(k, v)| (k.to_owned(), v)));
     env
+}
+
+/// Sentry's environment, without the variables that are not UTF-8 (`std::env::vars`
+/// would panic on them; a command cannot have been given one through the config).
+fn utf8_env() -> impl Iterator<Item = (String, String)> {
+    std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
 }
 
 /// What commands get of Sentry's own environment (`deploy.inherit_env`): never a variable

@@ -391,17 +391,38 @@ impl Inner {
         if self.shutdown.is_requested() {
             return;
         }
-        let start = self.with_slots(|slots| {
-            let slot = slots.get_mut(group)?;
+        enum Next {
+            Nothing,
+            /// The units were re-deferred later than this timer (an earlier run took them
+            /// and failed again): wait for their own backoff.
+            Rearm,
+            Start(Vec<Unit>),
+        }
+        let next = self.with_slots(|slots| {
+            let Some(slot) = slots.get_mut(group) else {
+                return Next::Nothing;
+            };
             if slot.timer != Some(at) {
-                return None; // superseded by an earlier timer
+                return Next::Nothing; // superseded by an earlier timer
             }
             slot.timer = None;
-            if slot.running.is_some() || slot.deferred.is_empty() {
-                return None;
+            if slot.running.is_some() {
+                return Next::Nothing; // the run's end re-arms
             }
-            Some(self.start(group, slot, BTreeMap::new()))
+            match slot.deferred.values().map(|d| d.not_before).min() {
+                None => Next::Nothing,
+                Some(due) if due > Instant::now() => Next::Rearm,
+                Some(_) => Next::Start(self.start(group, slot, BTreeMap::new())),
+            }
         });
+        let start = match next {
+            Next::Nothing => None,
+            Next::Rearm => {
+                self.arm_retry(group);
+                None
+            }
+            Next::Start(units) => Some(units),
+        };
         if let Some(units) = start {
             tracing::info!(
                 group,

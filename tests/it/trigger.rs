@@ -365,3 +365,31 @@ fn commands_inherit_sentrys_environment_but_never_its_tokens() {
         "{line}"
     );
 }
+
+#[test]
+fn a_token_from_the_env_file_is_not_handed_to_commands_either() {
+    let names = "env | cut -d= -f1 | sort | tr '\\n' ' '";
+    let s = setup(SEQUENTIAL, &[&format!("echo names: $({names})")], &["true"]);
+    let env_file = write(
+        s.root(),
+        "sentry.env",
+        &format!("MY_TOKEN={SECRET}\nQA_FROM_FILE=visible\n"),
+    );
+    let mut cmd = sentry(s.root());
+    cmd.env_remove("MY_TOKEN")
+        .arg("-c")
+        .arg(&s.config)
+        .arg("--env-file")
+        .arg(&env_file)
+        .args(["trigger", "--repo", "a", "--sha", SHA]);
+    let out = run(&mut cmd);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let line = out.stdout.lines().find(|l| l.contains("names:")).unwrap();
+    let names: Vec<&str> = line.split_whitespace().collect();
+    assert!(names.contains(&"QA_FROM_FILE"), "{line}");
+    assert!(
+        !names.contains(&"MY_TOKEN"),
+        "the env file's token is withheld: {line}"
+    );
+    assert!(!out.all().contains(SECRET), "never printed");
+}

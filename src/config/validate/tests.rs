@@ -608,3 +608,22 @@ fn leader_election_and_state_defaults_and_checks() {
     let unknown = format!("{SEED}\nstate: {{backend: etcd}}\n");
     assert!(errors_at(&unknown, "state.backend")[0].contains("file or kubernetes"));
 }
+
+#[test]
+fn the_read_token_is_one_of_sentrys_own_secrets() {
+    let yaml = format!("server: {{read_token: rt-secret-value}}\n{SEED}");
+    let config = load_str(&yaml, &seed_env()).config.expect("valid");
+    let own: Vec<String> = config
+        .own_secrets()
+        .iter()
+        .map(|s| s.expose_secret().to_owned())
+        .collect();
+    assert!(own.contains(&"rt-secret-value".to_owned()), "withheld from commands");
+    assert!(
+        config
+            .secrets()
+            .iter()
+            .any(|s| s.expose_secret() == "rt-secret-value"),
+        "masked"
+    );
+}
