@@ -50,11 +50,7 @@ async fn watch_async(
     args: &WatchArgs,
     env: &Env,
 ) -> anyhow::Result<Exit> {
-    let shutdown = Shutdown::new();
-    shutdown
-        .listen_for_signals()
-        .context("cannot install signal handlers")?;
-    let metrics = Arc::new(Metrics::new());
+    let (shutdown, metrics) = start()?;
     let history_file = History::path_for(&config.state_file);
     // `--once` keeps no history: nobody can ask for it, and the file belongs to the
     // long-running watch.
@@ -105,6 +101,15 @@ async fn watch_async(
 const FLUSH_ONCE: std::time::Duration = std::time::Duration::from_secs(30);
 /// The same at a stop: short, as a container's stop timeout is counting.
 const FLUSH_AT_STOP: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The shutdown token, listening for SIGTERM/SIGINT, and the metrics registry.
+fn start() -> anyhow::Result<(Shutdown, Arc<Metrics>)> {
+    let shutdown = Shutdown::new();
+    shutdown
+        .listen_for_signals()
+        .context("cannot install signal handlers")?;
+    Ok((shutdown, Arc::new(Metrics::new())))
+}
 
 fn log_start(config: &Config) {
     tracing::info!(
@@ -215,11 +220,7 @@ async fn watch_replicated(
     args: &WatchArgs,
     env: &Env,
 ) -> anyhow::Result<Exit> {
-    let shutdown = Shutdown::new();
-    shutdown
-        .listen_for_signals()
-        .context("cannot install signal handlers")?;
-    let metrics = Arc::new(Metrics::new());
+    let (shutdown, metrics) = start()?;
     let health = Arc::new(Health::default());
     let election = &config.leader_election;
     let elector = Arc::new(

@@ -62,13 +62,7 @@ impl Cluster {
                 .expect("git update-ref");
             assert!(out.status.success(), "{out:?}");
         }
-        let qa = root.join("qa");
-        std::fs::create_dir_all(&qa).expect("qa dir");
-        git(&qa, &["init", "-q"]);
-        write(&qa, "deploy.sh", DEPLOY_SH);
-        git(&qa, &["add", "."]);
-        git(&qa, &["update-index", "--chmod=+x", "deploy.sh"]);
-        git(&qa, &["commit", "-q", "-m", "qa"]);
+        let qa = crate::support::qa_repo(&root.join("qa"), DEPLOY_SH);
         let log = root.join("deploys.log");
         let yaml = format!(
             "polling_interval: 1s\nwork_dir: {root}/work\nshutdown_grace: 2s\nwebhooks: {{gitlab_token: ha-test-token}}\n\

@@ -13,7 +13,7 @@ use nix::sys::signal::Signal;
 use serde_json::Value;
 
 use crate::support::{
-    Background, TempDir, commit, git, http, init_repo, run, sentry, tempdir, wait_until, write,
+    Background, TempDir, commit, http, init_repo, run, sentry, tempdir, wait_until, write,
 };
 
 /// Fails (exit 3, with a recognisable output) while `$FAIL_FILE` exists.
@@ -37,13 +37,7 @@ impl LiveFixture {
         let root = dir.path().to_owned();
         let app = init_repo(&root.join("app"));
         let lib = init_repo(&root.join("lib"));
-        let qa = root.join("qa");
-        std::fs::create_dir_all(&qa).expect("qa dir");
-        git(&qa, &["init", "-q", "-b", "main"]);
-        write(&qa, "deploy.sh", DEPLOY_SH);
-        git(&qa, &["add", "."]);
-        git(&qa, &["update-index", "--chmod=+x", "deploy.sh"]);
-        git(&qa, &["commit", "-q", "-m", "qa"]);
+        let qa = crate::support::qa_repo(&root.join("qa"), DEPLOY_SH);
         let fail_file = root.join("FAIL");
         let repo = |name: &str, path: &Path, qa_branch: &str| {
             format!(

@@ -38,13 +38,7 @@ impl Fixture {
         let dir = tempdir();
         let root = dir.path().to_owned();
         let source = init_repo(&root.join("source"));
-        let qa = root.join("qa");
-        std::fs::create_dir_all(&qa).unwrap();
-        git(&qa, &["init", "-q"]);
-        write(&qa, "deploy.sh", DEPLOY_SH);
-        git(&qa, &["add", "."]);
-        git(&qa, &["update-index", "--chmod=+x", "deploy.sh"]);
-        git(&qa, &["commit", "-q", "-m", "qa"]);
+        let qa = crate::support::qa_repo(&root.join("qa"), DEPLOY_SH);
         let log = root.join("deploys.log");
         let gate = root.join("gate");
         let mut yaml = format!(

@@ -618,7 +618,10 @@ fn the_read_token_is_one_of_sentrys_own_secrets() {
         .iter()
         .map(|s| s.expose_secret().to_owned())
         .collect();
-    assert!(own.contains(&"rt-secret-value".to_owned()), "withheld from commands");
+    assert!(
+        own.contains(&"rt-secret-value".to_owned()),
+        "withheld from commands"
+    );
     assert!(
         config
             .secrets()
