@@ -91,18 +91,13 @@ impl UnitSpec {
     }
 }
 
-/// The Job's name: the same for the same (group, run, unit, attempt), so that a restarted
-/// Sentry finds the Job it made before instead of making a second one. A readable prefix
+/// The Job's name: the same for the same (group, unit, attempt), so that a restarted
+/// Sentry or a new leader — whose run of the same change has a new run id — finds the Job
+/// made before instead of making a second one (the run id is a label). A readable prefix
 /// from the repository name, then a hash of everything (names may be longer than 63).
-pub fn job_name(group: &str, run_id: &str, unit: &Unit, attempt: u32) -> String {
+pub fn job_name(group: &str, unit: &Unit, attempt: u32) -> String {
     let mut hash = Sha256::new();
-    for part in [
-        group,
-        run_id,
-        &unit.repository,
-        &unit.branch,
-        unit.sha.as_str(),
-    ] {
+    for part in [group, &unit.repository, &unit.branch, unit.sha.as_str()] {
         hash.update(part.as_bytes());
         hash.update([0]);
     }
@@ -230,7 +225,7 @@ pub fn job_manifest(
     };
     Ok(K8sJob {
         metadata: ObjectMeta {
-            name: Some(job_name(&spec.group, &spec.run_id, &unit, attempt)),
+            name: Some(job_name(&spec.group, &unit, attempt)),
             namespace: Some(k.namespace.clone()),
             labels: Some(labels.clone()),
             annotations: Some(annotations),
@@ -298,6 +293,8 @@ enum JobError {
     Api(#[from] kube::Error),
     #[error("cannot describe the unit: {0}")]
     Spec(#[from] serde_json::Error),
+    #[error("the finished Job {0} was not deleted in time to run the unit again")]
+    Stuck(String),
 }
 
 /// One attempt as Sentry sees its Job.
@@ -323,7 +320,7 @@ impl KubernetesExecutor {
             Ok(m) => m,
             Err(e) => return setup_failed(&job, &JobError::from(e).to_string()),
         };
-        let name = job_name(&spec.group, &spec.run_id, job.unit, job.attempt);
+        let name = job_name(&spec.group, job.unit, job.attempt);
         let running = Running {
             k,
             jobs: Api::namespaced(client.clone(), &k.namespace),
@@ -370,22 +367,49 @@ impl Running<'_> {
                 tracing::info!(job = %self.name, namespace = %self.k.namespace, "created the Job");
                 Ok(())
             }
-            Err(e) if crate::cluster::is_conflict(&e) => {
-                self.job.sink.note(&format!(
-                    "kubernetes: adopting the existing Job {}",
-                    self.name
-                ));
-                Ok(())
-            }
+            Err(e) if crate::cluster::is_conflict(&e) => self.adopt_or_replace(manifest).await,
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// A Job of this name exists. Still running: it is this change's, started before a
+    /// restart or by the previous leader, so it is followed rather than run twice.
+    /// Finished: a failed Job kept for inspection (or one that ended while nobody
+    /// watched) must not block a new run, so it is deleted and the Job made again.
+    async fn adopt_or_replace(&self, manifest: &K8sJob) -> Result<(), JobError> {
+        let existing = self.jobs.get(&self.name).await?;
+        let finished = existing
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.status == "True" && (c.type_ == "Complete" || c.type_ == "Failed"));
+        if !finished {
+            self.job.sink.note(&format!(
+                "kubernetes: adopting the running Job {}",
+                self.name
+            ));
+            return Ok(());
+        }
+        delete(&self.jobs, &self.name).await?;
+        for _ in 0..120 {
+            match self.jobs.create(&PostParams::default(), manifest).await {
+                Ok(_) => return Ok(()),
+                // Deletion is asynchronous: the old object may linger a moment.
+                Err(e) if crate::cluster::is_conflict(&e) => tokio::time::sleep(POLL).await,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(JobError::Stuck(self.name.clone()))
     }
 
     /// Waits for the Job to finish, following the pod's log, honouring shutdown, the
     /// group deadline and the start timeout.
     async fn follow(&self) -> Outcome {
         let started = Instant::now();
-        let mut logs: Option<tokio::task::JoinHandle<()>> = None;
+        // Asked for at once: until the container runs the server answers 400, and the
+        // log task retries, so no line is lost to a late start.
+        let mut logs = Some(self.spawn_logs());
         let deadline = self.job.run.deadline;
         // Sentry's own stops (shutdown, global_timeout) delete the Job at once; a Job that
         // failed by itself is kept for inspection.
@@ -403,17 +427,8 @@ impl Running<'_> {
                     complete,
                     exit_code,
                     reason,
-                } => {
-                    if logs.is_none() {
-                        logs = Some(self.spawn_logs());
-                    }
-                    break finished(complete, exit_code, reason.as_deref());
-                }
-                Seen::Running => {
-                    if logs.is_none() {
-                        logs = Some(self.spawn_logs());
-                    }
-                }
+                } => break finished(complete, exit_code, reason.as_deref()),
+                Seen::Running => {}
                 Seen::Waiting(reason) => {
                     if let Some(outcome) = self.start_failed(started, reason) {
                         stopped = true;
@@ -435,12 +450,18 @@ impl Running<'_> {
                 }
             }
         };
-        if let Some(handle) = logs {
+        if let Some(handle) = logs.take() {
             if stopped {
                 handle.abort();
             }
             // The log ends with the container; a stream the server keeps open is cut off.
-            let _ = tokio::time::timeout(Duration::from_secs(10), handle).await;
+            let abort = handle.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(10), handle)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
         }
         let keep = !stopped && outcome.status != UnitStatus::Succeeded;
         self.clean_up(keep).await;
@@ -514,7 +535,8 @@ impl Running<'_> {
         let sink = Arc::clone(self.job.sink);
         let prefix = format!("[{}@{}] ", self.job.unit.repository, self.job.unit.branch);
         tokio::spawn(async move {
-            for _ in 0..20 {
+            // Until it opens; the caller aborts this when the Job ends without a pod.
+            loop {
                 match stream_logs(&pods, &jobs_label, &prefix, &sink).await {
                     Ok(()) => return,
                     Err(e) => {
@@ -740,10 +762,10 @@ mod tests {
     #[test]
     fn job_names_are_deterministic_valid_and_differ_by_attempt() {
         let unit = spec().unit();
-        let a = job_name("g", "run-1", &unit, 1);
-        assert_eq!(a, job_name("g", "run-1", &unit, 1));
-        assert_ne!(a, job_name("g", "run-1", &unit, 2));
-        assert_ne!(a, job_name("g", "run-2", &unit, 1));
+        let a = job_name("g", &unit, 1);
+        assert_eq!(a, job_name("g", &unit, 1));
+        assert_ne!(a, job_name("g", &unit, 2));
+        assert_ne!(a, job_name("h", &unit, 1));
         assert!(a.len() <= 63, "{a}");
         assert!(
             a.bytes()
@@ -754,7 +776,7 @@ mod tests {
             repository: "x".repeat(200),
             ..unit
         };
-        assert!(job_name(&"g".repeat(100), "r", &long, 99).len() <= 63);
+        assert!(job_name(&"g".repeat(100), &long, 99).len() <= 63);
     }
 
     #[test]
