@@ -299,6 +299,7 @@ ALL_OPTIONS=(
     --set networkPolicy.enabled=true
     --set persistence.enabled=true
     --set namespace.create=true
+    --set jobExecutor.enabled=true
 )
 
 # Checks the objects of a rendered chart: every one carries the component
