@@ -193,11 +193,20 @@ pub fn job_manifest(
             POD_CONFIG_PATH.to_owned(),
             "exec-unit".to_owned(),
         ]),
-        env: Some(vec![EnvVar {
-            name: UNIT_SPEC_ENV.to_owned(),
-            value: Some(serde_json::to_string(spec)?),
-            value_from: None,
-        }]),
+        env: Some(vec![
+            EnvVar {
+                name: UNIT_SPEC_ENV.to_owned(),
+                value: Some(serde_json::to_string(spec)?),
+                value_from: None,
+            },
+            // The pod's log is the commands' output: Sentry's own progress lines there
+            // would be shown again as output. Warnings (a failed clone) still appear.
+            EnvVar {
+                name: "SENTRY_LOG_LEVEL".to_owned(),
+                value: Some("warn".to_owned()),
+                value_from: None,
+            },
+        ]),
         env_from: (!env_from.is_empty()).then_some(env_from),
         volume_mounts: Some(vec![VolumeMount {
             name: "config".to_owned(),
@@ -791,8 +800,11 @@ mod tests {
         assert_eq!(pod.automount_service_account_token, Some(false));
         let container = &pod.containers[0];
         let env = container.env.as_ref().expect("env");
-        assert_eq!(env.len(), 1);
         assert_eq!(env[0].name, UNIT_SPEC_ENV);
+        assert!(
+            env[1..].iter().all(|e| e.name == "SENTRY_LOG_LEVEL"),
+            "only the unit description and the log level are literal: {env:?}"
+        );
         let from = container.env_from.as_ref().expect("envFrom");
         assert_eq!(
             from[0].secret_ref.as_ref().map(|s| s.name.as_str()),
