@@ -621,6 +621,8 @@ groups:
       image: registry.example.com/qa/sentry:0.1.0
       service_account_name: qa-runner
       env_from_secrets: [qa-credentials]
+      node_selector: {pool: qa}
+      resources: {requests: {cpu: 500m, memory: 1Gi}, limits: {memory: 2Gi}}
 repositories:
   - name: app
     group: qa

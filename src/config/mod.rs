@@ -257,7 +257,7 @@ pub enum ExecutorKind {
     #[default]
     Local,
     /// One Kubernetes Job per unit.
-    Kubernetes(KubernetesExecutorConfig),
+    Kubernetes(Box<KubernetesExecutorConfig>),
 }
 
 /// The checked `executor: {kind: kubernetes, …}`.
@@ -268,6 +268,10 @@ pub struct KubernetesExecutorConfig {
     pub service_account_name: Option<String>,
     /// The ConfigMap (in `namespace`) the pod reads the configuration from.
     pub config_map: String,
+    pub node_selector: BTreeMap<String, String>,
+    /// Container resource requests and limits, by resource name.
+    pub requests: BTreeMap<String, String>,
+    pub limits: BTreeMap<String, String>,
     /// Names of Secrets handed to the container with `envFrom` (never their values).
     pub env_from_secrets: Vec<String>,
     pub start_timeout: Duration,

@@ -156,6 +156,15 @@ pub struct RawGroup {
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[schemars(deny_unknown_fields)]
+pub struct RawResources {
+    /// What the scheduler reserves, by resource name.
+    pub requests: Option<BTreeMap<String, String>>,
+    /// The most the container may use, by resource name.
+    pub limits: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct RawExecutor {
     /// `local` (default) or `kubernetes`.
     pub kind: Option<String>,
@@ -169,6 +178,10 @@ pub struct RawExecutor {
     pub config_map: Option<String>,
     /// Kubernetes: the pod's service account. Default: the namespace's `default`.
     pub service_account_name: Option<String>,
+    /// Kubernetes: the pod's `nodeSelector`.
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// Kubernetes: the container's resource `requests` and `limits` (`cpu: 500m`, `memory: 1Gi`).
+    pub resources: Option<RawResources>,
     /// Kubernetes: Secrets whose keys become the container's environment (`envFrom`).
     pub env_from_secrets: Option<Vec<String>>,
     /// Kubernetes: a pod that has not started after this long fails the unit as setup

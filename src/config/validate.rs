@@ -366,16 +366,29 @@ impl Checker<'_> {
             Duration::from_secs(86_400),
         );
         match (namespace, image) {
-            (Some(namespace), Some(image)) => ExecutorKind::Kubernetes(KubernetesExecutorConfig {
-                namespace,
-                image,
-                service_account_name: raw.service_account_name,
-                config_map: raw.config_map.unwrap_or_else(|| "sentry-config".to_owned()),
-                env_from_secrets: raw.env_from_secrets.unwrap_or_default(),
-                start_timeout,
-                keep_failed,
-                ttl_after_finished,
-            }),
+            (Some(namespace), Some(image)) => {
+                ExecutorKind::Kubernetes(Box::new(KubernetesExecutorConfig {
+                    namespace,
+                    image,
+                    service_account_name: raw.service_account_name,
+                    config_map: raw.config_map.unwrap_or_else(|| "sentry-config".to_owned()),
+                    node_selector: raw.node_selector.unwrap_or_default(),
+                    requests: raw
+                        .resources
+                        .as_ref()
+                        .and_then(|r| r.requests.clone())
+                        .unwrap_or_default(),
+                    limits: raw
+                        .resources
+                        .as_ref()
+                        .and_then(|r| r.limits.clone())
+                        .unwrap_or_default(),
+                    env_from_secrets: raw.env_from_secrets.unwrap_or_default(),
+                    start_timeout,
+                    keep_failed,
+                    ttl_after_finished,
+                }))
+            }
             _ => ExecutorKind::Local,
         }
     }

@@ -16,8 +16,9 @@ use futures_util::future::BoxFuture;
 use k8s_openapi::api::batch::v1::{Job as K8sJob, JobSpec};
 use k8s_openapi::api::core::v1::{
     ConfigMapVolumeSource, Container, EnvFromSource, EnvVar, Pod, PodSpec, PodTemplateSpec,
-    SecretEnvSource, Volume, VolumeMount,
+    ResourceRequirements, SecretEnvSource, Volume, VolumeMount,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams, PropagationPolicy};
 use serde::{Deserialize, Serialize};
@@ -208,6 +209,7 @@ pub fn job_manifest(
             },
         ]),
         env_from: (!env_from.is_empty()).then_some(env_from),
+        resources: resources(k),
         volume_mounts: Some(vec![VolumeMount {
             name: "config".to_owned(),
             mount_path: "/etc/sentry".to_owned(),
@@ -219,6 +221,7 @@ pub fn job_manifest(
     let pod = PodSpec {
         restart_policy: Some("Never".to_owned()),
         service_account_name: k.service_account_name.clone(),
+        node_selector: (!k.node_selector.is_empty()).then(|| k.node_selector.clone()),
         // QA code gets no API token unless a service account was chosen for it.
         automount_service_account_token: Some(k.service_account_name.is_some()),
         containers: vec![container],
@@ -256,6 +259,23 @@ pub fn job_manifest(
             ..JobSpec::default()
         }),
         status: None,
+    })
+}
+
+/// The container's `resources`, when any are configured.
+fn resources(k: &KubernetesExecutorConfig) -> Option<ResourceRequirements> {
+    let quantities = |m: &BTreeMap<String, String>| {
+        (!m.is_empty()).then(|| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), Quantity(v.clone())))
+                .collect::<BTreeMap<_, _>>()
+        })
+    };
+    let (requests, limits) = (quantities(&k.requests), quantities(&k.limits));
+    (requests.is_some() || limits.is_some()).then(|| ResourceRequirements {
+        requests,
+        limits,
+        ..ResourceRequirements::default()
     })
 }
 
@@ -748,6 +768,9 @@ mod tests {
             service_account_name: None,
             config_map: "sentry-config".to_owned(),
             env_from_secrets: vec!["qa-credentials".to_owned()],
+            node_selector: BTreeMap::from([("pool".to_owned(), "qa".to_owned())]),
+            requests: BTreeMap::from([("cpu".to_owned(), "500m".to_owned())]),
+            limits: BTreeMap::from([("memory".to_owned(), "1Gi".to_owned())]),
             start_timeout: Duration::from_secs(300),
             keep_failed: Duration::from_secs(3600),
             ttl_after_finished: Duration::from_secs(86_400),
