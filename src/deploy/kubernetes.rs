@@ -39,6 +39,7 @@ pub const UNIT_SPEC_ENV: &str = "SENTRY_EXEC_UNIT";
 pub const POD_CONFIG_PATH: &str = "/etc/sentry/sentry.yaml";
 /// `sentry exec-unit` exit codes beyond 0 (succeeded) and 1 (a command failed), so that
 /// Sentry tells the outcomes apart from the container's exit code alone.
+const EXIT_CANNOT_RUN: i32 = crate::Exit::CannotRun as i32;
 const EXIT_SETUP_FAILED: i32 = crate::Exit::UnitSetupFailed as i32;
 const EXIT_TIMED_OUT: i32 = crate::Exit::UnitTimedOut as i32;
 const EXIT_CANCELLED: i32 = crate::Exit::UnitCancelled as i32;
@@ -665,7 +666,9 @@ fn finished(complete: bool, exit_code: Option<i32>, reason: Option<&str>) -> Out
     }
     let status = match (exit_code, reason) {
         (_, Some("DeadlineExceeded")) | (Some(EXIT_TIMED_OUT), _) => UnitStatus::TimedOut,
-        (Some(EXIT_SETUP_FAILED), _) => UnitStatus::SetupFailed,
+        // 2: `exec-unit` could not run at all (the configuration in the pod did not load,
+        // `SENTRY_EXEC_UNIT` was missing) — nothing ran, so the change stays pending.
+        (Some(EXIT_SETUP_FAILED | EXIT_CANNOT_RUN), _) => UnitStatus::SetupFailed,
         (Some(EXIT_CANCELLED), _) => UnitStatus::Cancelled,
         // The pod failed without a container exit (evicted, deleted): nothing ran to an
         // outcome Sentry can vouch for, so the change stays pending.
@@ -856,6 +859,8 @@ mod tests {
         }
         let deadline = finished(false, None, Some("DeadlineExceeded"));
         assert_eq!(deadline.status, UnitStatus::TimedOut);
+        let no_config = finished(false, Some(2), None);
+        assert_eq!(no_config.status, UnitStatus::SetupFailed);
         let vanished = finished(false, None, None);
         assert_eq!(vanished.status, UnitStatus::SetupFailed);
     }
