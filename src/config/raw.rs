@@ -149,6 +149,50 @@ pub struct RawGroup {
     pub report: Option<RawReport>,
     /// Where to tell people about the group's runs: generic webhooks and Slack.
     pub notify: Option<Vec<RawNotify>>,
+    /// Where the group's units run: `{kind: local}` (default, child processes of Sentry) or
+    /// `{kind: kubernetes, namespace, image, …}` (one Kubernetes Job per unit).
+    pub executor: Option<RawExecutor>,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct RawResources {
+    /// What the scheduler reserves, by resource name.
+    pub requests: Option<BTreeMap<String, String>>,
+    /// The most the container may use, by resource name.
+    pub limits: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct RawExecutor {
+    /// `local` (default) or `kubernetes`.
+    pub kind: Option<String>,
+    /// Kubernetes: the namespace the Jobs are created in (required). Give QA Jobs a
+    /// namespace of their own: whoever can create pods there can read its Secrets.
+    pub namespace: Option<String>,
+    /// Kubernetes: the container image, Sentry's own (required; it runs `sentry exec-unit`).
+    pub image: Option<String>,
+    /// Kubernetes: the ConfigMap in `namespace` holding this configuration as `sentry.yaml`,
+    /// mounted into the pod for `sentry exec-unit`. Default `sentry-config`.
+    pub config_map: Option<String>,
+    /// Kubernetes: the pod's service account. Default: the namespace's `default`.
+    pub service_account_name: Option<String>,
+    /// Kubernetes: the pod's `nodeSelector`.
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// Kubernetes: the container's resource `requests` and `limits` (`cpu: 500m`, `memory: 1Gi`).
+    pub resources: Option<RawResources>,
+    /// Kubernetes: Secrets whose keys become the container's environment (`envFrom`).
+    pub env_from_secrets: Option<Vec<String>>,
+    /// Kubernetes: a pod that has not started after this long fails the unit as setup
+    /// failed (unschedulable, image pull errors). Default `5m`.
+    pub start_timeout: Option<RawDuration>,
+    /// Kubernetes: how long a failed Job is kept for inspection before Sentry deletes it.
+    /// Default `1h`.
+    pub keep_failed: Option<RawDuration>,
+    /// Kubernetes: `ttlSecondsAfterFinished`, the backstop for Jobs Sentry could not delete.
+    /// Default `1d`.
+    pub ttl_after_finished: Option<RawDuration>,
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]

@@ -15,14 +15,15 @@ use serde_yaml::Value as Yaml;
 
 use super::expand::{self, Env, ExpandError};
 use super::raw::{
-    RawAuth, RawConfig, RawDeploy, RawDuration, RawGroup, RawInheritEnv, RawMonitor, RawNotify,
-    RawPendingRetry, RawReport, RawRepository,
+    RawAuth, RawConfig, RawDeploy, RawDuration, RawExecutor, RawGroup, RawInheritEnv, RawMonitor,
+    RawNotify, RawPendingRetry, RawReport, RawRepository,
 };
 use super::schema_keys::{check_unknown_keys, suggest};
 use super::{
-    Auth, BranchPattern, BranchSpec, Config, Deploy, DeployScope, Diagnostic, Group, GroupReport,
-    InheritEnv, Monitor, NotifyEvent, NotifyKind, NotifyTarget, PendingRetry, RepoType, Report,
-    Repository, ServerConfig, Strategy, WebhookConfig, from_value,
+    Auth, BranchPattern, BranchSpec, Config, Deploy, DeployScope, Diagnostic, ExecutorKind, Group,
+    GroupReport, InheritEnv, KubernetesExecutorConfig, Monitor, NotifyEvent, NotifyKind,
+    NotifyTarget, PendingRetry, RepoType, Report, Repository, ServerConfig, Strategy,
+    WebhookConfig, from_value,
 };
 #[cfg(test)]
 use super::{LeaderElection, StateConfig};
@@ -293,6 +294,7 @@ impl Checker<'_> {
         );
         let report = self.group_report(&format!("{path}.report"), raw.report);
         let notify = self.notify(&format!("{path}.notify"), raw.notify.unwrap_or_default());
+        let executor = self.executor(&format!("{path}.executor"), raw.executor);
         (self.errors() == before).then_some(Group {
             name,
             execution_strategy,
@@ -302,7 +304,93 @@ impl Checker<'_> {
             deploy_scope,
             report,
             notify,
+            executor,
         })
+    }
+
+    fn executor(&mut self, path: &str, raw: Option<RawExecutor>) -> ExecutorKind {
+        let Some(raw) = raw else {
+            return ExecutorKind::Local;
+        };
+        let kind_path = format!("{path}.kind");
+        match self.optional_text(&kind_path, raw.kind.clone()).as_deref() {
+            None | Some("local") => {
+                if raw.namespace.is_some() || raw.image.is_some() {
+                    self.warn(path, "namespace and image are ignored with kind \"local\"");
+                }
+                ExecutorKind::Local
+            }
+            Some("kubernetes") => self.kubernetes_executor(path, raw),
+            Some(other) => {
+                self.error(
+                    kind_path,
+                    format!("\"{other}\" is not an executor; use \"local\" or \"kubernetes\""),
+                );
+                ExecutorKind::Local
+            }
+        }
+    }
+
+    fn kubernetes_executor(&mut self, path: &str, raw: RawExecutor) -> ExecutorKind {
+        let namespace = self.required_text(&format!("{path}.namespace"), raw.namespace);
+        let image = self.required_text(&format!("{path}.image"), raw.image);
+        for (i, secret) in raw.env_from_secrets.iter().flatten().enumerate() {
+            if !is_dns_label(secret) && !is_dns_subdomain(secret) {
+                self.error(
+                    format!("{path}.env_from_secrets[{i}]"),
+                    format!("\"{secret}\" is not a Secret name"),
+                );
+            }
+        }
+        if let Some(ns) = &namespace {
+            if !is_dns_label(ns) {
+                self.error(
+                    format!("{path}.namespace"),
+                    format!("\"{ns}\" is not a namespace name (lower-case letters, digits, '-')"),
+                );
+            }
+        }
+        let start_timeout = self.duration(
+            &format!("{path}.start_timeout"),
+            raw.start_timeout,
+            Duration::from_secs(300),
+        );
+        let keep_failed = self.duration(
+            &format!("{path}.keep_failed"),
+            raw.keep_failed,
+            Duration::from_secs(3600),
+        );
+        let ttl_after_finished = self.duration(
+            &format!("{path}.ttl_after_finished"),
+            raw.ttl_after_finished,
+            Duration::from_secs(86_400),
+        );
+        match (namespace, image) {
+            (Some(namespace), Some(image)) => {
+                ExecutorKind::Kubernetes(Box::new(KubernetesExecutorConfig {
+                    namespace,
+                    image,
+                    service_account_name: raw.service_account_name,
+                    config_map: raw.config_map.unwrap_or_else(|| "sentry-config".to_owned()),
+                    node_selector: raw.node_selector.unwrap_or_default(),
+                    requests: raw
+                        .resources
+                        .as_ref()
+                        .and_then(|r| r.requests.clone())
+                        .unwrap_or_default(),
+                    limits: raw
+                        .resources
+                        .as_ref()
+                        .and_then(|r| r.limits.clone())
+                        .unwrap_or_default(),
+                    env_from_secrets: raw.env_from_secrets.unwrap_or_default(),
+                    start_timeout,
+                    keep_failed,
+                    ttl_after_finished,
+                }))
+            }
+            _ => ExecutorKind::Local,
+        }
     }
 
     fn group_report(&mut self, path: &str, raw: Option<RawReport>) -> GroupReport {
@@ -1243,4 +1331,19 @@ fn is_env_name(name: &str) -> bool {
         .next()
         .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// An RFC 1123 label: what a namespace name must be.
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// An RFC 1123 subdomain: what a Secret name must be.
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
 }

@@ -27,6 +27,8 @@ pub struct Job<'a> {
     pub shutdown: &'a Shutdown,
     /// Where output lines and Sentry's own notes about the unit go.
     pub sink: &'a Arc<OutputSink>,
+    /// 1 for the first attempt, counting retries of failed commands.
+    pub attempt: u32,
 }
 
 /// How an attempt ended.

@@ -11,6 +11,7 @@
 
 pub mod checkout;
 pub mod executor;
+pub mod kubernetes;
 pub mod mask;
 pub mod observer;
 pub mod plan;
@@ -120,7 +121,7 @@ pub struct Unit {
 }
 
 /// What started a group run; reaches commands as `SENTRY_TRIGGER`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Trigger {
     Poll,

@@ -5,10 +5,12 @@
 use std::fmt::Write as _;
 
 use super::checkout::{CHECKOUT_PREFIX, is_http};
+use super::kubernetes::{self, UnitSpec};
 use super::mask::Masker;
+use super::runner::RunInfo;
 use super::runner::SENTRY_VARIABLES;
 use super::{DeployOptions, GroupRun, Trigger, Unit};
-use crate::config::{Config, Group, Repository, Strategy};
+use crate::config::{Config, ExecutorKind, Group, KubernetesExecutorConfig, Repository, Strategy};
 
 /// A readable multi-line description of what running `runs` would do.
 pub fn plan(config: &Config, runs: &[GroupRun], options: &DeployOptions) -> String {
@@ -136,5 +138,47 @@ fn unit_plan(
     if !options.extra_env.is_empty() {
         let names: Vec<&str> = options.extra_env.iter().map(|(k, _)| k.as_str()).collect();
         let _ = writeln!(out, "       from the env file: {}", names.join(", "));
+    }
+    if let Some(ExecutorKind::Kubernetes(k)) = config.group(&run.group).map(|g| &g.executor) {
+        job_plan(out, k, config, run, unit, repo);
+    }
+}
+
+/// The Job manifest (first attempt) the kubernetes executor would create, as JSON
+/// (which is YAML too), indented under the unit.
+fn job_plan(
+    out: &mut String,
+    k: &KubernetesExecutorConfig,
+    config: &Config,
+    run: &GroupRun,
+    unit: &Unit,
+    repo: &Repository,
+) {
+    let timeout = config
+        .group(&run.group)
+        .map_or(std::time::Duration::from_secs(3600), |g| g.global_timeout);
+    let info = RunInfo {
+        group: run.group.clone(),
+        run_id: run.run_id.clone(),
+        trigger: run.trigger.clone(),
+        changes_json: super::strategy::changes_json(config, run),
+        deadline: tokio::time::Instant::now() + timeout,
+        extra_env: Vec::new(),
+        keep_workdir: false,
+    };
+    let spec = UnitSpec::new(&info, unit, timeout);
+    let deadline = kubernetes::active_deadline(k, repo, timeout);
+    let rendered = kubernetes::job_manifest(k, &spec, 1, deadline)
+        .and_then(|job| serde_json::to_string_pretty(&job));
+    match rendered {
+        Ok(json) => {
+            let _ = writeln!(out, "     kubernetes Job (namespace {}):", k.namespace);
+            for line in json.lines() {
+                let _ = writeln!(out, "       {line}");
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(out, "     kubernetes Job: error: {e}");
+        }
     }
 }

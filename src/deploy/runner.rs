@@ -92,6 +92,11 @@ impl OutputSink {
         self.masker.stream()
     }
 
+    /// One line of output from elsewhere (a pod's log), masked here.
+    pub fn output_line(&self, line: &str) {
+        self.masked_line(&self.masker.mask(line));
+    }
+
     /// One line of command output, already masked.
     fn masked_line(&self, line: &str) {
         if self.live {

@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
-use super::executor::{Executor, Job, LocalExecutor, Outcome};
+use super::executor::{Executor, Job, Outcome};
 use super::mask::Masker;
 use super::observer::{Admission, Observers, RunObserver, RunRef};
 use super::runner::{OutputSink, RunInfo};
@@ -55,7 +55,7 @@ impl std::fmt::Debug for Deployer {
 impl Deployer {
     /// A deployer that runs commands locally ([`LocalExecutor`]).
     pub fn new(config: Arc<Config>, options: DeployOptions) -> Deployer {
-        let executor = Arc::new(LocalExecutor::new(config.clone()));
+        let executor = Arc::new(super::kubernetes::GroupExecutor::new(config.clone()));
         Deployer::with_executor(config, options, executor)
     }
 
@@ -199,6 +199,7 @@ impl Deployer {
                 run: info,
                 shutdown,
                 sink: &sink,
+                attempt: attempts,
             };
             let outcome = self.inner.executor.execute(job).await;
             if outcome.status != UnitStatus::Failed || attempts > repo.deploy.retries {
@@ -498,7 +499,7 @@ async fn wait_for(
 }
 
 /// The JSON of `SENTRY_CHANGES_FILE`: the group run and every one of its units.
-fn changes_json(config: &Config, run: &GroupRun) -> String {
+pub(super) fn changes_json(config: &Config, run: &GroupRun) -> String {
     let units: Vec<serde_json::Value> = run
         .units
         .iter()

@@ -14,6 +14,7 @@ mod faults;
 mod forge;
 mod ha;
 mod hostile;
+mod jobs;
 mod live;
 mod monitor;
 mod output;

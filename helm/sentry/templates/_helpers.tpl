@@ -192,7 +192,7 @@ Whether the pod gets a ServiceAccount token: only when asked for, or when the
 deploy commands are granted rights (rbac.deployer), which they use through it.
 */}}
 {{- define "sentry.automountToken" -}}
-{{- if or .Values.serviceAccount.automountToken (and .Values.rbac.create .Values.rbac.deployer) }}true{{ else }}false{{ end }}
+{{- if or .Values.serviceAccount.automountToken (and .Values.rbac.create .Values.rbac.deployer) .Values.jobExecutor.enabled }}true{{ else }}false{{ end }}
 {{- end }}
 
 {{/*

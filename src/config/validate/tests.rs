@@ -630,3 +630,35 @@ fn the_read_token_is_one_of_sentrys_own_secrets() {
         "masked"
     );
 }
+
+#[test]
+fn the_executor_is_local_by_default_and_kubernetes_needs_namespace_and_image() {
+    let group = |executor: &str| {
+        format!(
+            "groups:\n  g:\n    executor: {executor}\nrepositories:\n  - name: a\n    group: g\n    monitor: {{repo_url: /tmp/x, branches: [main], repo_type: git}}\n    deploy: {{qa_repo_url: /tmp/qa, qa_repo_branch: main, commands: [\"true\"]}}\n"
+        )
+    };
+    let yaml = "groups: {g: }\nrepositories:\n  - name: a\n    group: g\n    monitor: {repo_url: /tmp/x, branches: [main], repo_type: git}\n    deploy: {qa_repo_url: /tmp/qa, qa_repo_branch: main, commands: [\"true\"]}\n";
+    let config = load_str(yaml, &seed_env()).config.unwrap();
+    assert_eq!(config.groups[0].executor, ExecutorKind::Local);
+
+    let yaml = group(
+        "{kind: kubernetes, namespace: qa-jobs, image: sentry:1, env_from_secrets: [qa-creds]}",
+    );
+    let config = load_str(&yaml, &seed_env()).config.unwrap();
+    let ExecutorKind::Kubernetes(k) = &config.groups[0].executor else {
+        panic!("not kubernetes: {:?}", config.groups[0].executor);
+    };
+    assert_eq!(k.namespace, "qa-jobs");
+    assert_eq!(k.config_map, "sentry-config");
+    assert_eq!(k.env_from_secrets, ["qa-creds"]);
+    assert_eq!(k.start_timeout, Duration::from_secs(300));
+
+    let yaml = group("{kind: kubernetes}");
+    assert!(!errors_at(&yaml, "groups.g.executor.namespace").is_empty());
+    assert!(!errors_at(&yaml, "groups.g.executor.image").is_empty());
+    let yaml = group("{kind: kubernetes, namespace: Not_A_Name, image: x}");
+    assert!(errors_at(&yaml, "groups.g.executor.namespace")[0].contains("namespace name"));
+    let yaml = group("{kind: docker}");
+    assert!(errors_at(&yaml, "groups.g.executor.kind")[0].contains("\"local\" or \"kubernetes\""));
+}

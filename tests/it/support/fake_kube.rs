@@ -11,6 +11,14 @@
 //! with a self-signed CA (see [`FakeKube::start_with_tls`]).
 //!
 //! It runs on its own thread and runtime, so that plain `#[test]`s can use it.
+//!
+//! With a [`Kubelet`] set, it also serves `batch/v1` Jobs (create, get, delete) and `v1`
+//! Pods (list by `job-name` label, follow a log): the fake kubelet creates a Job's pod,
+//! runs the container's args as a local process of the given binary (the real `sentry
+//! exec-unit`, with the ConfigMap mount replaced by a local config file and `envFrom`
+//! Secrets taken from [`Kubelet::secrets`]), serves its output as the pod log (a request
+//! before the container runs answers `400`), enforces `activeDeadlineSeconds`, and sets
+//! the Job's `Complete` or `Failed` condition when the process exits.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -51,9 +59,35 @@ struct Store {
     objects: HashMap<(String, String, String), Value>,
     lease_writes: Vec<LeaseWrite>,
     faults: HashMap<String, Fault>,
+    kubelet: Option<Kubelet>,
+    /// Every Job POST that created a Job.
+    jobs_created: usize,
+    /// Log requests answered `400` because the container had not started.
+    logs_refused: usize,
+    /// Pod name → its container's output so far, and whether it has ended.
+    logs: HashMap<String, PodLog>,
+    /// Job name → the pid of its container's process.
+    pids: HashMap<String, u32>,
+}
+
+/// How the fake kubelet runs containers.
+#[derive(Clone)]
+pub struct Kubelet {
+    /// What runs in place of the image (its args are the container's).
+    pub binary: PathBuf,
+    /// Replaces the ConfigMap mount path in the container's args.
+    pub config: PathBuf,
+    /// Secret name → its keys and values, for `envFrom`.
+    pub secrets: HashMap<String, Vec<(String, String)>>,
+    /// How long a container waits before it starts; `None`: it never starts, and its
+    /// waiting reason is `never_reason`.
+    pub start_after: Option<Duration>,
+    pub never_reason: String,
 }
 
 type Shared = Arc<Mutex<Store>>;
+/// A container's output so far, and whether it has ended.
+type PodLog = Arc<Mutex<(Vec<u8>, bool)>>;
 
 pub struct FakeKube {
     store: Shared,
@@ -167,6 +201,31 @@ impl FakeKube {
         self.set_fault(client, Fault::None);
     }
 
+    pub fn set_kubelet(&self, kubelet: Kubelet) {
+        self.store.lock().expect("store").kubelet = Some(kubelet);
+    }
+
+    /// Jobs created so far (adopting one creates none).
+    pub fn jobs_created(&self) -> usize {
+        self.store.lock().expect("store").jobs_created
+    }
+
+    /// Log requests refused because the container had not started.
+    pub fn logs_refused(&self) -> usize {
+        self.store.lock().expect("store").logs_refused
+    }
+
+    /// The Jobs that exist now, by name.
+    pub fn jobs(&self) -> Vec<Value> {
+        let store = self.store.lock().expect("store");
+        store
+            .objects
+            .iter()
+            .filter(|((kind, _, _), _)| kind == "jobs")
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
     pub fn lease_writes(&self) -> Vec<LeaseWrite> {
         self.store.lock().expect("store").lease_writes.clone()
     }
@@ -247,6 +306,13 @@ fn router(client: Client) -> Router {
             "/api/v1/namespaces/{ns}/configmaps/{name}",
             get(get_cm).put(put_cm),
         )
+        .route("/apis/batch/v1/namespaces/{ns}/jobs", post(create_job))
+        .route(
+            "/apis/batch/v1/namespaces/{ns}/jobs/{name}",
+            get(get_job).delete(delete_job),
+        )
+        .route("/api/v1/namespaces/{ns}/pods", get(list_pods))
+        .route("/api/v1/namespaces/{ns}/pods/{name}/log", get(pod_log))
         .fallback(|method: Method, uri: axum::http::Uri| async move {
             status(
                 StatusCode::NOT_FOUND,
@@ -425,4 +491,318 @@ fn status(code: StatusCode, reason: &str, message: &str) -> Response {
         "code": code.as_u16(),
     });
     (code, axum::Json(body)).into_response()
+}
+
+async fn create_job(s: State<Client>, ns: UrlPath<String>, body: Bytes) -> Response {
+    let Ok(mut job) = serde_json::from_slice::<Value>(&body) else {
+        return status(StatusCode::BAD_REQUEST, "BadRequest", "not JSON");
+    };
+    let name = job["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let mut store = s.store.lock().expect("store");
+    let key = ("jobs".to_owned(), ns.0.clone(), name.clone());
+    if store.objects.contains_key(&key) {
+        return status(
+            StatusCode::CONFLICT,
+            "AlreadyExists",
+            &format!("jobs.batch \"{name}\" already exists"),
+        );
+    }
+    store.version += 1;
+    store.jobs_created += 1;
+    job["metadata"]["resourceVersion"] = json!(store.version.to_string());
+    job["metadata"]["uid"] = json!(format!("uid-{}", store.version));
+    job["status"] = json!({});
+    store.objects.insert(key, job.clone());
+    let pod = format!("{name}-{}", store.version);
+    store.objects.insert(
+        ("pods".to_owned(), ns.0.clone(), pod.clone()),
+        pod_object(
+            &pod,
+            &name,
+            json!({"waiting": {"reason": "ContainerCreating"}}),
+            "Pending",
+        ),
+    );
+    if let Some(kubelet) = store.kubelet.clone() {
+        let store = s.store.clone();
+        let job = job.clone();
+        tokio::spawn(run_pod(store, kubelet, ns.0, name, pod, job));
+    }
+    (StatusCode::CREATED, axum::Json(job)).into_response()
+}
+
+fn pod_object(pod: &str, job: &str, state: Value, phase: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": pod, "labels": {"job-name": job}},
+        "status": {
+            "phase": phase,
+            "containerStatuses": [{
+                "name": "unit", "image": "sentry", "imageID": "", "ready": false,
+                "restartCount": 0, "state": state,
+            }],
+        },
+    })
+}
+
+/// Sets the pod's container state and phase, unless the Job was deleted meanwhile.
+fn set_pod(store: &Shared, ns: &str, job: &str, pod: &str, state: Value, phase: &str) -> bool {
+    let mut store = store.lock().expect("store");
+    if !store
+        .objects
+        .contains_key(&("jobs".to_owned(), ns.to_owned(), job.to_owned()))
+    {
+        return false;
+    }
+    store.objects.insert(
+        ("pods".to_owned(), ns.to_owned(), pod.to_owned()),
+        pod_object(pod, job, state, phase),
+    );
+    true
+}
+
+/// The fake kubelet's life of one pod.
+async fn run_pod(
+    store: Shared,
+    kubelet: Kubelet,
+    ns: String,
+    job: String,
+    pod: String,
+    spec: Value,
+) {
+    let Some(delay) = kubelet.start_after else {
+        let reason = kubelet.never_reason.clone();
+        set_pod(
+            &store,
+            &ns,
+            &job,
+            &pod,
+            json!({"waiting": {"reason": reason}}),
+            "Pending",
+        );
+        return;
+    };
+    tokio::time::sleep(delay).await;
+    let container = &spec["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<String> = container["args"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .map(|a| {
+            if a == "/etc/sentry/sentry.yaml" {
+                kubelet.config.to_string_lossy().into_owned()
+            } else {
+                a.to_owned()
+            }
+        })
+        .collect();
+    let mut cmd = tokio::process::Command::new(&kubelet.binary);
+    cmd.args(&args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    for e in container["env"].as_array().into_iter().flatten() {
+        cmd.env(
+            e["name"].as_str().unwrap_or_default(),
+            e["value"].as_str().unwrap_or_default(),
+        );
+    }
+    for from in container["envFrom"].as_array().into_iter().flatten() {
+        let secret = from["secretRef"]["name"].as_str().unwrap_or_default();
+        for (k, v) in kubelet.secrets.get(secret).into_iter().flatten() {
+            cmd.env(k, v);
+        }
+    }
+    let Ok(mut child) = cmd.spawn() else {
+        set_pod(
+            &store,
+            &ns,
+            &job,
+            &pod,
+            json!({"waiting": {"reason": "RunContainerError"}}),
+            "Pending",
+        );
+        return;
+    };
+    let log: PodLog = Arc::default();
+    {
+        let mut s = store.lock().expect("store");
+        s.logs.insert(pod.clone(), log.clone());
+        if let Some(pid) = child.id() {
+            s.pids.insert(job.clone(), pid);
+        }
+    }
+    let running = json!({"running": {"startedAt": "2026-11-29T00:00:00Z"}});
+    if !set_pod(&store, &ns, &job, &pod, running, "Running") {
+        let _ = child.kill().await;
+        return;
+    }
+    let readers = [
+        child
+            .stdout
+            .take()
+            .map(|o| Box::new(o) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+        child
+            .stderr
+            .take()
+            .map(|o| Box::new(o) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+    ];
+    let mut copies = Vec::new();
+    for reader in readers.into_iter().flatten() {
+        let log = log.clone();
+        copies.push(tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut reader = reader;
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = reader.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                log.lock().expect("log").0.extend_from_slice(&buf[..n]);
+            }
+        }));
+    }
+    let deadline = spec["spec"]["activeDeadlineSeconds"]
+        .as_u64()
+        .unwrap_or(3600);
+    let exit = tokio::time::timeout(Duration::from_secs(deadline), child.wait()).await;
+    let (code, condition, reason) = match exit {
+        Ok(Ok(st)) if st.success() => (0, "Complete", "Completed"),
+        Ok(Ok(st)) => (st.code().unwrap_or(137), "Failed", "BackoffLimitExceeded"),
+        Ok(Err(_)) => (128, "Failed", "BackoffLimitExceeded"),
+        Err(_) => {
+            // The deadline: the kubelet kills the container.
+            if let Some(pid) = child.id() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+            let _ = child.kill().await;
+            (143, "Failed", "DeadlineExceeded")
+        }
+    };
+    for c in copies {
+        let _ = c.await;
+    }
+    log.lock().expect("log").1 = true;
+    let terminated = json!({"terminated": {"exitCode": code}});
+    let phase = if code == 0 { "Succeeded" } else { "Failed" };
+    if !set_pod(&store, &ns, &job, &pod, terminated, phase) {
+        return;
+    }
+    let mut s = store.lock().expect("store");
+    s.version += 1;
+    let version = s.version.to_string();
+    if let Some(obj) = s.objects.get_mut(&("jobs".to_owned(), ns, job)) {
+        obj["metadata"]["resourceVersion"] = json!(version);
+        obj["status"] = json!({
+            "conditions": [{"type": condition, "status": "True", "reason": reason}],
+        });
+    }
+}
+
+async fn get_job(s: State<Client>, p: UrlPath<(String, String)>) -> Response {
+    handle(s.0, "jobs", p.0.0, Some(p.0.1), None).await
+}
+
+/// Deletes the Job and its pods and kills the container's process (as the garbage
+/// collector and the kubelet would, a moment later).
+async fn delete_job(s: State<Client>, p: UrlPath<(String, String)>) -> Response {
+    let (ns, name) = p.0;
+    let mut store = s.store.lock().expect("store");
+    let Some(job) = store
+        .objects
+        .remove(&("jobs".to_owned(), ns.clone(), name.clone()))
+    else {
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("jobs.batch \"{name}\" not found"),
+        );
+    };
+    store.objects.retain(|(kind, n, _), v| {
+        !(kind == "pods" && *n == ns && v["metadata"]["labels"]["job-name"] == json!(name))
+    });
+    if let Some(pid) = store.pids.remove(&name) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    (StatusCode::OK, axum::Json(job)).into_response()
+}
+
+async fn list_pods(
+    s: State<Client>,
+    ns: UrlPath<String>,
+    q: axum::extract::Query<HashMap<String, String>>,
+) -> Response {
+    let selector = q.0.get("labelSelector").cloned().unwrap_or_default();
+    let job = selector.strip_prefix("job-name=").unwrap_or_default();
+    let store = s.store.lock().expect("store");
+    let items: Vec<Value> = store
+        .objects
+        .iter()
+        .filter(|((kind, n, _), v)| {
+            kind == "pods" && *n == ns.0 && v["metadata"]["labels"]["job-name"] == json!(job)
+        })
+        .map(|(_, v)| v.clone())
+        .collect();
+    let list = json!({
+        "apiVersion": "v1",
+        "kind": "PodList",
+        "metadata": {"resourceVersion": store.version.to_string()},
+        "items": items,
+    });
+    (StatusCode::OK, axum::Json(list)).into_response()
+}
+
+/// Follows the container's output until it ends; `400` before the container runs.
+async fn pod_log(s: State<Client>, p: UrlPath<(String, String)>) -> Response {
+    let (ns, pod) = p.0;
+    let log = {
+        let mut store = s.store.lock().expect("store");
+        let running = store
+            .objects
+            .get(&("pods".to_owned(), ns, pod.clone()))
+            .is_some_and(|v| v["status"]["containerStatuses"][0]["state"]["waiting"].is_null());
+        match store.logs.get(&pod).cloned() {
+            Some(log) if running => log,
+            _ => {
+                store.logs_refused += 1;
+                return status(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    &format!(
+                        "container \"unit\" in pod \"{pod}\" is waiting to start: ContainerCreating"
+                    ),
+                );
+            }
+        }
+    };
+    let stream = futures_util::stream::unfold((log, 0usize), |(log, offset)| async move {
+        loop {
+            let (chunk, done) = {
+                let l = log.lock().expect("log");
+                (l.0[offset..].to_vec(), l.1)
+            };
+            if !chunk.is_empty() {
+                let next = offset + chunk.len();
+                return Some((Ok::<_, std::io::Error>(Bytes::from(chunk)), (log, next)));
+            }
+            if done {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    (StatusCode::OK, axum::body::Body::from_stream(stream)).into_response()
 }
