@@ -295,15 +295,11 @@ async fn readyz(State(s): State<S>) -> Response {
     (code, axum::Json(json!({ "status": status }))).into_response()
 }
 
-async fn metrics(State(s): State<S>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        s.app.metrics.encode(),
-    )
-        .into_response()
+/// Classic Prometheus text unless the scraper asks for OpenMetrics in `Accept`.
+async fn metrics(State(s): State<S>, headers: HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let (content_type, body) = s.app.metrics.negotiate(accept);
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
 /// One forge kind's push webhook: proof first (from the headers alone where the kind

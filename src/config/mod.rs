@@ -38,6 +38,9 @@ pub struct Config {
     /// Units deploying at once across all groups.
     pub max_concurrent_units: usize,
     pub pending_retry: PendingRetry,
+    /// PEM bundles of extra certificate authorities: `tls.ca_file`, then `GIT_SSL_CAINFO`.
+    /// Added to the system roots for the API client and for Git.
+    pub ca_files: Vec<PathBuf>,
     pub server: ServerConfig,
     pub webhooks: WebhookConfig,
     pub leader_election: LeaderElection,

@@ -43,6 +43,8 @@ pub struct RawConfig {
     /// Names of environment variables (for example the keys of a Kubernetes Secret passed
     /// with `envFrom`) whose values are masked in command output like tokens.
     pub secret_env: Option<Vec<String>>,
+    /// Trust for HTTPS: extra certificate authorities for the forge APIs, ls-remote and clones.
+    pub tls: Option<RawTls>,
     /// The HTTP server for health, metrics and webhooks.
     pub server: Option<RawServer>,
     /// Webhook secrets; an endpoint whose secret is unset or empty answers 404.
@@ -59,6 +61,14 @@ pub struct RawConfig {
     /// The watched repositories.
     #[allow(dead_code)]
     pub repositories: Option<Vec<RawRepository>>,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct RawTls {
+    /// PEM file of certificate authorities (a corporate CA) trusted besides the system's,
+    /// by the API client and by Git (ls-remote, clones). `GIT_SSL_CAINFO` adds one too.
+    pub ca_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]

@@ -16,7 +16,7 @@ use serde_yaml::Value as Yaml;
 use super::expand::{self, Env, ExpandError};
 use super::raw::{
     RawAuth, RawConfig, RawDeploy, RawDuration, RawExecutor, RawGroup, RawInheritEnv, RawMonitor,
-    RawNotify, RawPendingRetry, RawReport, RawRepository,
+    RawNotify, RawPendingRetry, RawReport, RawRepository, RawTls,
 };
 use super::schema_keys::{check_unknown_keys, suggest};
 use super::{
@@ -150,6 +150,36 @@ impl Checker<'_> {
             return None;
         }
         Some(value)
+    }
+
+    /// `tls.ca_file` and `GIT_SSL_CAINFO`: each must be a readable PEM file holding at least
+    /// one certificate, so that a wrong path fails at start, not at the first clone.
+    fn ca_files(&mut self, tls: RawTls) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        let configured = self
+            .optional_text("tls.ca_file", tls.ca_file)
+            .filter(|p| !p.is_empty());
+        let from_env = self.env.get("GIT_SSL_CAINFO").filter(|p| !p.is_empty());
+        for (path, file) in [
+            ("tls.ca_file".to_owned(), configured),
+            ("GIT_SSL_CAINFO (environment)".to_owned(), from_env),
+        ] {
+            let Some(file) = file else { continue };
+            match std::fs::read(&file) {
+                Ok(bytes) if contains_pem_certificate(&bytes) => {
+                    let file = PathBuf::from(file);
+                    if !files.contains(&file) {
+                        files.push(file);
+                    }
+                }
+                Ok(_) => self.error(
+                    &path,
+                    format!("{file} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"),
+                ),
+                Err(e) => self.error(&path, format!("cannot read {file}: {e}")),
+            }
+        }
+        files
     }
 
     fn optional_text(&mut self, path: &str, value: Option<String>) -> Option<String> {
@@ -1010,6 +1040,7 @@ impl Checker<'_> {
             None => default_concurrent_units(),
         };
         let pending_retry = self.pending_retry(raw.pending_retry.unwrap_or_default());
+        let ca_files = self.ca_files(raw.tls.unwrap_or_default());
         let server = raw.server.unwrap_or_default();
         let listen = match self.optional_text("server.listen", server.listen) {
             None => Some(SocketAddr::from(([0, 0, 0, 0], 8080))),
@@ -1068,6 +1099,7 @@ impl Checker<'_> {
             max_requests_per_host,
             max_concurrent_units,
             pending_retry,
+            ca_files,
             server: ServerConfig {
                 enabled: server.enabled.unwrap_or(true),
                 listen: listen?,
@@ -1312,6 +1344,12 @@ fn is_loopback(url: &url::Url) -> bool {
 }
 
 mod cluster;
+fn contains_pem_certificate(bytes: &[u8]) -> bool {
+    bytes
+        .windows(b"-----BEGIN CERTIFICATE-----".len())
+        .any(|w| w == b"-----BEGIN CERTIFICATE-----")
+}
+
 #[cfg(test)]
 mod tests;
 

@@ -72,7 +72,7 @@ pub enum CheckoutError {
     Auth { url: String, message: String },
     /// The server's TLS certificate was refused; retrying will not help.
     #[error(
-        "the TLS certificate of {url} was refused: {message} (check the URL and the trust store: SSL_CERT_FILE)"
+        "the TLS certificate of {url} was refused: {message} (check the URL and the trust: tls.ca_file, GIT_SSL_CAINFO, SSL_CERT_FILE)"
     )]
     Certificate { url: String, message: String },
     /// The network failed on every try.

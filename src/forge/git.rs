@@ -179,6 +179,12 @@ pub fn prepare_libgit2() {
         if let Err(e) = set {
             tracing::debug!("cannot set libgit2 network timeouts: {e}");
         }
+        for file in super::tls::git_ca_files() {
+            // SAFETY: as above, no network operation runs while this is written.
+            if let Err(e) = unsafe { super::tls::add_git_ca_file(file) } {
+                tracing::warn!("cannot add the CA file {} for Git: {e}", file.display());
+            }
+        }
     });
 }
 
@@ -293,7 +299,7 @@ fn classify(repo: &Repository, error: &git2::Error, rejected: bool, no_token: bo
     let lower = message.to_ascii_lowercase();
     if is_certificate_error(error) {
         return ForgeError::Certificate(format!(
-            "{name}: the TLS certificate of {url} was refused ({message}); check the URL and the trust store (SSL_CERT_FILE)"
+            "{name}: the TLS certificate of {url} was refused ({message}); check the URL and the trust (tls.ca_file, GIT_SSL_CAINFO, SSL_CERT_FILE)"
         ));
     }
     if rejected || error.code() == ErrorCode::Auth {

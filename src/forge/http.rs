@@ -106,8 +106,14 @@ pub(crate) struct Host {
 }
 
 impl Http {
-    pub fn new(request_timeout: Duration, max_per_host: usize) -> reqwest::Result<Http> {
+    /// `extra_roots` are trusted besides the system's (`tls.ca_file`, `GIT_SSL_CAINFO`).
+    pub fn new(
+        request_timeout: Duration,
+        max_per_host: usize,
+        extra_roots: Vec<reqwest::Certificate>,
+    ) -> reqwest::Result<Http> {
         let client = reqwest::Client::builder()
+            .tls_certs_merge(extra_roots)
             .user_agent(crate::build_info::USER_AGENT)
             .connect_timeout(Duration::from_secs(10))
             .timeout(request_timeout)
@@ -319,7 +325,7 @@ impl Http {
                 if is_certificate_error(&e) {
                     // Retrying cannot fix a refused certificate: fail now, loudly.
                     return Attempt::Done(Err(ForgeError::Certificate(format!(
-                        "{}: {} (check api_url and the trust store: SSL_CERT_FILE)",
+                        "{}: {} (check api_url and the trust: tls.ca_file, GIT_SSL_CAINFO, SSL_CERT_FILE)",
                         call.repo,
                         describe_transport(&host.name, &e)
                     ))));
@@ -843,7 +849,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn writes_to_one_host_are_spaced() {
-        let http = Http::new(Duration::from_secs(5), 4).unwrap();
+        let http = Http::new(Duration::from_secs(5), 4, Vec::new()).unwrap();
         let host = http.host("api.github.com");
         let never = CancellationToken::new();
         let start = tokio::time::Instant::now();

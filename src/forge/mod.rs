@@ -21,6 +21,7 @@ mod github;
 mod gitlab;
 mod http;
 pub mod kind;
+pub(crate) mod tls;
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
@@ -196,7 +197,9 @@ impl Forges {
     /// Builds the one HTTP client (rustls, HTTP/2 allowed, connect timeout 10 s, request
     /// timeout `config.request_timeout`, Sentry's `User-Agent`, pooled connections).
     pub fn new(config: &Config) -> anyhow::Result<Forges> {
-        let http = Http::new(config.request_timeout, config.max_requests_per_host)
+        let roots = tls::certificates(&config.ca_files)?;
+        tls::set_git_ca_files(&config.ca_files);
+        let http = Http::new(config.request_timeout, config.max_requests_per_host, roots)
             .map_err(|e| anyhow::anyhow!("cannot build the HTTP client: {e}"))?;
         Ok(Forges {
             http: Arc::new(http),

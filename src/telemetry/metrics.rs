@@ -12,7 +12,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 use crate::deploy::{GroupResult, RunObserver, RunRef, Unit, UnitResult};
@@ -80,6 +79,53 @@ struct BuildLabels {
 }
 
 type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// Content type of the OpenMetrics exposition.
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Content type of the classic Prometheus text exposition.
+pub const CLASSIC_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Rewrites OpenMetrics text into the classic format: a counter family is named after its
+/// `_total` sample, an info family becomes a gauge named `<name>_info`, and the
+/// OpenMetrics-only `# UNIT` and `# EOF` lines go. Samples are unchanged (the encoder
+/// writes no exemplars or `_created` series).
+fn to_classic(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut help: Option<(&str, &str)> = None;
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, text) = rest.split_once(' ').unwrap_or((rest, ""));
+            help = Some((name, text));
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let (classic_name, classic_kind) = match kind {
+                "counter" => (format!("{name}_total"), "counter"),
+                "info" => (format!("{name}_info"), "gauge"),
+                "gaugehistogram" | "stateset" | "unknown" => (name.to_owned(), "untyped"),
+                other => (name.to_owned(), other),
+            };
+            if let Some((help_name, text)) = help.take() {
+                if help_name == name {
+                    out.push_str(&format!("# HELP {classic_name} {text}\n"));
+                }
+            }
+            out.push_str(&format!("# TYPE {classic_name} {classic_kind}\n"));
+            continue;
+        }
+        if let Some((name, text)) = help.take() {
+            out.push_str(&format!("# HELP {name} {text}\n"));
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
 
 pub struct Metrics {
     registry: Registry,
@@ -221,24 +267,49 @@ impl Metrics {
             "Commit statuses and notifications dropped because their queue was full, by queue",
             m.report_dropped.clone(),
         );
-        registry.register(
-            "build",
-            "Version and commit of this binary",
-            Info::new(BuildLabels {
+        // A gauge fixed at 1 rather than an OpenMetrics `info` family: the same
+        // `sentry_build_info` sample, and a family classic parsers (promtool) accept.
+        let build_info: Family<BuildLabels, Gauge> = Family::default();
+        build_info
+            .get_or_create(&BuildLabels {
                 version: crate::build_info::VERSION.to_owned(),
                 commit: crate::build_info::COMMIT.to_owned(),
-            }),
+            })
+            .set(1);
+        registry.register(
+            "build_info",
+            "Version and commit of this binary (always 1)",
+            build_info,
         );
         Metrics { registry, ..m }
     }
 
-    /// The registry in the Prometheus/OpenMetrics text format.
+    /// The registry in the OpenMetrics text format (what Prometheus asks for in `Accept`).
     pub fn encode(&self) -> String {
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
         }
         out
+    }
+
+    /// The registry in the classic Prometheus text format (0.0.4), which `promtool`,
+    /// Telegraf, Vector and older scrapers read.
+    pub fn encode_classic(&self) -> String {
+        to_classic(&self.encode())
+    }
+
+    /// The body and its content type for a scraper that sent `accept`: OpenMetrics only
+    /// when it asks for it, the classic text format otherwise.
+    pub fn negotiate(&self, accept: Option<&str>) -> (&'static str, String) {
+        if accept.is_some_and(|a| {
+            a.to_ascii_lowercase()
+                .contains("application/openmetrics-text")
+        }) {
+            (OPENMETRICS_CONTENT_TYPE, self.encode())
+        } else {
+            (CLASSIC_CONTENT_TYPE, self.encode_classic())
+        }
     }
 
     pub fn cycle(&self, duration: Duration, errors: usize) {
@@ -417,6 +488,39 @@ fn unix_seconds(t: SystemTime) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn classic_text_names_families_after_their_samples() {
+        let m = Metrics::new();
+        m.forge_request("api.github.com", "200");
+        let classic = m.encode_classic();
+        assert!(!classic.contains("# EOF"), "{classic}");
+        assert!(
+            classic.contains("# TYPE sentry_poll_cycles_total counter\n"),
+            "{classic}"
+        );
+        assert!(
+            classic.contains("# HELP sentry_poll_cycles_total Completed poll cycles.\n"),
+            "{classic}"
+        );
+        assert!(
+            classic.contains("# TYPE sentry_build_info gauge\n"),
+            "{classic}"
+        );
+        assert!(
+            classic.contains(
+                "sentry_forge_requests_total{host=\"api.github.com\",status=\"200\"} 1\n"
+            ),
+            "{classic}"
+        );
+        let (ct, om) = m.negotiate(Some(
+            "application/openmetrics-text;version=1.0.0,text/plain;q=0.5",
+        ));
+        assert_eq!(ct, OPENMETRICS_CONTENT_TYPE);
+        assert!(om.ends_with("# EOF\n"), "{om}");
+        assert_eq!(m.negotiate(Some("text/plain")).0, CLASSIC_CONTENT_TYPE);
+        assert_eq!(m.negotiate(None).0, CLASSIC_CONTENT_TYPE);
+    }
 
     #[test]
     fn encodes_every_family_with_expected_names() {

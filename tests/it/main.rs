@@ -10,6 +10,7 @@ mod support;
 mod cli;
 mod crash;
 mod deploy;
+mod enterprise;
 mod faults;
 mod forge;
 mod ha;

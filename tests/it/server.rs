@@ -69,9 +69,16 @@ fn probes_answer_and_metrics_parse_and_move() {
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or_else(|| panic!("no sentry_poll_cycles_total in\n{text}"))
     };
-    let (code, first) = http("GET", port, "/metrics", &[], b"");
+    let (code, first) = http(
+        "GET",
+        port,
+        "/metrics",
+        &[("Accept", "application/openmetrics-text; version=1.0.0")],
+        b"",
+    );
     assert_eq!(code, 200);
     assert_prometheus_text(&first);
+    assert!(first.trim_end().ends_with("# EOF"), "no EOF marker");
     for name in [
         "sentry_build_info",
         "sentry_poll_cycle_duration_seconds_bucket",
@@ -86,9 +93,80 @@ fn probes_answer_and_metrics_parse_and_move() {
     drop(bg);
 }
 
+/// Without `Accept: application/openmetrics-text`, `/metrics` is the classic text format,
+/// which `promtool check metrics` (Debian `prometheus`, installed by `.ci/run`) accepts
+/// without a single complaint; a scraper that asks gets OpenMetrics.
+#[test]
+fn metrics_are_classic_text_for_promtool_unless_openmetrics_is_asked_for() {
+    let f = webhook_fixture("1s", 0);
+    let (bg, port) = started(&f);
+    let head = |accept: Option<&str>| {
+        let accept = accept
+            .map(|a| format!("Accept: {a}\r\n"))
+            .unwrap_or_default();
+        crate::support::http_raw(
+            port,
+            &format!(
+                "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{accept}\r\n"
+            ),
+            Duration::from_secs(10),
+        )
+        .expect("an answer")
+    };
+    let classic = head(None);
+    assert!(
+        classic
+            .to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{classic}"
+    );
+    let om = head(Some(
+        "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+    ));
+    assert!(
+        om.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text"),
+        "{om}"
+    );
+
+    let (code, text) = http("GET", port, "/metrics", &[("Accept", "text/plain")], b"");
+    assert_eq!(code, 200);
+    assert_prometheus_text(&text);
+    assert!(!text.contains("# EOF"), "{text}");
+    assert!(
+        text.contains("# TYPE sentry_poll_cycles_total counter"),
+        "{text}"
+    );
+    assert!(text.contains("# TYPE sentry_build_info gauge"), "{text}");
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; .ci/run installs it)");
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics: {}\n{}{}\n{text}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(bg);
+}
+
 /// Every sample line is `name{labels} value` with a numeric value; comments are `# ...`.
 fn assert_prometheus_text(text: &str) {
-    assert!(text.trim_end().ends_with("# EOF"), "no EOF marker");
     for line in text
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())

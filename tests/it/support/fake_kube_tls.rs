@@ -7,22 +7,36 @@ use base64::Engine as _;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::{self, pki_types::PrivateKeyDer};
 
 /// Serves `app` over TLS on `listener`; returns the CA certificate as kubeconfig
 /// `certificate-authority-data` (base64 of the PEM).
 pub fn serve(listener: tokio::net::TcpListener, app: axum::Router) -> String {
+    base64::engine::general_purpose::STANDARD.encode(serve_pem(listener, app))
+}
+
+/// Serves `app` over TLS on `listener` with a `localhost`/`127.0.0.1` certificate from a
+/// fresh CA; returns that CA's certificate as PEM.
+pub fn serve_pem(listener: tokio::net::TcpListener, app: axum::Router) -> String {
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // Distinct names: OpenSSL (libgit2) takes a leaf whose issuer equals its own subject
+    // (rcgen's default name for both) for a self-signed certificate.
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "Sentry test CA");
     let ca =
         CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("ca key")).expect("ca");
     let leaf_key = KeyPair::generate().expect("leaf key");
-    let leaf = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-        .expect("leaf params")
-        .signed_by(&leaf_key, &ca)
-        .expect("leaf");
+    let mut leaf_params =
+        CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .expect("leaf params");
+    leaf_params
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
+    let leaf = leaf_params.signed_by(&leaf_key, &ca).expect("leaf");
     let provider = rustls::crypto::aws_lc_rs::default_provider();
     let config = rustls::ServerConfig::builder_with_provider(provider.into())
         .with_safe_default_protocol_versions()
@@ -48,5 +62,5 @@ pub fn serve(listener: tokio::net::TcpListener, app: axum::Router) -> String {
             });
         }
     });
-    base64::engine::general_purpose::STANDARD.encode(ca.pem())
+    ca.pem()
 }

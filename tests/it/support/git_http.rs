@@ -57,6 +57,7 @@ use tokio::task::JoinHandle;
 /// A running Git smart-HTTP server on `127.0.0.1`; stops when dropped.
 pub struct GitHttpServer {
     port: u16,
+    scheme: &'static str,
     shared: Arc<Shared>,
     task: JoinHandle<()>,
 }
@@ -109,14 +110,63 @@ impl GitHttpServer {
                 eprintln!("git_http: server stopped: {err}");
             }
         });
-        Ok(GitHttpServer { port, shared, task })
+        Ok(GitHttpServer {
+            port,
+            scheme: "http",
+            shared,
+            task,
+        })
+    }
+
+    /// Like [`GitHttpServer::start`], over HTTPS: `serve_tls` serves the app on the
+    /// listener and returns the CA certificate (PEM) it made (`fake_kube_tls::serve_pem`);
+    /// `extra` routes (a fake forge API) are served beside Git. Returns the server and
+    /// that CA certificate.
+    pub async fn start_tls(
+        root: &Path,
+        credentials: Option<(&str, &str)>,
+        extra: Router,
+        serve_tls: impl FnOnce(TcpListener, Router) -> String,
+    ) -> io::Result<(GitHttpServer, String)> {
+        let backend = http_backend_path().await?;
+        let root = std::fs::canonicalize(root)?;
+        let auth = credentials.map(|(user, password)| {
+            let token = base64_encode(format!("{user}:{password}").as_bytes());
+            (format!("Basic {token}"), user.to_owned())
+        });
+        let shared = Arc::new(Shared {
+            root,
+            backend,
+            auth,
+            requests: AtomicUsize::new(0),
+            unauthorized: AtomicUsize::new(0),
+        });
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let port = listener.local_addr()?.port();
+        let app = extra.merge(
+            Router::new()
+                .fallback(handle)
+                .with_state(Arc::clone(&shared)),
+        );
+        let ca = serve_tls(listener, app);
+        let task = tokio::spawn(std::future::pending());
+        Ok((
+            GitHttpServer {
+                port,
+                scheme: "https",
+                shared,
+                task,
+            },
+            ca,
+        ))
     }
 
     /// The URL of the repository at `repo_rel_path` below the root, without credentials,
     /// e.g. `http://127.0.0.1:41234/qa.git`.
     pub fn url(&self, repo_rel_path: &str) -> String {
         format!(
-            "http://127.0.0.1:{}/{}",
+            "{}://127.0.0.1:{}/{}",
+            self.scheme,
             self.port,
             repo_rel_path.trim_start_matches('/')
         )
