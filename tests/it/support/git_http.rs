@@ -84,20 +84,7 @@ impl GitHttpServer {
         root: &Path,
         credentials: Option<(&str, &str)>,
     ) -> io::Result<GitHttpServer> {
-        let backend = http_backend_path().await?;
-        // http-backend wants an absolute project root; it resolves PATH_INFO below it.
-        let root = std::fs::canonicalize(root)?;
-        let auth = credentials.map(|(user, password)| {
-            let token = base64_encode(format!("{user}:{password}").as_bytes());
-            (format!("Basic {token}"), user.to_owned())
-        });
-        let shared = Arc::new(Shared {
-            root,
-            backend,
-            auth,
-            requests: AtomicUsize::new(0),
-            unauthorized: AtomicUsize::new(0),
-        });
+        let shared = shared(root, credentials).await?;
 
         // Only ever the loopback interface and an ephemeral port.
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
@@ -128,19 +115,7 @@ impl GitHttpServer {
         extra: Router,
         serve_tls: impl FnOnce(TcpListener, Router) -> String,
     ) -> io::Result<(GitHttpServer, String)> {
-        let backend = http_backend_path().await?;
-        let root = std::fs::canonicalize(root)?;
-        let auth = credentials.map(|(user, password)| {
-            let token = base64_encode(format!("{user}:{password}").as_bytes());
-            (format!("Basic {token}"), user.to_owned())
-        });
-        let shared = Arc::new(Shared {
-            root,
-            backend,
-            auth,
-            requests: AtomicUsize::new(0),
-            unauthorized: AtomicUsize::new(0),
-        });
+        let shared = shared(root, credentials).await?;
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let port = listener.local_addr()?.port();
         let app = extra.merge(
@@ -423,6 +398,25 @@ fn base64_encode(input: &[u8]) -> String {
         }
     }
     out
+}
+
+/// What every request handler shares: the repositories' root, the CGI program and the
+/// Basic credentials, if any.
+async fn shared(root: &Path, credentials: Option<(&str, &str)>) -> io::Result<Arc<Shared>> {
+    let backend = http_backend_path().await?;
+    // http-backend wants an absolute project root; it resolves PATH_INFO below it.
+    let root = std::fs::canonicalize(root)?;
+    let auth = credentials.map(|(user, password)| {
+        let token = base64_encode(format!("{user}:{password}").as_bytes());
+        (format!("Basic {token}"), user.to_owned())
+    });
+    Ok(Arc::new(Shared {
+        root,
+        backend,
+        auth,
+        requests: AtomicUsize::new(0),
+        unauthorized: AtomicUsize::new(0),
+    }))
 }
 
 #[cfg(test)]
