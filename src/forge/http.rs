@@ -94,6 +94,8 @@ pub(crate) struct Http {
     not_modified: AtomicU64,
     errors: AtomicU64,
     events: RwLock<Option<Arc<dyn ForgeEvents>>>,
+    /// GitHub App installation tokens, per installation.
+    apps: super::app::AppTokens,
 }
 
 /// One API host (or Git host): its concurrency limit and what we know of its rate limit.
@@ -132,7 +134,13 @@ impl Http {
             not_modified: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             events: RwLock::new(None),
+            apps: super::app::AppTokens::default(),
         })
+    }
+
+    /// The GitHub App installation tokens minted through this client.
+    pub fn apps(&self) -> &super::app::AppTokens {
+        &self.apps
     }
 
     pub fn request_timeout(&self) -> Duration {
@@ -394,7 +402,7 @@ impl Http {
         match status {
             StatusCode::UNAUTHORIZED => Attempt::Done(Err(ForgeError::Auth(if call.has_token {
                 format!(
-                    "{}: bad or expired token for {} (401 Unauthorized)",
+                    "{}: bad or expired token for {}{TOKEN_REFUSED}",
                     call.repo, host.name
                 )
             } else {
@@ -655,6 +663,15 @@ fn status_text(status: StatusCode) -> String {
         Some(reason) => format!("{} {reason}", status.as_u16()),
         None => status.as_u16().to_string(),
     }
+}
+
+/// How the message of a 401 to a request with a token ends (see [`is_unauthorized`]).
+const TOKEN_REFUSED: &str = " (401 Unauthorized)";
+
+/// Whether `error` is a 401 to a request that carried a token: a GitHub App token that
+/// was revoked or expired early is handed back and minted again once.
+pub(crate) fn is_unauthorized(error: &ForgeError) -> bool {
+    matches!(error, ForgeError::Auth(m) if m.ends_with(TOKEN_REFUSED))
 }
 
 /// Whether a transport error is a refused TLS certificate (rustls reports it in the

@@ -16,6 +16,7 @@
 //! travels in a sensitive header (never in a URL, a log line or a message); no request is
 //! sent to a host while it is paused for a rate limit.
 
+pub(crate) mod app;
 mod git;
 mod github;
 mod gitlab;
@@ -201,9 +202,9 @@ impl Forges {
         tls::set_git_ca_files(&config.ca_files);
         let http = Http::new(config.request_timeout, config.max_requests_per_host, roots)
             .map_err(|e| anyhow::anyhow!("cannot build the HTTP client: {e}"))?;
-        Ok(Forges {
-            http: Arc::new(http),
-        })
+        let http = Arc::new(http);
+        app::set_process_http(&http);
+        Ok(Forges { http })
     }
 
     /// Feeds request and rate-limit events to `events` (replaces any earlier observer).
