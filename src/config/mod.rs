@@ -319,6 +319,8 @@ pub struct Repository {
     pub monitor: Monitor,
     pub deploy: Deploy,
     pub report: Report,
+    /// `tls.ca_file` of this repository: trusted for its hosts besides `Config::ca_files`.
+    pub ca_files: Vec<PathBuf>,
 }
 
 impl Repository {

@@ -246,6 +246,9 @@ pub struct RawRepository {
     pub deploy: Option<RawDeploy>,
     /// Commit statuses for this repository; overrides the group's `report`.
     pub report: Option<RawReport>,
+    /// Certificate authorities trusted for this repository's hosts (its API, Git and QA
+    /// hosts) besides the top-level `tls.ca_file` and the system's.
+    pub tls: Option<RawTls>,
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]

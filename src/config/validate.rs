@@ -176,21 +176,31 @@ impl Checker<'_> {
             ("GIT_SSL_CAINFO (environment)".to_owned(), from_env),
         ] {
             let Some(file) = file else { continue };
-            match std::fs::read(&file) {
-                Ok(bytes) if contains_pem_certificate(&bytes) => {
-                    let file = PathBuf::from(file);
-                    if !files.contains(&file) {
-                        files.push(file);
-                    }
+            if let Some(file) = self.ca_file(&path, file) {
+                if !files.contains(&file) {
+                    files.push(file);
                 }
-                Ok(_) => self.error(
-                    &path,
-                    format!("{file} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"),
-                ),
-                Err(e) => self.error(&path, format!("cannot read {file}: {e}")),
             }
         }
         files
+    }
+
+    /// A readable PEM file holding at least one certificate, reported at `path` otherwise.
+    fn ca_file(&mut self, path: &str, file: String) -> Option<PathBuf> {
+        match std::fs::read(&file) {
+            Ok(bytes) if contains_pem_certificate(&bytes) => Some(PathBuf::from(file)),
+            Ok(_) => {
+                self.error(
+                    path,
+                    format!("{file} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"),
+                );
+                None
+            }
+            Err(e) => {
+                self.error(path, format!("cannot read {file}: {e}"));
+                None
+            }
+        }
     }
 
     fn optional_text(&mut self, path: &str, value: Option<String>) -> Option<String> {
@@ -676,6 +686,14 @@ impl Checker<'_> {
             .and_then(|g| groups.iter().find(|known| known.name == g));
         let repo = (name.as_deref().unwrap_or_default(), monitor.as_ref());
         let report = self.report(path, raw.report, own_group, repo);
+        let tls_path = format!("{path}.tls.ca_file");
+        let ca_file = raw.tls.unwrap_or_default().ca_file;
+        let ca_files = self
+            .optional_text(&tls_path, ca_file)
+            .filter(|p| !p.is_empty())
+            .and_then(|file| self.ca_file(&tls_path, file))
+            .into_iter()
+            .collect();
         if self.errors() != before {
             return None;
         }
@@ -685,6 +703,7 @@ impl Checker<'_> {
             monitor: monitor?,
             deploy: deploy?,
             report,
+            ca_files,
         })
     }
 

@@ -342,6 +342,9 @@ async fn clone(a: &Attempt<'_>, dir: &Path) -> Result<(), Outcome> {
 }
 
 fn clone_failed(a: &Attempt<'_>, error: Result<CheckoutError, Outcome>) -> Outcome {
+    if let Ok(CheckoutError::Certificate { url, .. }) = &error {
+        crate::forge::count_tls_error(url);
+    }
     match error {
         Ok(e) => setup_failed(a, &e.to_string()),
         Err(outcome) => outcome,

@@ -474,6 +474,10 @@ pub(crate) fn set_process_http(http: &Arc<Http>) {
     let _ = PROCESS_HTTP.set(http.clone());
 }
 
+pub(crate) fn process_http() -> Option<&'static Arc<Http>> {
+    PROCESS_HTTP.get()
+}
+
 /// An installation token for `app` through the process's client (see [`AppTokens::token`]).
 pub async fn installation_token(
     app: &GithubApp,

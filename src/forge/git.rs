@@ -132,6 +132,9 @@ async fn ls_remote(
             let started = std::time::Instant::now();
             let result = once(http, repo, cancel).await;
             http.count_other(host.name(), result.is_ok());
+            if let Err(ForgeError::Certificate(_)) = &result {
+                http.tls_error(host.name());
+            }
             tracing::debug!(
                 repo = %repo.name,
                 url = %redact(&repo.monitor.repo_url),
@@ -375,7 +378,7 @@ pub fn is_certificate_error(error: &git2::Error) -> bool {
 }
 
 /// The host part of a Git URL (`host` or `host:port`), `local` for paths and `file://`.
-fn host_of(url: &str) -> String {
+pub(crate) fn host_of(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(u) if u.scheme() == "file" => "local".to_owned(),
         Ok(u) if u.host_str().is_some() => super::http::host_key(&u).to_owned(),
