@@ -547,6 +547,7 @@ mod tests {
         m.cycle(Duration::from_millis(30), 0);
         m.forge_request("api.github.com", "304");
         m.forge_error("rag", "not_found");
+        m.tls_error("ghe.corp:8443");
         m.rate_limit("api.github.com", Some(4999), Some(SystemTime::now()));
         m.branch_change("rag");
         m.group_run_started("g");
@@ -562,6 +563,7 @@ mod tests {
             "sentry_poll_cycle_duration_seconds_bucket",
             "sentry_forge_requests_total{host=\"api.github.com\",status=\"304\"} 1",
             "sentry_forge_errors_total{repository=\"rag\",kind=\"not_found\"} 1",
+            "sentry_tls_errors_total{host=\"ghe.corp:8443\"} 1",
             "sentry_rate_limit_remaining{host=\"api.github.com\"} 4999",
             "sentry_rate_limit_reset_timestamp_seconds{host=\"api.github.com\"}",
             "sentry_branch_changes_total{repository=\"rag\"} 1",
