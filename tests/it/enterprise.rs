@@ -150,7 +150,8 @@ async fn a_private_ca_is_trusted_through_tls_ca_file_or_git_ssl_cainfo() {
 }
 
 /// Two HTTPS forges, each with its own private CA. The repository whose `tls.ca_file`
-/// names the first CA works; the one on the other host fails at once with a certificate
+/// names both CAs works; the one on the other host, which has none, fails at once (its
+/// API client does not get the other repository's CAs) with a certificate
 /// error naming the host and the reason, is not retried, and is counted in
 /// `sentry_tls_errors_total{host}`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -176,11 +177,12 @@ async fn a_repository_ca_trusts_only_its_hosts_and_a_refused_certificate_is_coun
         GitHttpServer::start_tls(&served, None, api(head.clone()), fake_kube_tls::serve_pem)
             .await
             .expect("https server a");
-    let (refused, _other_ca) =
+    let (refused, other_ca) =
         GitHttpServer::start_tls(&served, None, api(head.clone()), fake_kube_tls::serve_pem)
             .await
             .expect("https server b");
-    let ca_file = write(&root, "a-ca.pem", &ca);
+    // a's bundle holds b's CA too: were it trusted for every host, b would work.
+    let ca_file = write(&root, "a-ca.pem", &format!("{ca}\n{other_ca}"));
     let (base_a, base_b) = (
         trusted.url("").trim_end_matches('/').to_owned(),
         refused.url("").trim_end_matches('/').to_owned(),
