@@ -686,6 +686,20 @@ impl Checker<'_> {
             .and_then(|g| groups.iter().find(|known| known.name == g));
         let repo = (name.as_deref().unwrap_or_default(), monitor.as_ref());
         let report = self.report(path, raw.report, own_group, repo);
+        if let Some(g) = own_group.filter(|g| matches!(g.executor, ExecutorKind::Kubernetes(_))) {
+            let apps = [
+                (&monitor_path, monitor.as_ref().map(|m| &m.auth)),
+                (&deploy_path, deploy.as_ref().map(|d| &d.auth)),
+            ];
+            for (side, auth) in apps {
+                if auth.is_some_and(|a| a.github_app.is_some()) {
+                    self.error(
+                        format!("{side}.auth.github_app"),
+                        format!("group {} runs units as Kubernetes Jobs, whose pods mint no GitHub App tokens (they would need the private key); use a token, or the local executor", g.name),
+                    );
+                }
+            }
+        }
         let tls_path = format!("{path}.tls.ca_file");
         let ca_file = raw.tls.unwrap_or_default().ca_file;
         let ca_files = self

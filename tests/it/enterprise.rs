@@ -258,6 +258,22 @@ async fn a_repository_ca_trusts_only_its_hosts_and_a_refused_certificate_is_coun
         assert!(state.contains(&head), "{state}");
         assert!(state.contains("\"a\""), "{state}");
         assert!(!state.contains("\"b\""), "{state}");
+
+        // A repository's CA file that holds no certificate: a validation error at its path.
+        write(root, "not-a-ca.pem", "hello\n");
+        let text = std::fs::read_to_string(root.join("sentry.yaml")).unwrap();
+        write(
+            root,
+            "sentry.yaml",
+            &text.replace("a-ca.pem", "not-a-ca.pem"),
+        );
+        let out = run(sentry(root).args(["-c", "sentry.yaml", "validate"]));
+        assert_eq!(out.code, Some(1), "{}", out.all());
+        assert!(
+            out.all().contains("repositories[0].tls.ca_file"),
+            "{}",
+            out.all()
+        );
     })
     .await
     .unwrap();

@@ -287,6 +287,32 @@ async fn github_app_configuration_errors_name_the_key() {
         assert_eq!(out.code, Some(1), "{}", out.all());
         assert!(out.all().contains("not both"), "{}", out.all());
 
+        // GitLab: an App authenticates to GitHub only.
+        let mut y = head(root);
+        y.push_str(
+            &repo("api", &base, "github", &w.key, root)
+                .replace("repo_type: github", "repo_type: gitlab"),
+        );
+        write(root, "sentry.yaml", &y);
+        let out = sentry_run(root, &["validate"]);
+        assert_eq!(out.code, Some(1), "{}", out.all());
+        assert!(
+            out.all()
+                .contains("repositories[0].monitor.auth.github_app"),
+            "{}",
+            out.all()
+        );
+
+        // Job pods mint no tokens: refused for a group on the kubernetes executor.
+        let y = head(root).replace(
+            "execution_strategy: sequential\n",
+            "execution_strategy: sequential\n    executor:\n      kind: kubernetes\n      namespace: qa\n      image: sentry:test\n",
+        ) + &repo("api", &base, "github", &w.key, root);
+        write(root, "sentry.yaml", &y);
+        let out = sentry_run(root, &["validate"]);
+        assert_eq!(out.code, Some(1), "{}", out.all());
+        assert!(out.all().contains("Kubernetes Jobs"), "{}", out.all());
+
         let mut y = head(root);
         y.push_str(&repo("api", &base, "github", &w.key, root));
         write(root, "sentry.yaml", &y);
