@@ -308,7 +308,11 @@ async fn app_token(a: &Attempt<'_>, app: &GithubApp) -> Result<SecretString, Out
         token = crate::forge::app::installation_token(app, &a.repo.name, &cancel) => token,
         _ = interrupted(a) => {
             cancel.cancel();
-            return Err(clone_interrupted(a));
+            return Err(if a.shutdown.is_requested() {
+                Outcome::new(UnitStatus::Cancelled, None)
+            } else {
+                setup_failed(a, "no GitHub App installation token before the group's global_timeout")
+            });
         }
     };
     token.map_err(|e| {
