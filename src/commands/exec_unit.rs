@@ -19,6 +19,9 @@ pub fn exec_unit(cli: &Cli, env: &Env) -> anyhow::Result<Exit> {
     let spec: UnitSpec =
         serde_json::from_str(&text).with_context(|| format!("{UNIT_SPEC_ENV} is not a unit"))?;
     let config = Arc::new(load_config(&cli.config, env)?);
+    // The trust for the clone (tls.ca_file, GIT_SSL_CAINFO, per-repository CA files), as in
+    // `watch`: building the forge clients records it for libgit2.
+    let _forges = crate::forge::Forges::new(&config)?;
     runtime()?.block_on(async {
         let shutdown = Shutdown::new();
         // The kubelet's SIGTERM (Job deleted, deadline) stops the commands' process groups.

@@ -319,6 +319,8 @@ pub struct Repository {
     pub monitor: Monitor,
     pub deploy: Deploy,
     pub report: Report,
+    /// `tls.ca_file` of this repository: trusted for its hosts besides `Config::ca_files`.
+    pub ca_files: Vec<PathBuf>,
 }
 
 impl Repository {
@@ -439,6 +441,30 @@ impl BranchPattern {
 pub struct Auth {
     pub username: Option<String>,
     pub token: Option<SecretString>,
+    /// `auth.github_app`: installation tokens minted at run time instead of `token`.
+    pub github_app: Option<Arc<GithubApp>>,
+}
+
+impl Auth {
+    /// Whether requests carry credentials (a token, or a GitHub App's installation token).
+    pub fn has_credentials(&self) -> bool {
+        self.token.is_some() || self.github_app.is_some()
+    }
+}
+
+/// A GitHub App that authenticates for one repository (`auth.github_app`), with the API
+/// and the repository it asks about resolved from the repository's URL.
+#[derive(Debug, Clone)]
+pub struct GithubApp {
+    pub app_id: u64,
+    /// `None`: found from the repository (`GET /repos/{owner}/{repo}/installation`).
+    pub installation_id: Option<u64>,
+    pub private_key_file: PathBuf,
+    pub key: crate::forge::app::AppKey,
+    /// The API root, without a trailing slash (`https://api.github.com`, `https://HOST/api/v3`).
+    pub api_url: String,
+    /// `owner/repo`.
+    pub project: String,
 }
 
 #[derive(Debug, Clone)]

@@ -246,6 +246,9 @@ pub struct RawRepository {
     pub deploy: Option<RawDeploy>,
     /// Commit statuses for this repository; overrides the group's `report`.
     pub report: Option<RawReport>,
+    /// Certificate authorities trusted for this repository's hosts (its API, Git and QA
+    /// hosts) besides the top-level `tls.ca_file` and the system's.
+    pub tls: Option<RawTls>,
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
@@ -312,6 +315,23 @@ pub enum RawInheritEnv {
 pub struct RawAuth {
     pub username: Option<String>,
     pub token: Option<String>,
+    /// Authenticate as a GitHub App installation instead of with a token: short-lived
+    /// installation tokens are minted and refreshed. Excludes `token`.
+    pub github_app: Option<RawGithubApp>,
+}
+
+/// `auth.github_app`: a GitHub App that is installed on the repository.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct RawGithubApp {
+    /// The App's ID (its settings page, "App ID").
+    #[schemars(required)]
+    pub app_id: Option<u64>,
+    /// The installation's ID; found from the repository (`GET /repos/{owner}/{repo}/installation`) when absent.
+    pub installation_id: Option<u64>,
+    /// PEM file of the App's RSA private key (as GitHub downloads it, or PKCS#8).
+    #[schemars(required)]
+    pub private_key_file: Option<String>,
 }
 
 /// A duration as written: integer seconds (`900`) or text (`90s`, `15m`, `1h30m`).

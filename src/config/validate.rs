@@ -15,19 +15,30 @@ use serde_yaml::Value as Yaml;
 
 use super::expand::{self, Env, ExpandError};
 use super::raw::{
-    RawAuth, RawConfig, RawDeploy, RawDuration, RawExecutor, RawGroup, RawInheritEnv, RawMonitor,
-    RawNotify, RawPendingRetry, RawReport, RawRepository, RawTls,
+    RawAuth, RawConfig, RawDeploy, RawDuration, RawExecutor, RawGithubApp, RawGroup, RawInheritEnv,
+    RawMonitor, RawNotify, RawPendingRetry, RawReport, RawRepository, RawTls,
 };
 use super::schema_keys::{check_unknown_keys, suggest};
 use super::{
-    Auth, BranchPattern, BranchSpec, Config, Deploy, DeployScope, Diagnostic, ExecutorKind, Group,
-    GroupReport, InheritEnv, KubernetesExecutorConfig, Monitor, NotifyEvent, NotifyKind,
-    NotifyTarget, PendingRetry, RepoType, Report, Repository, ServerConfig, Strategy,
+    Auth, BranchPattern, BranchSpec, Config, Deploy, DeployScope, Diagnostic, ExecutorKind,
+    GithubApp, Group, GroupReport, InheritEnv, KubernetesExecutorConfig, Monitor, NotifyEvent,
+    NotifyKind, NotifyTarget, PendingRetry, RepoType, Report, Repository, ServerConfig, Strategy,
     WebhookConfig, from_value,
 };
 #[cfg(test)]
 use super::{LeaderElection, StateConfig};
+use crate::forge::app::AppKey;
 use crate::forge::kind;
+
+/// `auth.github_app` as read, before the repository's URL says which API it is for.
+struct AppParts {
+    /// Its config path, for messages.
+    path: String,
+    app_id: u64,
+    installation_id: Option<u64>,
+    private_key_file: PathBuf,
+    key: AppKey,
+}
 
 /// Durations beyond this are a typo (an hour count written as seconds, say), not a plan.
 const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -165,21 +176,31 @@ impl Checker<'_> {
             ("GIT_SSL_CAINFO (environment)".to_owned(), from_env),
         ] {
             let Some(file) = file else { continue };
-            match std::fs::read(&file) {
-                Ok(bytes) if contains_pem_certificate(&bytes) => {
-                    let file = PathBuf::from(file);
-                    if !files.contains(&file) {
-                        files.push(file);
-                    }
+            if let Some(file) = self.ca_file(&path, file) {
+                if !files.contains(&file) {
+                    files.push(file);
                 }
-                Ok(_) => self.error(
-                    &path,
-                    format!("{file} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"),
-                ),
-                Err(e) => self.error(&path, format!("cannot read {file}: {e}")),
             }
         }
         files
+    }
+
+    /// A readable PEM file holding at least one certificate, reported at `path` otherwise.
+    fn ca_file(&mut self, path: &str, file: String) -> Option<PathBuf> {
+        match std::fs::read(&file) {
+            Ok(bytes) if contains_pem_certificate(&bytes) => Some(PathBuf::from(file)),
+            Ok(_) => {
+                self.error(
+                    path,
+                    format!("{file} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"),
+                );
+                None
+            }
+            Err(e) => {
+                self.error(path, format!("cannot read {file}: {e}"));
+                None
+            }
+        }
     }
 
     fn optional_text(&mut self, path: &str, value: Option<String>) -> Option<String> {
@@ -449,7 +470,7 @@ impl Checker<'_> {
         let repo_type = monitor.map(|m| m.repo_type);
         if commit_status == Some(true)
             && let Some(m) = monitor
-            && m.auth.token.is_none()
+            && !m.auth.has_credentials()
             && kind::of(m.repo_type).status_spacing.is_some()
         {
             self.warn(
@@ -665,6 +686,28 @@ impl Checker<'_> {
             .and_then(|g| groups.iter().find(|known| known.name == g));
         let repo = (name.as_deref().unwrap_or_default(), monitor.as_ref());
         let report = self.report(path, raw.report, own_group, repo);
+        if let Some(g) = own_group.filter(|g| matches!(g.executor, ExecutorKind::Kubernetes(_))) {
+            let apps = [
+                (&monitor_path, monitor.as_ref().map(|m| &m.auth)),
+                (&deploy_path, deploy.as_ref().map(|d| &d.auth)),
+            ];
+            for (side, auth) in apps {
+                if auth.is_some_and(|a| a.github_app.is_some()) {
+                    self.error(
+                        format!("{side}.auth.github_app"),
+                        format!("group {} runs units as Kubernetes Jobs, whose pods mint no GitHub App tokens (they would need the private key); use a token, or the local executor", g.name),
+                    );
+                }
+            }
+        }
+        let tls_path = format!("{path}.tls.ca_file");
+        let ca_file = raw.tls.unwrap_or_default().ca_file;
+        let ca_files = self
+            .optional_text(&tls_path, ca_file)
+            .filter(|p| !p.is_empty())
+            .and_then(|file| self.ca_file(&tls_path, file))
+            .into_iter()
+            .collect();
         if self.errors() != before {
             return None;
         }
@@ -674,6 +717,7 @@ impl Checker<'_> {
             monitor: monitor?,
             deploy: deploy?,
             report,
+            ca_files,
         })
     }
 
@@ -703,7 +747,8 @@ impl Checker<'_> {
             .and_then(|_| self.repo_type(&type_path, raw.repo_type));
         let url_path = format!("{path}.repo_url");
         let repo_url = self.required_text(&url_path, raw.repo_url);
-        let auth = self.auth(&format!("{path}.auth"), raw.auth);
+        let (mut auth, app) = self.auth(&format!("{path}.auth"), raw.auth);
+        let credentials = auth.token.is_some() || app.is_some();
         let branches = self.branches(&format!("{path}.branches"), raw.branches);
         let (repo_type, repo_url) = (repo_type?, repo_url?);
 
@@ -716,7 +761,12 @@ impl Checker<'_> {
         };
         let (api_url, project_path) = match &kind::of(repo_type).project {
             None => {
-                self.warn_plain_http(&url_path, &remote, &auth);
+                self.warn_plain_http(&url_path, &remote, credentials);
+                let web = match &remote {
+                    Remote::Http(web) => Some(web),
+                    Remote::Local => None,
+                };
+                self.attach_app(&mut auth, app, web, None);
                 (None, String::new())
             }
             Some(rule) => {
@@ -744,7 +794,18 @@ impl Checker<'_> {
                     None => default_api_url(repo_type, web),
                 };
                 if let Some(api) = &api {
-                    self.warn_plain_http(&api_path, &Remote::Http(api.clone()), &auth);
+                    self.warn_plain_http(&api_path, &Remote::Http(api.clone()), credentials);
+                }
+                if app.is_some() && repo_type != RepoType::Github {
+                    self.error(
+                        format!("{path}.auth.github_app"),
+                        format!(
+                            "a GitHub App authenticates to GitHub only, and repo_type is {}",
+                            repo_type.as_str()
+                        ),
+                    );
+                } else {
+                    self.attach_app(&mut auth, app, Some(web), api.as_ref());
                 }
                 (api, project)
             }
@@ -803,7 +864,9 @@ impl Checker<'_> {
         (self.errors() == before).then_some(specs)
     }
 
-    fn auth(&mut self, path: &str, raw: Option<RawAuth>) -> Auth {
+    /// `auth`; its `github_app` is read into [`AppParts`] and attached by the caller once
+    /// the repository's URL says which API and repository it is for.
+    fn auth(&mut self, path: &str, raw: Option<RawAuth>) -> (Auth, Option<AppParts>) {
         let raw = raw.unwrap_or_default();
         let username = self
             .optional_text(&format!("{path}.username"), raw.username)
@@ -812,14 +875,114 @@ impl Checker<'_> {
             .optional_text(&format!("{path}.token"), raw.token)
             .filter(|t| !t.is_empty())
             .map(SecretString::from);
-        Auth { username, token }
+        let app = raw
+            .github_app
+            .and_then(|app| self.app_parts(&format!("{path}.github_app"), app));
+        if token.is_some() && app.is_some() {
+            self.error(
+                format!("{path}.github_app"),
+                format!("set either {path}.token or {path}.github_app, not both"),
+            );
+        }
+        let auth = Auth {
+            username,
+            token,
+            github_app: None,
+        };
+        (auth, app)
+    }
+
+    /// `auth.github_app` as written: an App ID and a readable RSA private key.
+    fn app_parts(&mut self, path: &str, raw: RawGithubApp) -> Option<AppParts> {
+        let app_id = self.required(&format!("{path}.app_id"), raw.app_id);
+        if app_id == Some(0) {
+            self.error(
+                format!("{path}.app_id"),
+                "must be the App's ID (a positive number)",
+            );
+        }
+        if raw.installation_id == Some(0) {
+            self.error(
+                format!("{path}.installation_id"),
+                "must be a positive number (or left out to find it from the repository)",
+            );
+        }
+        let key_path = format!("{path}.private_key_file");
+        let file = self.required_text(&key_path, raw.private_key_file)?;
+        let key = match std::fs::read(&file) {
+            Ok(pem) => match AppKey::from_pem(&pem) {
+                Ok(key) => Some(key),
+                Err(why) => {
+                    self.error(&key_path, format!("{file} {why}"));
+                    None
+                }
+            },
+            Err(e) => {
+                self.error(&key_path, format!("cannot read {file}: {e}"));
+                None
+            }
+        };
+        Some(AppParts {
+            path: path.to_owned(),
+            app_id: app_id.filter(|id| *id > 0)?,
+            installation_id: raw.installation_id.filter(|id| *id > 0),
+            private_key_file: PathBuf::from(file),
+            key: key?,
+        })
+    }
+
+    /// Attaches `parts` to `auth` for the GitHub repository at `web` (its API at `api`,
+    /// else GitHub's default for the host).
+    fn attach_app(
+        &mut self,
+        auth: &mut Auth,
+        parts: Option<AppParts>,
+        web: Option<&url::Url>,
+        api: Option<&url::Url>,
+    ) {
+        let Some(parts) = parts else { return };
+        let Some(web) = web else {
+            self.error(
+                &parts.path,
+                "a GitHub App authenticates to GitHub over https:// only; this repository's URL is not an http(s) URL",
+            );
+            return;
+        };
+        let project = project_path(web);
+        if project.split('/').count() != 2 {
+            self.error(
+                &parts.path,
+                format!("a GitHub App needs a repository URL naming OWNER/REPO, not \"{project}\""),
+            );
+            return;
+        }
+        let api = api
+            .cloned()
+            .or_else(|| default_api_url(RepoType::Github, web));
+        let Some(mut api) = api else {
+            self.error(
+                &parts.path,
+                "cannot tell the GitHub API root from the repository URL",
+            );
+            return;
+        };
+        api.set_query(None);
+        api.set_fragment(None);
+        auth.github_app = Some(Arc::new(GithubApp {
+            app_id: parts.app_id,
+            installation_id: parts.installation_id,
+            private_key_file: parts.private_key_file,
+            key: parts.key,
+            api_url: api.as_str().trim_end_matches('/').to_owned(),
+            project,
+        }));
     }
 
     /// A token over plain http to a host that is not loopback: anyone on the path reads
     /// it. An error unless `allow_insecure_http: true`, then a warning.
-    fn warn_plain_http(&mut self, path: &str, remote: &Remote, auth: &Auth) {
+    fn warn_plain_http(&mut self, path: &str, remote: &Remote, credentials: bool) {
         if let Remote::Http(url) = remote {
-            if url.scheme() == "http" && auth.token.is_some() && !is_loopback(url) {
+            if url.scheme() == "http" && credentials && !is_loopback(url) {
                 if self.allow_insecure_http {
                     self.warn(path, "a token travels unencrypted over plain http to a host that is not loopback (allow_insecure_http: true); use https");
                 } else {
@@ -844,12 +1007,18 @@ impl Checker<'_> {
             }
         }
         let explicit_type = self.repo_type(&format!("{path}.repo_type"), raw.repo_type);
-        let auth = self.auth(&format!("{path}.auth"), raw.auth);
+        let (mut auth, app) = self.auth(&format!("{path}.auth"), raw.auth);
+        let credentials = auth.token.is_some() || app.is_some();
         let mut repo_type = RepoType::Git;
         if let Some(url) = &qa_repo_url {
             match parse_remote(url) {
                 Ok(remote) => {
-                    self.warn_plain_http(&url_path, &remote, &auth);
+                    self.warn_plain_http(&url_path, &remote, credentials);
+                    let web = match &remote {
+                        Remote::Http(web) => Some(web),
+                        Remote::Local => None,
+                    };
+                    self.attach_app(&mut auth, app, web, None);
                     repo_type = explicit_type.unwrap_or_else(|| infer_repo_type(&remote));
                 }
                 Err(message) => self.error(&url_path, message),

@@ -59,9 +59,13 @@ pub fn clone_username(deploy: &Deploy) -> String {
     if let Some(user) = &deploy.auth.username {
         return user.clone();
     }
-    crate::forge::kind::of(deploy.repo_type)
-        .clone_username
-        .to_owned()
+    // An App's installation token goes with GitHub's user name, whatever the URL's kind.
+    let repo_type = if deploy.auth.github_app.is_some() {
+        crate::config::RepoType::Github
+    } else {
+        deploy.repo_type
+    };
+    crate::forge::kind::of(repo_type).clone_username.to_owned()
 }
 
 /// Why a clone failed, by what the caller does about it.

@@ -6,8 +6,13 @@
 //! is masked line by line; a line longer than the runner's read cap arrives in pieces, and
 //! [`MaskStream`] holds back enough bytes at the end of each piece that a secret split
 //! across two pieces is still masked whole.
+//!
+//! Secrets that only exist at run time (GitHub App installation tokens, minted hourly) are
+//! added to a process-wide list with [`remember_runtime_secret`] as they arrive; every
+//! [`Masker`], including those built before, masks them too, whatever their length.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE_NO_PAD};
@@ -31,6 +36,40 @@ const URL_ESCAPED: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'.')
     .remove(b'_')
     .remove(b'~');
+
+/// Runtime secrets kept for masking: the latest tokens, each in all its forms, longest
+/// form first. Old ones go: an installation token lives an hour.
+static RUNTIME: RwLock<VecDeque<Vec<SecretString>>> = RwLock::new(VecDeque::new());
+/// How many runtime secrets are kept (a day of hourly tokens for a few installations).
+const RUNTIME_KEPT: usize = 128;
+
+/// Masks `secret` (and its encoded forms) in all output from now on, in every [`Masker`].
+pub(crate) fn remember_runtime_secret(secret: &str) {
+    if secret.len() < MIN_SECRET_LEN {
+        return;
+    }
+    let mut all = RUNTIME.write().unwrap_or_else(PoisonError::into_inner);
+    if all
+        .iter()
+        .any(|forms| forms.first().is_some_and(|f| f.expose_secret() == secret))
+    {
+        return;
+    }
+    let mut forms = forms(secret);
+    forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
+    forms.retain(|f| f.len() >= MIN_ENCODED_LEN || f == secret);
+    // The secret itself first (it is the longest of its forms but for base64 ones).
+    forms.sort_by_key(|f| (f != secret, std::cmp::Reverse(f.len())));
+    all.push_back(forms.into_iter().map(SecretString::from).collect());
+    while all.len() > RUNTIME_KEPT {
+        all.pop_front();
+    }
+}
+
+/// Runs `f` over the runtime secrets' forms.
+fn with_runtime<T>(f: impl FnOnce(&VecDeque<Vec<SecretString>>) -> T) -> T {
+    f(&RUNTIME.read().unwrap_or_else(PoisonError::into_inner))
+}
 
 /// Replaces every configured secret value, and its encoded forms, with [`MASK`].
 #[derive(Clone, Default)]
@@ -68,6 +107,16 @@ impl Masker {
 
     pub fn mask(&self, text: &str) -> String {
         let mut out = text.to_owned();
+        // Runtime tokens first: they are long, and a configured secret inside one would
+        // otherwise break it up before it is found.
+        with_runtime(|runtime| {
+            for pattern in runtime.iter().flatten() {
+                let value = pattern.expose_secret();
+                if out.contains(value) {
+                    out = out.replace(value, MASK);
+                }
+            }
+        });
         for pattern in self.patterns.iter() {
             let value = pattern.expose_secret();
             if out.contains(value) {
@@ -80,6 +129,14 @@ impl Masker {
     /// Masks raw bytes (output that may not be UTF-8).
     fn mask_bytes(&self, bytes: &[u8]) -> Vec<u8> {
         let mut out = bytes.to_vec();
+        with_runtime(|runtime| {
+            for pattern in runtime.iter().flatten() {
+                let needle = pattern.expose_secret().as_bytes();
+                if find(&out, needle, 0).is_some() {
+                    out = replace_all(&out, needle, MASK.as_bytes());
+                }
+            }
+        });
         for pattern in self.patterns.iter() {
             let needle = pattern.expose_secret().as_bytes();
             if find(&out, needle, 0).is_some() {
@@ -98,7 +155,18 @@ impl Masker {
     }
 
     fn longest(&self) -> usize {
-        self.patterns.first().map_or(0, |p| p.expose_secret().len())
+        let runtime = with_runtime(|runtime| {
+            runtime
+                .iter()
+                .flatten()
+                .map(|p| p.expose_secret().len())
+                .max()
+                .unwrap_or(0)
+        });
+        self.patterns
+            .first()
+            .map_or(0, |p| p.expose_secret().len())
+            .max(runtime)
     }
 }
 
@@ -147,9 +215,10 @@ impl MaskStream {
     /// Moves `cut` back before every occurrence of a pattern that spans it, so that each
     /// occurrence is masked whole on one side.
     fn before_straddling(&self, mut cut: usize) -> usize {
+        let runtime: Vec<SecretString> = with_runtime(|r| r.iter().flatten().cloned().collect());
         loop {
             let mut moved = false;
-            for pattern in self.masker.patterns.iter() {
+            for pattern in self.masker.patterns.iter().chain(runtime.iter()) {
                 let needle = pattern.expose_secret().as_bytes();
                 let from = cut.saturating_sub(needle.len().saturating_sub(1));
                 let mut at = from;
@@ -322,6 +391,26 @@ mod tests {
             masker.mask(&format!("?t={}", lowercase_escapes(&escaped))),
             "?t=***"
         );
+    }
+
+    #[test]
+    fn a_secret_learnt_at_run_time_is_masked_by_maskers_built_before_whatever_its_length() {
+        let masker = masker(&["configured-secret"]);
+        // Neither 40 characters nor known at start: a GitHub App installation token.
+        let token = format!("ghs_{}", "Rt7qZ".repeat(19));
+        assert_eq!(masker.mask(&format!("t={token}")), format!("t={token}"));
+        remember_runtime_secret(&token);
+        assert_eq!(masker.mask(&format!("t={token}")), "t=***");
+        let basic = STANDARD.encode(format!("x-access-token:{token}"));
+        assert!(!masker.mask(&basic).contains(&basic[20..60]), "base64 form");
+        for split in [1, 40, token.len() - 1] {
+            let mut stream = masker.stream();
+            let mut out = String::new();
+            out.extend(stream.feed(format!("a {}", &token[..split]).as_bytes(), false));
+            out.extend(stream.feed(&token.as_bytes()[split..], false));
+            out.extend(stream.feed(b" b", true));
+            assert_eq!(out, "a *** b", "split at {split}");
+        }
     }
 
     #[test]

@@ -24,8 +24,9 @@ use super::checkout::{self, CheckoutError, CloneProgress, CloneRequest};
 use super::executor::Outcome;
 use super::mask::{Masker, Tail};
 use super::{Trigger, Unit, UnitStatus};
-use crate::config::{Config, InheritEnv, Repository};
+use crate::config::{Config, GithubApp, InheritEnv, Repository};
 use crate::shutdown::Shutdown;
+use secrecy::{ExposeSecret as _, SecretString};
 
 /// Bytes of output kept per unit.
 pub const TAIL_BYTES: usize = 64 * 1024;
@@ -270,13 +271,97 @@ async fn prepare_and_run(a: &Attempt<'_>, dir: &Path, leftovers: &mut Leftovers)
     if let Err(outcome) = clone(a, dir).await {
         return outcome;
     }
-    let env = command_env(a, dir, &changes);
+    let mut env = command_env(a, dir, &changes);
+    match commands_app_token(a).await {
+        Ok(Some(token)) => env.push((
+            APP_TOKEN_VARIABLE.to_owned(),
+            token.expose_secret().to_owned(),
+        )),
+        Ok(None) => {}
+        Err(outcome) => return outcome,
+    }
     run_commands(a, dir, &env, leftovers).await
 }
 
-/// Clones the QA repository into `dir`, stopping on shutdown or the group deadline.
+/// The variable that hands commands a GitHub App installation token.
+pub const APP_TOKEN_VARIABLE: &str = "SENTRY_GITHUB_TOKEN";
+
+/// The installation token commands get when the repository authenticates as a GitHub App:
+/// the monitor's App (the watched repository), else the deploy's (the QA repository).
+/// Fresh for at least `forge::app::REFRESH_MARGIN`.
+async fn commands_app_token(a: &Attempt<'_>) -> Result<Option<SecretString>, Outcome> {
+    let app = a
+        .repo
+        .monitor
+        .auth
+        .github_app
+        .as_ref()
+        .or(a.repo.deploy.auth.github_app.as_ref());
+    let Some(app) = app else { return Ok(None) };
+    app_token(a, app).await.map(Some)
+}
+
+/// An installation token of `app`, or the unit's end as "could not run".
+async fn app_token(a: &Attempt<'_>, app: &GithubApp) -> Result<SecretString, Outcome> {
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let token = tokio::select! {
+        token = crate::forge::app::installation_token(app, &a.repo.name, &cancel) => token,
+        _ = interrupted(a) => {
+            cancel.cancel();
+            return Err(if a.shutdown.is_requested() {
+                Outcome::new(UnitStatus::Cancelled, None)
+            } else {
+                setup_failed(a, "no GitHub App installation token before the group's global_timeout")
+            });
+        }
+    };
+    token.map_err(|e| {
+        setup_failed(
+            a,
+            &format!("cannot get a GitHub App installation token: {e}"),
+        )
+    })
+}
+
+/// Clones the QA repository into `dir`; with a GitHub App, with its installation token,
+/// minted again once if the server refuses it.
 async fn clone(a: &Attempt<'_>, dir: &Path) -> Result<(), Outcome> {
-    let req = CloneRequest::new(&a.repo.deploy, dir.to_owned());
+    let mut req = CloneRequest::new(&a.repo.deploy, dir.to_owned());
+    let Some(app) = a.repo.deploy.auth.github_app.clone() else {
+        return clone_with(a, req).await.map_err(|e| clone_failed(a, e));
+    };
+    let mut refreshed = false;
+    loop {
+        let token = app_token(a, &app).await?;
+        req.token = Some(token.clone());
+        match clone_with(a, req.clone()).await {
+            Err(Ok(CheckoutError::Auth { .. })) if !refreshed => {
+                refreshed = true;
+                tracing::info!(repository = %a.repo.name, "the QA host refused the App installation token; minting a new one");
+                crate::forge::app::forget_installation_token(&app, &token).await;
+            }
+            other => return other.map_err(|e| clone_failed(a, e)),
+        }
+    }
+}
+
+fn clone_failed(a: &Attempt<'_>, error: Result<CheckoutError, Outcome>) -> Outcome {
+    if let Ok(CheckoutError::Certificate { url, .. }) = &error {
+        crate::forge::count_tls_error(url);
+    }
+    match error {
+        Ok(e) => setup_failed(a, &e.to_string()),
+        Err(outcome) => outcome,
+    }
+}
+
+/// One clone of `req` into its `dest`, stopping on shutdown or the group deadline. A
+/// checkout error is handed back to the caller to word (or retry); an interruption is
+/// already the unit's outcome.
+async fn clone_with(
+    a: &Attempt<'_>,
+    req: CloneRequest,
+) -> Result<(), Result<CheckoutError, Outcome>> {
     let shutdown = a.shutdown.clone();
     let deadline = a.run.deadline.into_std();
     tracing::info!(repository = %a.repo.name, url = %req.url, branch = %req.branch, "cloning the QA repository");
@@ -296,9 +381,9 @@ async fn clone(a: &Attempt<'_>, dir: &Path) -> Result<(), Outcome> {
     };
     match joined {
         Some(Ok(Ok(()))) => Ok(()),
-        Some(Ok(Err(CheckoutError::Stopped { .. }))) | None => Err(clone_interrupted(a)),
-        Some(Ok(Err(e))) => Err(setup_failed(a, &e.to_string())),
-        Some(Err(e)) => Err(setup_failed(a, &format!("the clone task failed: {e}"))),
+        Some(Ok(Err(CheckoutError::Stopped { .. }))) | None => Err(Err(clone_interrupted(a))),
+        Some(Ok(Err(e))) => Err(Ok(e)),
+        Some(Err(e)) => Err(Err(setup_failed(a, &format!("the clone task failed: {e}")))),
     }
 }
 

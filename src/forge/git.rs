@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Once};
 
 use git2::{CredentialType, Direction, ErrorClass, ErrorCode};
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
 
 use super::http::{Http, cancelled, retry_delay};
@@ -132,6 +132,9 @@ async fn ls_remote(
             let started = std::time::Instant::now();
             let result = once(http, repo, cancel).await;
             http.count_other(host.name(), result.is_ok());
+            if let Err(ForgeError::Certificate(_)) = &result {
+                http.tls_error(host.name());
+            }
             tracing::debug!(
                 repo = %repo.name,
                 url = %redact(&repo.monitor.repo_url),
@@ -188,16 +191,39 @@ pub fn prepare_libgit2() {
     });
 }
 
-/// One ls-remote in a blocking thread, abandoned (left to finish on its own) on cancel or
-/// after the request timeout.
+/// One ls-remote (with a GitHub App: with its installation token, minted again once if
+/// the server refuses it).
 async fn once(
     http: &Http,
     repo: &Arc<Repository>,
     cancel: &CancellationToken,
 ) -> Result<BTreeMap<String, Sha>, ForgeError> {
+    let Some(app) = &repo.monitor.auth.github_app else {
+        return once_with(http, repo, None, cancel).await;
+    };
+    let mut refreshed = false;
+    loop {
+        let token = http.apps().token(http, app, &repo.name, cancel).await?;
+        let result = once_with(http, repo, Some(token.clone()), cancel).await;
+        if refreshed || !matches!(result, Err(ForgeError::Auth(_))) {
+            return result;
+        }
+        refreshed = true;
+        http.apps().forget(app, &token).await;
+    }
+}
+
+/// One ls-remote in a blocking thread, abandoned (left to finish on its own) on cancel or
+/// after the request timeout.
+async fn once_with(
+    http: &Http,
+    repo: &Arc<Repository>,
+    token: Option<SecretString>,
+    cancel: &CancellationToken,
+) -> Result<BTreeMap<String, Sha>, ForgeError> {
     let task = tokio::task::spawn_blocking({
         let repo = repo.clone();
-        move || list_heads(&repo)
+        move || list_heads(&repo, token.as_ref())
     });
     let timeout = http.request_timeout();
     tokio::select! {
@@ -215,11 +241,21 @@ async fn once(
     }
 }
 
-/// The blocking part: connect, list, keep `refs/heads/*`.
-fn list_heads(repo: &Repository) -> Result<BTreeMap<String, Sha>, ForgeError> {
+/// The blocking part: connect, list, keep `refs/heads/*`. `app_token`: a GitHub App's
+/// installation token, sent instead of `auth.token` as user `x-access-token`.
+fn list_heads(
+    repo: &Repository,
+    app_token: Option<&SecretString>,
+) -> Result<BTreeMap<String, Sha>, ForgeError> {
     prepare_libgit2();
     let url = &repo.monitor.repo_url;
     let auth = &repo.monitor.auth;
+    let token = app_token.or(auth.token.as_ref());
+    let default_user = if app_token.is_some() {
+        super::github::KIND.clone_username
+    } else {
+        DEFAULT_USERNAME
+    };
     let rejected = Arc::new(AtomicBool::new(false));
     let asked_without_token = Arc::new(AtomicBool::new(false));
 
@@ -249,9 +285,9 @@ fn list_heads(repo: &Repository) -> Result<BTreeMap<String, Sha>, ForgeError> {
             .username
             .as_deref()
             .or(username_from_url)
-            .unwrap_or(DEFAULT_USERNAME);
+            .unwrap_or(default_user);
         if allowed.contains(CredentialType::USER_PASS_PLAINTEXT) {
-            if let Some(token) = &auth.token {
+            if let Some(token) = token {
                 return git2::Cred::userpass_plaintext(user, token.expose_secret());
             }
         }
@@ -279,6 +315,7 @@ fn list_heads(repo: &Repository) -> Result<BTreeMap<String, Sha>, ForgeError> {
     result.map_err(|e| {
         classify(
             repo,
+            token,
             &e,
             rejected.load(Ordering::Relaxed),
             asked_without_token.load(Ordering::Relaxed),
@@ -286,11 +323,17 @@ fn list_heads(repo: &Repository) -> Result<BTreeMap<String, Sha>, ForgeError> {
     })
 }
 
-fn classify(repo: &Repository, error: &git2::Error, rejected: bool, no_token: bool) -> ForgeError {
+fn classify(
+    repo: &Repository,
+    token: Option<&SecretString>,
+    error: &git2::Error,
+    rejected: bool,
+    no_token: bool,
+) -> ForgeError {
     let name = &repo.name;
     let url = redact(&repo.monitor.repo_url);
     let mut message = error.message().to_owned();
-    if let Some(token) = &repo.monitor.auth.token {
+    if let Some(token) = token {
         let token = token.expose_secret();
         if !token.is_empty() {
             message = message.replace(token, "***");
@@ -335,7 +378,7 @@ pub fn is_certificate_error(error: &git2::Error) -> bool {
 }
 
 /// The host part of a Git URL (`host` or `host:port`), `local` for paths and `file://`.
-fn host_of(url: &str) -> String {
+pub(crate) fn host_of(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(u) if u.scheme() == "file" => "local".to_owned(),
         Ok(u) if u.host_str().is_some() => super::http::host_key(&u).to_owned(),

@@ -14,11 +14,12 @@
 //!   (`pending|success|failure|error`), `context`, `description` (at most 140 characters:
 //!   GitHub answers 422 to longer ones) and `target_url` → `201`.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{StatusCode, Url};
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
 
 use super::http::{Call, Http, Reply};
@@ -125,8 +126,48 @@ impl GitHub {
             repo: &self.repo.name,
             url,
             headers,
-            has_token: self.repo.monitor.auth.token.is_some(),
+            has_token: self.repo.monitor.auth.has_credentials(),
             cancel,
+        }
+    }
+
+    /// `base` with the GitHub App's current installation token, when the repository
+    /// authenticates as an App (else `base` as prepared, its token included), and that token.
+    async fn authorized<'h>(
+        &self,
+        base: &'h HeaderMap,
+        cancel: &CancellationToken,
+    ) -> Result<(Cow<'h, HeaderMap>, Option<SecretString>), ForgeError> {
+        let Some(app) = &self.repo.monitor.auth.github_app else {
+            return Ok((Cow::Borrowed(base), None));
+        };
+        let token = self
+            .http
+            .apps()
+            .token(&self.http, app, &self.repo.name, cancel)
+            .await?;
+        let mut headers = base.clone();
+        let value = format!("Bearer {}", token.expose_secret());
+        headers.insert(header::AUTHORIZATION, secret_header(&self.repo, &value)?);
+        Ok((Cow::Owned(headers), Some(token)))
+    }
+
+    /// After a request made with App token `token`: on a 401 the first time (`tries` 0),
+    /// hands the token back so the next try mints a new one, and says to try again.
+    async fn try_again<T>(
+        &self,
+        result: &Result<T, ForgeError>,
+        token: Option<SecretString>,
+        tries: &mut u32,
+    ) -> bool {
+        *tries += 1;
+        match (&self.repo.monitor.auth.github_app, token, result) {
+            (Some(app), Some(token), Err(e)) if *tries == 1 && super::http::is_unauthorized(e) => {
+                tracing::info!(repository = %self.repo.name, "GitHub refused the App installation token (401); minting a new one");
+                self.http.apps().forget(app, &token).await;
+                true
+            }
+            _ => false,
         }
     }
 
@@ -171,20 +212,27 @@ impl GitHub {
         cancel: &CancellationToken,
     ) -> Result<Sha, ForgeError> {
         let url = self.url(&format!("commits/{}", encode(prefix)), None);
-        let call = self.call(url, &self.sha_headers, cancel);
-        fetch_sha(
-            &self.http,
-            call,
-            |body| Sha::parse(std::str::from_utf8(body).ok()?),
-            |status, _| match status {
-                StatusCode::UNPROCESSABLE_ENTITY => ForgeError::NotFound(format!(
-                    "{}: no single commit {prefix} in {}",
-                    self.repo.name, self.repo.monitor.project_path
-                )),
-                other => self.refused(other, None),
-            },
-        )
-        .await
+        let mut tries = 0;
+        loop {
+            let (headers, token) = self.authorized(&self.sha_headers, cancel).await?;
+            let call = self.call(url.clone(), &headers, cancel);
+            let result = fetch_sha(
+                &self.http,
+                call,
+                |body| Sha::parse(std::str::from_utf8(body).ok()?),
+                |status, _| match status {
+                    StatusCode::UNPROCESSABLE_ENTITY => ForgeError::NotFound(format!(
+                        "{}: no single commit {prefix} in {}",
+                        self.repo.name, self.repo.monitor.project_path
+                    )),
+                    other => self.refused(other, None),
+                },
+            )
+            .await;
+            if !self.try_again(&result, token, &mut tries).await {
+                return result;
+            }
+        }
     }
 
     /// Posts one commit status (see the module header).
@@ -203,12 +251,19 @@ impl GitHub {
             body["target_url"] = serde_json::Value::from(target.as_str());
         }
         let spacing = KIND.status_spacing.unwrap_or_default();
-        let call = self.call(url, &self.json_headers, cancel);
-        match self
-            .http
-            .post(call, body.to_string().as_bytes(), spacing)
-            .await?
-        {
+        let mut tries = 0;
+        let (reply, headers) = loop {
+            let (headers, token) = self.authorized(&self.json_headers, cancel).await?;
+            let call = self.call(url.clone(), &headers, cancel);
+            let result = self
+                .http
+                .post(call, body.to_string().as_bytes(), spacing)
+                .await;
+            if !self.try_again(&result, token, &mut tries).await {
+                break (result?, headers);
+            }
+        };
+        match reply {
             Reply::Fresh { .. } | Reply::Cached(_) => Ok(Posted::Created),
             Reply::Refused { status: code, body } => Err(match code {
                 StatusCode::NOT_FOUND => self.repository_not_found(),
@@ -217,7 +272,7 @@ impl GitHub {
                         "{}: {} refused the commit status ({code}): {}",
                         self.repo.name,
                         self.host,
-                        snippet(&body, &secrets_of(&self.json_headers))
+                        snippet(&body, &secrets_of(&headers))
                     ))
                 }
                 other => self.refused(other, None),
@@ -239,14 +294,21 @@ fn state_word(state: StatusState) -> &'static str {
 impl Forge for GitHub {
     async fn head(&self, branch: &str, cancel: &CancellationToken) -> Result<Sha, ForgeError> {
         let url = self.url(&format!("commits/refs/heads/{}", encode(branch)), None);
-        let call = self.call(url, &self.sha_headers, cancel);
-        fetch_sha(
-            &self.http,
-            call,
-            |body| Sha::parse(std::str::from_utf8(body).ok()?),
-            |status, _| self.refused(status, Some(branch)),
-        )
-        .await
+        let mut tries = 0;
+        loop {
+            let (headers, token) = self.authorized(&self.sha_headers, cancel).await?;
+            let call = self.call(url.clone(), &headers, cancel);
+            let result = fetch_sha(
+                &self.http,
+                call,
+                |body| Sha::parse(std::str::from_utf8(body).ok()?),
+                |status, _| self.refused(status, Some(branch)),
+            )
+            .await;
+            if !self.try_again(&result, token, &mut tries).await {
+                return result;
+            }
+        }
     }
 
     async fn list(
@@ -255,15 +317,22 @@ impl Forge for GitHub {
         cancel: &CancellationToken,
     ) -> Result<Listing, ForgeError> {
         let url = self.url("branches", Some("per_page=100"));
-        let call = self.call(url, &self.json_headers, cancel);
         let format = ListingFormat {
             sha_key: "sha",
             x_next_page: false,
         };
-        walk_listing(&self.http, call, &format, |status, _| {
-            self.refused(status, None)
-        })
-        .await
+        let mut tries = 0;
+        loop {
+            let (headers, token) = self.authorized(&self.json_headers, cancel).await?;
+            let call = self.call(url.clone(), &headers, cancel);
+            let result = walk_listing(&self.http, call, &format, |status, _| {
+                self.refused(status, None)
+            })
+            .await;
+            if !self.try_again(&result, token, &mut tries).await {
+                return result;
+            }
+        }
     }
 }
 

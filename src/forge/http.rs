@@ -84,6 +84,9 @@ pub(crate) enum Reply {
 /// Shared client state; one per [`super::Forges`].
 pub(crate) struct Http {
     client: reqwest::Client,
+    /// Hosts of repositories with their own `tls.ca_file`: a client that trusts those CAs
+    /// too (one client per distinct set of CA files, shared by the hosts that use it).
+    host_clients: HashMap<String, reqwest::Client>,
     request_timeout: Duration,
     max_per_host: usize,
     hosts: Mutex<HashMap<String, Arc<Host>>>,
@@ -94,6 +97,8 @@ pub(crate) struct Http {
     not_modified: AtomicU64,
     errors: AtomicU64,
     events: RwLock<Option<Arc<dyn ForgeEvents>>>,
+    /// GitHub App installation tokens, per installation.
+    apps: super::app::AppTokens,
 }
 
 /// One API host (or Git host): its concurrency limit and what we know of its rate limit.
@@ -112,18 +117,10 @@ impl Http {
         max_per_host: usize,
         extra_roots: Vec<reqwest::Certificate>,
     ) -> reqwest::Result<Http> {
-        let client = reqwest::Client::builder()
-            .tls_certs_merge(extra_roots)
-            .user_agent(crate::build_info::USER_AGENT)
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(request_timeout)
-            .pool_idle_timeout(Duration::from_secs(90))
-            // At most one connection per request in flight stays open: a bounded pool.
-            .pool_max_idle_per_host(max_per_host.max(1))
-            .redirect(same_origin_redirects())
-            .build()?;
+        let client = build_client(request_timeout, max_per_host, extra_roots)?;
         Ok(Http {
             client,
+            host_clients: HashMap::new(),
             request_timeout,
             max_per_host: max_per_host.max(1),
             hosts: Mutex::default(),
@@ -132,7 +129,38 @@ impl Http {
             not_modified: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             events: RwLock::new(None),
+            apps: super::app::AppTokens::default(),
         })
+    }
+
+    /// Requests to each host of `hosts` go through a client that trusts `roots` besides the
+    /// system's (the top-level CAs and a repository's own, chosen by the caller).
+    pub fn with_host_roots(
+        mut self,
+        hosts: Vec<String>,
+        roots: Vec<reqwest::Certificate>,
+    ) -> reqwest::Result<Http> {
+        let client = build_client(self.request_timeout, self.max_per_host, roots)?;
+        for host in hosts {
+            self.host_clients.insert(host, client.clone());
+        }
+        Ok(self)
+    }
+
+    fn client_for(&self, host: &str) -> &reqwest::Client {
+        self.host_clients.get(host).unwrap_or(&self.client)
+    }
+
+    /// Tells the events observer that `host` refused a TLS certificate.
+    pub fn tls_error(&self, host: &str) {
+        if let Some(events) = self.events() {
+            events.tls_error(host);
+        }
+    }
+
+    /// The GitHub App installation tokens minted through this client.
+    pub fn apps(&self) -> &super::app::AppTokens {
+        &self.apps
     }
 
     pub fn request_timeout(&self) -> Duration {
@@ -316,13 +344,14 @@ impl Http {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let sent = tokio::select! {
             () = call.cancel.cancelled() => return Attempt::Done(Err(cancelled(call.repo))),
-            sent = self.client.execute(request) => sent,
+            sent = self.client_for(&host.name).execute(request) => sent,
         };
         let response = match sent {
             Ok(r) => r,
             Err(e) => {
                 self.record(call, &method, &host.name, None, started);
                 if is_certificate_error(&e) {
+                    self.tls_error(&host.name);
                     // Retrying cannot fix a refused certificate: fail now, loudly.
                     return Attempt::Done(Err(ForgeError::Certificate(format!(
                         "{}: {} (check api_url and the trust: tls.ca_file, GIT_SSL_CAINFO, SSL_CERT_FILE)",
@@ -394,7 +423,7 @@ impl Http {
         match status {
             StatusCode::UNAUTHORIZED => Attempt::Done(Err(ForgeError::Auth(if call.has_token {
                 format!(
-                    "{}: bad or expired token for {} (401 Unauthorized)",
+                    "{}: bad or expired token for {}{TOKEN_REFUSED}",
                     call.repo, host.name
                 )
             } else {
@@ -655,6 +684,35 @@ fn status_text(status: StatusCode) -> String {
         Some(reason) => format!("{} {reason}", status.as_u16()),
         None => status.as_u16().to_string(),
     }
+}
+
+/// The client every request shares (or one per set of extra CAs, see
+/// [`Http::with_host_roots`]): rustls, HTTP/2 allowed, connect timeout 10 s, Sentry's
+/// `User-Agent`, a bounded pool, redirects only within the origin.
+fn build_client(
+    request_timeout: Duration,
+    max_per_host: usize,
+    extra_roots: Vec<reqwest::Certificate>,
+) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .tls_certs_merge(extra_roots)
+        .user_agent(crate::build_info::USER_AGENT)
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(request_timeout)
+        .pool_idle_timeout(Duration::from_secs(90))
+        // At most one connection per request in flight stays open: a bounded pool.
+        .pool_max_idle_per_host(max_per_host.max(1))
+        .redirect(same_origin_redirects())
+        .build()
+}
+
+/// How the message of a 401 to a request with a token ends (see [`is_unauthorized`]).
+const TOKEN_REFUSED: &str = " (401 Unauthorized)";
+
+/// Whether `error` is a 401 to a request that carried a token: a GitHub App token that
+/// was revoked or expired early is handed back and minted again once.
+pub(crate) fn is_unauthorized(error: &ForgeError) -> bool {
+    matches!(error, ForgeError::Auth(m) if m.ends_with(TOKEN_REFUSED))
 }
 
 /// Whether a transport error is a refused TLS certificate (rustls reports it in the

@@ -16,6 +16,7 @@
 //! travels in a sensitive header (never in a URL, a log line or a message); no request is
 //! sent to a host while it is paused for a rate limit.
 
+pub(crate) mod app;
 mod git;
 mod github;
 mod gitlab;
@@ -185,6 +186,16 @@ pub trait ForgeEvents: Send + Sync {
     /// transport failure, or `"ok"` for a Git ls-remote that succeeded.
     fn request(&self, _host: &str, _status: &str) {}
     fn rate_limit(&self, _host: &str, _remaining: Option<u64>, _reset: Option<SystemTime>) {}
+    /// A server's TLS certificate was refused (`host` or `host:port`).
+    fn tls_error(&self, _host: &str) {}
+}
+
+/// Counts a refused certificate of the server at `url` (a clone's) in the process's
+/// forge events (`sentry_tls_errors_total`).
+pub fn count_tls_error(url: &str) {
+    if let Some(http) = app::process_http() {
+        http.tls_error(&git::host_of(url));
+    }
 }
 
 /// Every forge client behind one cheap-to-clone handle (one per process).
@@ -198,12 +209,43 @@ impl Forges {
     /// timeout `config.request_timeout`, Sentry's `User-Agent`, pooled connections).
     pub fn new(config: &Config) -> anyhow::Result<Forges> {
         let roots = tls::certificates(&config.ca_files)?;
-        tls::set_git_ca_files(&config.ca_files);
-        let http = Http::new(config.request_timeout, config.max_requests_per_host, roots)
+        let mut http = Http::new(config.request_timeout, config.max_requests_per_host, roots)
             .map_err(|e| anyhow::anyhow!("cannot build the HTTP client: {e}"))?;
-        Ok(Forges {
-            http: Arc::new(http),
-        })
+        // Per-repository CAs: per host, the top-level files and those of every repository
+        // that talks to it; one client per distinct set. libgit2's trust is process-wide:
+        // it gets the union of every file.
+        let mut git_files = config.ca_files.clone();
+        let mut per_host: BTreeMap<String, Vec<std::path::PathBuf>> = BTreeMap::new();
+        for repo in &config.repositories {
+            for file in &repo.ca_files {
+                for host in tls::repository_hosts(repo) {
+                    let files = per_host
+                        .entry(host)
+                        .or_insert_with(|| config.ca_files.clone());
+                    if !files.contains(file) {
+                        files.push(file.clone());
+                    }
+                }
+                if !git_files.contains(file) {
+                    git_files.push(file.clone());
+                }
+            }
+        }
+        let mut by_set: BTreeMap<Vec<std::path::PathBuf>, Vec<String>> = BTreeMap::new();
+        for (host, mut files) in per_host {
+            files.sort();
+            by_set.entry(files).or_default().push(host);
+        }
+        for (files, hosts) in by_set {
+            let roots = tls::certificates(&files)?;
+            http = http
+                .with_host_roots(hosts, roots)
+                .map_err(|e| anyhow::anyhow!("cannot build the HTTP client: {e}"))?;
+        }
+        tls::set_git_ca_files(&git_files);
+        let http = Arc::new(http);
+        app::set_process_http(&http);
+        Ok(Forges { http })
     }
 
     /// Feeds request and rate-limit events to `events` (replaces any earlier observer).

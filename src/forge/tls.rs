@@ -47,6 +47,28 @@ pub(crate) fn certificates(files: &[PathBuf]) -> Result<Vec<reqwest::Certificate
     Ok(out)
 }
 
+/// The hosts (`host` or `host:port`, as the HTTP client keys them) a repository talks to:
+/// its API, its watched repository, its QA repository and the APIs of its GitHub Apps.
+pub(crate) fn repository_hosts(repo: &crate::config::Repository) -> Vec<String> {
+    let mut urls: Vec<String> = vec![
+        repo.monitor.repo_url.clone(),
+        repo.deploy.qa_repo_url.clone(),
+    ];
+    urls.extend(repo.monitor.api_url.iter().map(|u| u.to_string()));
+    for auth in [&repo.monitor.auth, &repo.deploy.auth] {
+        urls.extend(auth.github_app.iter().map(|app| app.api_url.clone()));
+    }
+    let mut hosts: Vec<String> = urls
+        .iter()
+        .filter_map(|u| reqwest::Url::parse(u).ok())
+        .filter(|u| u.has_host())
+        .map(|u| super::http::host_key(&u).to_owned())
+        .collect();
+    hosts.sort();
+    hosts.dedup();
+    hosts
+}
+
 /// Records `files` for libgit2 (the first call wins; one configuration per process).
 pub(crate) fn set_git_ca_files(files: &[PathBuf]) {
     let _ = GIT_CA_FILES.set(files.to_vec());

@@ -133,6 +133,7 @@ pub struct Metrics {
     poll_cycle_duration: Histogram,
     forge_requests: Family<HostStatus, Counter>,
     forge_errors: Family<RepoKind, Counter>,
+    tls_errors: Family<Host, Counter>,
     rate_limit_remaining: Family<Host, Gauge>,
     rate_limit_reset: Family<Host, Gauge>,
     branch_changes: Family<Repo, Counter>,
@@ -163,6 +164,7 @@ impl Metrics {
             poll_cycle_duration: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
             forge_requests: Family::default(),
             forge_errors: Family::default(),
+            tls_errors: Family::default(),
             rate_limit_remaining: Family::default(),
             rate_limit_reset: Family::default(),
             branch_changes: Family::default(),
@@ -196,6 +198,11 @@ impl Metrics {
             "forge_errors",
             "Branch checks that failed, by repository and kind",
             m.forge_errors.clone(),
+        );
+        registry.register(
+            "tls_errors",
+            "Connections refused because the server's TLS certificate was not trusted (API requests, ls-remote, clones), by host; never retried",
+            m.tls_errors.clone(),
         );
         registry.register(
             "rate_limit_remaining",
@@ -326,6 +333,14 @@ impl Metrics {
             .get_or_create(&HostStatus {
                 host: host.to_owned(),
                 status: status.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn tls_error(&self, host: &str) {
+        self.tls_errors
+            .get_or_create(&Host {
+                host: host.to_owned(),
             })
             .inc();
     }
@@ -471,6 +486,10 @@ impl crate::forge::ForgeEvents for Metrics {
     fn rate_limit(&self, host: &str, remaining: Option<u64>, reset: Option<SystemTime>) {
         Metrics::rate_limit(self, host, remaining, reset);
     }
+
+    fn tls_error(&self, host: &str) {
+        Metrics::tls_error(self, host);
+    }
 }
 
 fn group_label(group: &str) -> Group {
@@ -528,6 +547,7 @@ mod tests {
         m.cycle(Duration::from_millis(30), 0);
         m.forge_request("api.github.com", "304");
         m.forge_error("rag", "not_found");
+        m.tls_error("ghe.corp:8443");
         m.rate_limit("api.github.com", Some(4999), Some(SystemTime::now()));
         m.branch_change("rag");
         m.group_run_started("g");
@@ -543,6 +563,7 @@ mod tests {
             "sentry_poll_cycle_duration_seconds_bucket",
             "sentry_forge_requests_total{host=\"api.github.com\",status=\"304\"} 1",
             "sentry_forge_errors_total{repository=\"rag\",kind=\"not_found\"} 1",
+            "sentry_tls_errors_total{host=\"ghe.corp:8443\"} 1",
             "sentry_rate_limit_remaining{host=\"api.github.com\"} 4999",
             "sentry_rate_limit_reset_timestamp_seconds{host=\"api.github.com\"}",
             "sentry_branch_changes_total{repository=\"rag\"} 1",

@@ -148,3 +148,139 @@ async fn a_private_ca_is_trusted_through_tls_ca_file_or_git_ssl_cainfo() {
     .unwrap();
     assert!(server.requests() > 0);
 }
+
+/// Two HTTPS forges, each with its own private CA. The repository whose `tls.ca_file`
+/// names both CAs works; the one on the other host, which has none, fails at once (its
+/// API client does not get the other repository's CAs) with a certificate
+/// error naming the host and the reason, is not retried, and is counted in
+/// `sentry_tls_errors_total{host}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repository_ca_trusts_only_its_hosts_and_a_refused_certificate_is_counted() {
+    use crate::support::{Background, http, wait_until};
+    use std::time::Duration;
+    let dir = tempdir();
+    let root = dir.path().to_owned();
+    let served = root.join("served");
+    let app = init_repo(&served.join("o/app"));
+    qa_repo(&served.join("qa"), "#!/bin/sh\necho deployed\n");
+    let head = git(&app, &["rev-parse", "HEAD"]);
+    let api = |sha: String| {
+        Router::new().route(
+            "/api/v3/repos/o/app/commits/refs/heads/main",
+            get(move || {
+                let sha = sha.clone();
+                async move { sha }
+            }),
+        )
+    };
+    let (trusted, ca) =
+        GitHttpServer::start_tls(&served, None, api(head.clone()), fake_kube_tls::serve_pem)
+            .await
+            .expect("https server a");
+    let (refused, other_ca) =
+        GitHttpServer::start_tls(&served, None, api(head.clone()), fake_kube_tls::serve_pem)
+            .await
+            .expect("https server b");
+    // a's bundle holds b's CA too: were it trusted for every host, b would work.
+    let ca_file = write(&root, "a-ca.pem", &format!("{ca}\n{other_ca}"));
+    let (base_a, base_b) = (
+        trusted.url("").trim_end_matches('/').to_owned(),
+        refused.url("").trim_end_matches('/').to_owned(),
+    );
+    let host_b = base_b.trim_start_matches("https://").to_owned();
+    let mut y = format!(
+        "work_dir: {}\nstate_file: {}\nshutdown_grace: 1s\npolling_interval: 1h\nserver: {{listen: \"127.0.0.1:0\"}}\ngroups:\n  g:\n    execution_strategy: sequential\nrepositories:\n",
+        q(&root.join("work").to_string_lossy()),
+        q(&root.join("state.json").to_string_lossy()),
+    );
+    for (name, base, tls) in [
+        (
+            "a",
+            &base_a,
+            format!(
+                "    tls:\n      ca_file: {}\n",
+                q(&ca_file.to_string_lossy())
+            ),
+        ),
+        ("b", &base_b, String::new()),
+    ] {
+        y.push_str(&format!(
+            "  - name: {name}\n    group: g\n{tls}    monitor:\n      repo_url: {base}/o/app\n      repo_type: github\n      api_url: {base}/api/v3\n      branches: [main]\n    deploy:\n      qa_repo_url: {base}/qa\n      qa_repo_branch: main\n      repo_type: git\n      commands: ['./deploy.sh']\n"
+        ));
+    }
+    write(&root, "sentry.yaml", &y);
+
+    let root2 = root.clone();
+    tokio::task::spawn_blocking(move || {
+        let root = root2.as_path();
+        let mut cmd = sentry(root);
+        cmd.args(["-c", "sentry.yaml", "watch"]);
+        for var in ["GIT_SSL_CAINFO", "SSL_CERT_FILE", "SSL_CERT_DIR"] {
+            cmd.env_remove(var);
+        }
+        let started = std::time::Instant::now();
+        let bg = Background::spawn(&mut cmd);
+        let port = bg.http_port();
+        bg.wait_for_line("cycle:", Duration::from_secs(60));
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "a refused certificate is not retried: {:?}\n{}",
+            started.elapsed(),
+            bg.log()
+        );
+        let log = bg.log();
+        let refusal = log
+            .lines()
+            .find(|l| l.contains("certificate") && l.contains(&host_b))
+            .unwrap_or_else(|| panic!("no certificate error naming {host_b}:\n{log}"));
+        assert!(!refusal.contains("tries"), "retried: {refusal}");
+        assert!(
+            refusal.to_lowercase().contains("unknown") || refusal.to_lowercase().contains("issuer"),
+            "gives the reason: {refusal}"
+        );
+        let metrics = wait_until(Duration::from_secs(10), || {
+            let (_, text) = http("GET", port, "/metrics", &[], b"");
+            text.contains("sentry_tls_errors_total").then_some(text)
+        })
+        .expect("metrics");
+        let count = |host: &str| -> Option<f64> {
+            metrics.lines().find_map(|l| {
+                l.strip_prefix(&format!("sentry_tls_errors_total{{host=\"{host}\"}} "))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+        };
+        assert_eq!(count(&host_b), Some(1.0), "{metrics}");
+        let host_a = base_a.trim_start_matches("https://");
+        assert_eq!(count(host_a), None, "{metrics}");
+        drop(bg);
+        // The trusted repository was checked: its baseline is in the state, b's is not.
+        let state = std::fs::read_to_string(root.join("state.json")).unwrap_or_default();
+        assert!(state.contains(&head), "{state}");
+        assert!(state.contains("\"a\""), "{state}");
+        assert!(!state.contains("\"b\""), "{state}");
+
+        // A repository's CA file that holds no certificate: a validation error at its path.
+        write(root, "not-a-ca.pem", "hello\n");
+        let text = std::fs::read_to_string(root.join("sentry.yaml")).unwrap();
+        write(
+            root,
+            "sentry.yaml",
+            &text.replace("a-ca.pem", "not-a-ca.pem"),
+        );
+        let out = run(sentry(root).args(["-c", "sentry.yaml", "validate"]));
+        assert_eq!(out.code, Some(1), "{}", out.all());
+        assert!(
+            out.all().contains("repositories[0].tls.ca_file"),
+            "{}",
+            out.all()
+        );
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        refused.requests(),
+        0,
+        "no request got past the refused handshake"
+    );
+    drop(trusted);
+}

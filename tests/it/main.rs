@@ -13,6 +13,7 @@ mod deploy;
 mod enterprise;
 mod faults;
 mod forge;
+mod ghapp;
 mod ha;
 mod hostile;
 mod jobs;

@@ -54,6 +54,9 @@ use tokio::net::TcpListener;
 use tokio::process::Command;
 use tokio::task::JoinHandle;
 
+/// Decides on a request's `Authorization` header: `Some(user)` lets it in.
+pub type AuthCheck = Arc<dyn Fn(Option<&str>) -> Option<String> + Send + Sync>;
+
 /// A running Git smart-HTTP server on `127.0.0.1`; stops when dropped.
 pub struct GitHttpServer {
     port: u16,
@@ -71,6 +74,9 @@ struct Shared {
     /// The exact `Authorization` header value accepted, and the user name it carries
     /// (passed on as `REMOTE_USER`); `None` serves anonymously.
     auth: Option<(String, String)>,
+    /// Decides on the `Authorization` header instead of `auth` (tokens that change at run
+    /// time, such as GitHub App installation tokens); answers the user name it carries.
+    check: Option<AuthCheck>,
     requests: AtomicUsize,
     unauthorized: AtomicUsize,
 }
@@ -92,6 +98,37 @@ impl GitHttpServer {
         let app = Router::new()
             .fallback(handle)
             .with_state(Arc::clone(&shared));
+        let task = tokio::spawn(async move {
+            if let Err(err) = axum::serve(listener, app).await {
+                eprintln!("git_http: server stopped: {err}");
+            }
+        });
+        Ok(GitHttpServer {
+            port,
+            scheme: "http",
+            shared,
+            task,
+        })
+    }
+
+    /// Like [`GitHttpServer::start`], with `extra` routes (a fake forge API) beside Git and
+    /// `check` deciding who may use Git (401 with `WWW-Authenticate` otherwise).
+    pub async fn start_checked(
+        root: &Path,
+        extra: Router,
+        check: AuthCheck,
+    ) -> io::Result<GitHttpServer> {
+        let mut shared = shared(root, None).await?;
+        if let Some(s) = Arc::get_mut(&mut shared) {
+            s.check = Some(check);
+        }
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let port = listener.local_addr()?.port();
+        let app = extra.merge(
+            Router::new()
+                .fallback(handle)
+                .with_state(Arc::clone(&shared)),
+        );
         let task = tokio::spawn(async move {
             if let Err(err) = axum::serve(listener, app).await {
                 eprintln!("git_http: server stopped: {err}");
@@ -197,6 +234,19 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             return unauthorized();
         }
         remote_user = Some(user.clone());
+    }
+    if let Some(check) = &shared.check {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        match check(given) {
+            Some(user) => remote_user = Some(user),
+            None => {
+                shared.unauthorized.fetch_add(1, Ordering::SeqCst);
+                return unauthorized();
+            }
+        }
     }
 
     let response = match run_backend(&shared, req, remote_user).await {
@@ -414,6 +464,7 @@ async fn shared(root: &Path, credentials: Option<(&str, &str)>) -> io::Result<Ar
         root,
         backend,
         auth,
+        check: None,
         requests: AtomicUsize::new(0),
         unauthorized: AtomicUsize::new(0),
     }))

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod fake_github_app;
 pub mod fake_kube;
 pub mod fake_kube_tls;
 pub mod git_http;
