@@ -10,6 +10,7 @@ pub mod expand;
 mod locate;
 pub mod raw;
 mod schema_keys;
+mod ssh_url;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -439,6 +440,24 @@ impl BranchPattern {
 pub struct Auth {
     pub username: Option<String>,
     pub token: Option<SecretString>,
+    /// Set for SSH URLs (`ssh://`, `user@host:path`) only.
+    pub ssh: Option<Arc<SshAuth>>,
+}
+
+/// How to reach one SSH remote: the user (from the URL, else `auth.username`, else
+/// `git`), its host and port for the host-key check, the deploy key and the known_hosts
+/// file the host key must be in.
+#[derive(Debug, Clone)]
+pub struct SshAuth {
+    pub user: String,
+    pub host: String,
+    pub port: u16,
+    /// `auth.ssh_key_file`; `None`: the SSH agent's keys.
+    pub key_file: Option<PathBuf>,
+    /// The value of the variable `auth.ssh_key_passphrase_env` names.
+    pub passphrase: Option<SecretString>,
+    /// `ssh.known_hosts_file`, else `~/.ssh/known_hosts`.
+    pub known_hosts: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -504,8 +523,12 @@ impl Config {
             .repositories
             .iter()
             .flat_map(|r| [&r.monitor.auth, &r.deploy.auth]);
+        let passphrases = auths
+            .clone()
+            .filter_map(|a| a.ssh.as_ref().and_then(|s| s.passphrase.clone()));
         auths
             .filter_map(|a| a.token.clone())
+            .chain(passphrases)
             .chain(self.webhooks.github_secret.clone())
             .chain(self.webhooks.gitlab_token.clone())
             .chain(self.server.read_token.clone())

@@ -45,6 +45,8 @@ pub struct RawConfig {
     pub secret_env: Option<Vec<String>>,
     /// Trust for HTTPS: extra certificate authorities for the forge APIs, ls-remote and clones.
     pub tls: Option<RawTls>,
+    /// SSH remotes: the known host keys.
+    pub ssh: Option<RawSsh>,
     /// The HTTP server for health, metrics and webhooks.
     pub server: Option<RawServer>,
     /// Webhook secrets; an endpoint whose secret is unset or empty answers 404.
@@ -69,6 +71,15 @@ pub struct RawTls {
     /// PEM file of certificate authorities (a corporate CA) trusted besides the system's,
     /// by the API client and by Git (ls-remote, clones). `GIT_SSL_CAINFO` adds one too.
     pub ca_file: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct RawSsh {
+    /// OpenSSH known_hosts file the host key of every SSH remote must be in (plain,
+    /// hashed and `[host]:port` entries); an unknown or changed key is refused. Default
+    /// `~/.ssh/known_hosts`.
+    pub known_hosts_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
@@ -312,6 +323,11 @@ pub enum RawInheritEnv {
 pub struct RawAuth {
     pub username: Option<String>,
     pub token: Option<String>,
+    /// Private key (a deploy key) offered to an SSH remote (`ssh://user@host/path`,
+    /// `user@host:path`); without it, the SSH agent's keys.
+    pub ssh_key_file: Option<String>,
+    /// Name of the environment variable holding the passphrase of `ssh_key_file`.
+    pub ssh_key_passphrase_env: Option<String>,
 }
 
 /// A duration as written: integer seconds (`900`) or text (`90s`, `15m`, `1h30m`).

@@ -16,13 +16,14 @@ use serde_yaml::Value as Yaml;
 use super::expand::{self, Env, ExpandError};
 use super::raw::{
     RawAuth, RawConfig, RawDeploy, RawDuration, RawExecutor, RawGroup, RawInheritEnv, RawMonitor,
-    RawNotify, RawPendingRetry, RawReport, RawRepository, RawTls,
+    RawNotify, RawPendingRetry, RawReport, RawRepository, RawSsh, RawTls,
 };
 use super::schema_keys::{check_unknown_keys, suggest};
+use super::ssh_url;
 use super::{
     Auth, BranchPattern, BranchSpec, Config, Deploy, DeployScope, Diagnostic, ExecutorKind, Group,
     GroupReport, InheritEnv, KubernetesExecutorConfig, Monitor, NotifyEvent, NotifyKind,
-    NotifyTarget, PendingRetry, RepoType, Report, Repository, ServerConfig, Strategy,
+    NotifyTarget, PendingRetry, RepoType, Report, Repository, ServerConfig, SshAuth, Strategy,
     WebhookConfig, from_value,
 };
 #[cfg(test)]
@@ -54,13 +55,15 @@ pub(super) fn validate(doc: &Yaml, env: &Env, out: &mut Vec<Diagnostic>) -> Opti
         errors,
         referenced_groups: Vec::new(),
         allow_insecure_http: false,
+        known_hosts: Err(None),
     };
 
     let mut rest = top.clone();
     let groups_value = rest.remove("groups");
     let repos_value = rest.remove("repositories");
-    let raw: RawConfig = cx.extract("", Yaml::Mapping(rest)).unwrap_or_default();
+    let mut raw: RawConfig = cx.extract("", Yaml::Mapping(rest)).unwrap_or_default();
     cx.allow_insecure_http = raw.allow_insecure_http.unwrap_or(false);
+    cx.known_hosts = cx.known_hosts(raw.ssh.take().unwrap_or_default());
 
     let (groups, group_names) = cx.groups(groups_value);
     let repositories = cx.repositories(repos_value, &group_names, &groups);
@@ -84,6 +87,9 @@ struct Checker<'a> {
     referenced_groups: Vec<String>,
     /// `allow_insecure_http`: a token over plain http is then a warning, not an error.
     allow_insecure_http: bool,
+    /// The known_hosts file for SSH remotes, or why there is none (`None`: reported at
+    /// `ssh.known_hosts_file` already).
+    known_hosts: Result<PathBuf, Option<String>>,
 }
 
 impl Checker<'_> {
@@ -703,7 +709,8 @@ impl Checker<'_> {
             .and_then(|_| self.repo_type(&type_path, raw.repo_type));
         let url_path = format!("{path}.repo_url");
         let repo_url = self.required_text(&url_path, raw.repo_url);
-        let auth = self.auth(&format!("{path}.auth"), raw.auth);
+        let auth_path = format!("{path}.auth");
+        let (mut auth, ssh_key) = self.auth(&auth_path, raw.auth);
         let branches = self.branches(&format!("{path}.branches"), raw.branches);
         let (repo_type, repo_url) = (repo_type?, repo_url?);
 
@@ -716,14 +723,16 @@ impl Checker<'_> {
         };
         let (api_url, project_path) = match &kind::of(repo_type).project {
             None => {
+                self.ssh_auth(&auth_path, &url_path, &remote, ssh_key, &mut auth);
                 self.warn_plain_http(&url_path, &remote, &auth);
                 (None, String::new())
             }
             Some(rule) => {
                 let Remote::Http(web) = &remote else {
-                    self.error(&url_path, format!("a {} repo_url must be an https:// (or http://) URL; use repo_type \"git\" for file:// and local paths", repo_type.as_str()));
+                    self.error(&url_path, format!("a {} repo_url must be an https:// (or http://) URL; use repo_type \"git\" for SSH, file:// and local paths", repo_type.as_str()));
                     return None;
                 };
+                self.ssh_auth(&auth_path, &url_path, &remote, ssh_key, &mut auth);
                 let project = project_path(web);
                 if !rule.accepts(&project) {
                     self.error(&url_path, rule.hint);
@@ -803,8 +812,14 @@ impl Checker<'_> {
         (self.errors() == before).then_some(specs)
     }
 
-    fn auth(&mut self, path: &str, raw: Option<RawAuth>) -> Auth {
+    fn auth(&mut self, path: &str, raw: Option<RawAuth>) -> (Auth, RawSshKey) {
         let raw = raw.unwrap_or_default();
+        let key = RawSshKey {
+            key_file: self
+                .optional_text(&format!("{path}.ssh_key_file"), raw.ssh_key_file)
+                .filter(|f| !f.is_empty()),
+            passphrase_env: raw.ssh_key_passphrase_env.filter(|n| !n.is_empty()),
+        };
         let username = self
             .optional_text(&format!("{path}.username"), raw.username)
             .filter(|u| !u.is_empty());
@@ -812,7 +827,127 @@ impl Checker<'_> {
             .optional_text(&format!("{path}.token"), raw.token)
             .filter(|t| !t.is_empty())
             .map(SecretString::from);
-        Auth { username, token }
+        let auth = Auth {
+            username,
+            token,
+            ssh: None,
+        };
+        (auth, key)
+    }
+
+    /// `ssh.known_hosts_file` (which must be readable and well formed), else
+    /// `~/.ssh/known_hosts` if it exists.
+    fn known_hosts(&mut self, raw: RawSsh) -> Result<PathBuf, Option<String>> {
+        let path = "ssh.known_hosts_file";
+        let Some(file) = self
+            .optional_text(path, raw.known_hosts_file)
+            .filter(|f| !f.is_empty())
+        else {
+            let home = self.env.get("HOME").filter(|h| !h.is_empty());
+            let default = home.as_deref().map(crate::forge::ssh::default_known_hosts);
+            return match default {
+                Some(file) if file.is_file() => Ok(file),
+                _ => Err(Some("this SSH URL's host key cannot be checked: there is no known_hosts file; set ssh.known_hosts_file (the default ~/.ssh/known_hosts does not exist)".to_owned())),
+            };
+        };
+        match std::fs::read_to_string(&file) {
+            Ok(text) => {
+                let (_, bad) = crate::forge::ssh::KnownHosts::parse(&text);
+                for line in &bad {
+                    self.error(path, format!("{file} line {}: {}", line.line, line.problem));
+                }
+                if bad.is_empty() {
+                    Ok(PathBuf::from(file))
+                } else {
+                    Err(None)
+                }
+            }
+            Err(e) => {
+                self.error(path, format!("cannot read {file}: {e}"));
+                Err(None)
+            }
+        }
+    }
+
+    /// The SSH part of `auth` for a remote: only an SSH URL takes `ssh_key_file`, and
+    /// it takes no token.
+    fn ssh_auth(
+        &mut self,
+        path: &str,
+        url_path: &str,
+        remote: &Remote,
+        key: RawSshKey,
+        auth: &mut Auth,
+    ) {
+        let Remote::Ssh(target) = remote else {
+            for (name, set) in [
+                ("ssh_key_file", key.key_file.is_some()),
+                ("ssh_key_passphrase_env", key.passphrase_env.is_some()),
+            ] {
+                if set {
+                    self.error(format!("{path}.{name}"), format!("is for SSH remotes (ssh://user@host/path or user@host:path), and {url_path} is not one"));
+                }
+            }
+            return;
+        };
+        if auth.token.is_some() {
+            self.error(format!("{path}.token"), format!("a token is not used over SSH; {url_path} is an SSH URL: give a key in {path}.ssh_key_file, or use the https:// URL with the token"));
+        }
+        let key_path = format!("{path}.ssh_key_file");
+        if let Some(file) = &key.key_file {
+            match std::fs::read(file) {
+                Ok(bytes) if contains(&bytes, b"PRIVATE KEY-----") => {}
+                Ok(_) => self.error(&key_path, format!("{file} is not a private key (no -----BEGIN … PRIVATE KEY----- line); give the private half of the deploy key, not the .pub")),
+                Err(e) => self.error(&key_path, format!("cannot read {file}: {e}")),
+            }
+        }
+        let pass_path = format!("{path}.ssh_key_passphrase_env");
+        let passphrase = match &key.passphrase_env {
+            None => None,
+            Some(_) if key.key_file.is_none() => {
+                self.error(
+                    &pass_path,
+                    format!("there is no {key_path} for this passphrase"),
+                );
+                None
+            }
+            Some(name) if !expand::is_var_name(name) => {
+                self.error(
+                    &pass_path,
+                    format!("\"{name}\" is not an environment variable name"),
+                );
+                None
+            }
+            Some(name) => match self.env.get(name).filter(|v| !v.is_empty()) {
+                Some(value) => Some(SecretString::from(value)),
+                None => {
+                    self.error(&pass_path, format!("environment variable {name} is not set (it should hold the key's passphrase)"));
+                    None
+                }
+            },
+        };
+        let known_hosts = match &self.known_hosts {
+            Ok(file) => file.clone(),
+            Err(None) => return,
+            Err(Some(message)) => {
+                let message = message.clone();
+                self.error(url_path, message);
+                return;
+            }
+        };
+        let user = target
+            .user
+            .clone()
+            .or_else(|| auth.username.clone())
+            .unwrap_or_else(|| "git".to_owned());
+        auth.ssh = Some(Arc::new(SshAuth {
+            user,
+            host: target.host.clone(),
+            port: target.port,
+            key_file: key.key_file.map(PathBuf::from),
+            passphrase,
+            known_hosts,
+        }));
     }
 
     /// A token over plain http to a host that is not loopback: anyone on the path reads
@@ -844,11 +979,13 @@ impl Checker<'_> {
             }
         }
         let explicit_type = self.repo_type(&format!("{path}.repo_type"), raw.repo_type);
-        let auth = self.auth(&format!("{path}.auth"), raw.auth);
+        let auth_path = format!("{path}.auth");
+        let (mut auth, ssh_key) = self.auth(&auth_path, raw.auth);
         let mut repo_type = RepoType::Git;
         if let Some(url) = &qa_repo_url {
             match parse_remote(url) {
                 Ok(remote) => {
+                    self.ssh_auth(&auth_path, &url_path, &remote, ssh_key, &mut auth);
                     self.warn_plain_http(&url_path, &remote, &auth);
                     repo_type = explicit_type.unwrap_or_else(|| infer_repo_type(&remote));
                 }
@@ -1260,6 +1397,8 @@ pub(crate) fn check_branch_name(name: &str) -> Result<(), &'static str> {
 /// Where a Git repository lives, as far as validation cares.
 enum Remote {
     Http(url::Url),
+    /// `ssh://` URLs and scp-like `user@host:path`.
+    Ssh(ssh_url::SshTarget),
     /// `file://` URLs and local paths.
     Local,
 }
@@ -1267,6 +1406,9 @@ enum Remote {
 fn parse_remote(text: &str) -> Result<Remote, String> {
     if text.contains("://") {
         let url = url::Url::parse(text).map_err(|e| format!("not a valid URL: {e}"))?;
+        if ssh_url::is_ssh_scheme(url.scheme()) {
+            return ssh_url::parse_ssh_url(&url).map(Remote::Ssh);
+        }
         if !url.username().is_empty() || url.password().is_some() {
             return Err("must not contain credentials; put them under `auth:`".to_owned());
         }
@@ -1277,12 +1419,12 @@ fn parse_remote(text: &str) -> Result<Remote, String> {
             "https" | "http" => Err("URL has no host".to_owned()),
             "file" => Ok(Remote::Local),
             other => Err(format!(
-                "unsupported URL scheme \"{other}\"; use https://, http://, file:// or a local path"
+                "unsupported URL scheme \"{other}\"; use https://, http://, ssh://, file:// or a local path"
             )),
         };
     }
     if looks_like_scp(text) {
-        return Err("SSH remotes (user@host:path) are not supported; use the https:// URL with a token under `auth:`".to_owned());
+        return ssh_url::parse_scp_like(text).map(Remote::Ssh);
     }
     Ok(Remote::Local)
 }
@@ -1320,7 +1462,7 @@ fn infer_repo_type(remote: &Remote) -> RepoType {
         Remote::Http(url) => url
             .host_str()
             .map_or(RepoType::Git, |host| kind::for_host(host).repo_type),
-        Remote::Local => RepoType::Git,
+        Remote::Ssh(_) | Remote::Local => RepoType::Git,
     }
 }
 
@@ -1384,4 +1526,14 @@ fn is_dns_label(s: &str) -> bool {
 /// An RFC 1123 subdomain: what a Secret name must be.
 fn is_dns_subdomain(s: &str) -> bool {
     s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+/// The SSH fields of an `auth:` section, checked once the remote is known.
+struct RawSshKey {
+    key_file: Option<String>,
+    passphrase_env: Option<String>,
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }

@@ -21,6 +21,7 @@ mod github;
 mod gitlab;
 mod http;
 pub mod kind;
+pub(crate) mod ssh;
 pub(crate) mod tls;
 
 use std::collections::{BTreeMap, HashSet};
