@@ -25,5 +25,6 @@ mod secrets;
 mod security;
 mod server;
 mod soak;
+mod ssh;
 mod trigger;
 mod watch;

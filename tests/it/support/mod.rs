@@ -7,6 +7,7 @@ pub mod browser;
 pub mod fake_kube;
 pub mod fake_kube_tls;
 pub mod git_http;
+pub mod sshd;
 pub mod status_forge;
 
 use std::path::{Path, PathBuf};
