@@ -42,6 +42,8 @@ pub struct Config {
     /// PEM bundles of extra certificate authorities: `tls.ca_file`, then `GIT_SSL_CAINFO`.
     /// Added to the system roots for the API client and for Git.
     pub ca_files: Vec<PathBuf>,
+    /// `proxy:`; `None`: the environment's `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY`.
+    pub proxy: Option<ProxyConfig>,
     pub server: ServerConfig,
     pub webhooks: WebhookConfig,
     pub leader_election: LeaderElection,
@@ -53,6 +55,17 @@ pub struct Config {
     /// Values masked in command output besides tokens and `deploy.env` secrets: every value
     /// the env file supplied, and the values of the variables named in `secret_env`.
     pub masked_values: Vec<SecretString>,
+}
+
+/// A forward proxy for the API client, ls-remote and clones (`proxy:`).
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// `http://` or `https://` URL; a password in it came from an environment variable.
+    pub url: SecretString,
+    /// The password of `url`, masked in command output.
+    pub password: Option<SecretString>,
+    /// Hosts reached directly (curl's `NO_PROXY` rules).
+    pub no_proxy: Vec<String>,
 }
 
 /// Backoff for units that could not run: `initial`, doubling up to `max`.
@@ -529,6 +542,7 @@ impl Config {
         auths
             .filter_map(|a| a.token.clone())
             .chain(passphrases)
+            .chain(self.proxy.as_ref().and_then(|p| p.password.clone()))
             .chain(self.webhooks.github_secret.clone())
             .chain(self.webhooks.gitlab_token.clone())
             .chain(self.server.read_token.clone())

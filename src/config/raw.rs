@@ -47,6 +47,9 @@ pub struct RawConfig {
     pub tls: Option<RawTls>,
     /// SSH remotes: the known host keys.
     pub ssh: Option<RawSsh>,
+    /// A forward proxy for API requests, ls-remote and clones, instead of the
+    /// environment's `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY`.
+    pub proxy: Option<RawProxy>,
     /// The HTTP server for health, metrics and webhooks.
     pub server: Option<RawServer>,
     /// Webhook secrets; an endpoint whose secret is unset or empty answers 404.
@@ -71,6 +74,17 @@ pub struct RawTls {
     /// PEM file of certificate authorities (a corporate CA) trusted besides the system's,
     /// by the API client and by Git (ls-remote, clones). `GIT_SSL_CAINFO` adds one too.
     pub ca_file: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct RawProxy {
+    /// `http://host:port` (or `https://`); a password must come from an environment
+    /// variable: `http://user:${PROXY_PASSWORD}@host:port`.
+    pub url: Option<String>,
+    /// Hosts reached directly, as in `NO_PROXY`: `*`, `example.com` or `.example.com`
+    /// (the domain and its subdomains), IP addresses.
+    pub no_proxy: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]

@@ -16,15 +16,15 @@ use serde_yaml::Value as Yaml;
 use super::expand::{self, Env, ExpandError};
 use super::raw::{
     RawAuth, RawConfig, RawDeploy, RawDuration, RawExecutor, RawGroup, RawInheritEnv, RawMonitor,
-    RawNotify, RawPendingRetry, RawReport, RawRepository, RawSsh, RawTls,
+    RawNotify, RawPendingRetry, RawProxy, RawReport, RawRepository, RawSsh, RawTls,
 };
 use super::schema_keys::{check_unknown_keys, suggest};
 use super::ssh_url;
 use super::{
     Auth, BranchPattern, BranchSpec, Config, Deploy, DeployScope, Diagnostic, ExecutorKind, Group,
     GroupReport, InheritEnv, KubernetesExecutorConfig, Monitor, NotifyEvent, NotifyKind,
-    NotifyTarget, PendingRetry, RepoType, Report, Repository, ServerConfig, SshAuth, Strategy,
-    WebhookConfig, from_value,
+    NotifyTarget, PendingRetry, ProxyConfig, RepoType, Report, Repository, ServerConfig, SshAuth,
+    Strategy, WebhookConfig, from_value,
 };
 #[cfg(test)]
 use super::{LeaderElection, StateConfig};
@@ -869,6 +869,58 @@ impl Checker<'_> {
         }
     }
 
+    /// `proxy:`: an http(s) URL whose password, if any, is an environment variable.
+    fn proxy(&mut self, raw: RawProxy) -> Option<ProxyConfig> {
+        let path = "proxy.url";
+        let written = raw.url.clone().unwrap_or_default();
+        let text = self.required_text(path, raw.url)?;
+        let url = match url::Url::parse(&text) {
+            Ok(url) => url,
+            Err(e) => {
+                // The text may hold a password: say what is wrong, not what it is.
+                self.error(path, format!("not a valid URL: {e}"));
+                return None;
+            }
+        };
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
+            self.error(
+                path,
+                "must be an http:// or https:// URL with a host (libgit2 speaks to no other proxy)",
+            );
+            return None;
+        }
+        let password = url.password().map(|p| {
+            percent_encoding::percent_decode_str(p)
+                .decode_utf8_lossy()
+                .into_owned()
+        });
+        let userinfo = written.split('@').next().unwrap_or_default();
+        if password.is_some() && (!written.contains('@') || !userinfo.contains("${")) {
+            self.error(path, "the proxy password is written in the file; take it from the environment: http://user:${PROXY_PASSWORD}@host:port");
+            return None;
+        }
+        let mut no_proxy = Vec::new();
+        for (i, entry) in raw.no_proxy.unwrap_or_default().into_iter().enumerate() {
+            let entry_path = format!("proxy.no_proxy[{i}]");
+            let Some(entry) = self.expand(&entry_path, &entry) else {
+                continue;
+            };
+            if entry.trim().is_empty() || entry.contains([',', ' ', '/']) {
+                self.error(
+                    entry_path,
+                    "one host, domain (.example.com), IP address or `*` per entry",
+                );
+            } else {
+                no_proxy.push(entry.trim().to_owned());
+            }
+        }
+        Some(ProxyConfig {
+            url: SecretString::from(text),
+            password: password.filter(|p| !p.is_empty()).map(SecretString::from),
+            no_proxy,
+        })
+    }
+
     /// The SSH part of `auth` for a remote: only an SSH URL takes `ssh_key_file`, and
     /// it takes no token.
     fn ssh_auth(
@@ -1178,6 +1230,7 @@ impl Checker<'_> {
         };
         let pending_retry = self.pending_retry(raw.pending_retry.unwrap_or_default());
         let ca_files = self.ca_files(raw.tls.unwrap_or_default());
+        let proxy = raw.proxy.and_then(|p| self.proxy(p));
         let server = raw.server.unwrap_or_default();
         let listen = match self.optional_text("server.listen", server.listen) {
             None => Some(SocketAddr::from(([0, 0, 0, 0], 8080))),
@@ -1237,6 +1290,7 @@ impl Checker<'_> {
             max_concurrent_units,
             pending_retry,
             ca_files,
+            proxy,
             server: ServerConfig {
                 enabled: server.enabled.unwrap_or(true),
                 listen: listen?,

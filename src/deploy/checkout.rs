@@ -217,6 +217,7 @@ fn clone_once(
             cb.certificate_check(ssh::certificate_check(ssh_auth.clone(), refusal.clone()));
         }
         fetch.remote_callbacks(cb);
+        fetch.proxy_options(crate::forge::proxy::git_options(&req.url));
         // libgit2 follows a redirect to another host on the first request by default; a
         // QA host must not be able to send the clone (and its token) elsewhere.
         fetch.follow_redirects(RemoteRedirect::None);

@@ -280,7 +280,8 @@ fn list_heads(repo: &Repository) -> Result<BTreeMap<String, Sha>, ForgeError> {
 
     let result = (|| {
         let mut remote = git2::Remote::create_detached(url.as_str())?;
-        let connection = remote.connect_auth(Direction::Fetch, Some(callbacks), None)?;
+        let proxy = super::proxy::git_options(url);
+        let connection = remote.connect_auth(Direction::Fetch, Some(callbacks), Some(proxy))?;
         let mut heads = BTreeMap::new();
         for head in connection.list()? {
             if let Some(branch) = head.name().strip_prefix("refs/heads/") {

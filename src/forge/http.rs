@@ -111,8 +111,14 @@ impl Http {
         request_timeout: Duration,
         max_per_host: usize,
         extra_roots: Vec<reqwest::Certificate>,
+        proxy: Option<reqwest::Proxy>,
     ) -> reqwest::Result<Http> {
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        // `proxy:` replaces the environment's proxies; without it reqwest reads them.
+        if let Some(proxy) = proxy {
+            builder = builder.no_proxy().proxy(proxy);
+        }
+        let client = builder
             .tls_certs_merge(extra_roots)
             .user_agent(crate::build_info::USER_AGENT)
             .connect_timeout(Duration::from_secs(10))
@@ -849,7 +855,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn writes_to_one_host_are_spaced() {
-        let http = Http::new(Duration::from_secs(5), 4, Vec::new()).unwrap();
+        let http = Http::new(Duration::from_secs(5), 4, Vec::new(), None).unwrap();
         let host = http.host("api.github.com");
         let never = CancellationToken::new();
         let start = tokio::time::Instant::now();

@@ -21,6 +21,7 @@ mod github;
 mod gitlab;
 mod http;
 pub mod kind;
+pub(crate) mod proxy;
 pub(crate) mod ssh;
 pub(crate) mod tls;
 
@@ -200,8 +201,20 @@ impl Forges {
     pub fn new(config: &Config) -> anyhow::Result<Forges> {
         let roots = tls::certificates(&config.ca_files)?;
         tls::set_git_ca_files(&config.ca_files);
-        let http = Http::new(config.request_timeout, config.max_requests_per_host, roots)
-            .map_err(|e| anyhow::anyhow!("cannot build the HTTP client: {e}"))?;
+        proxy::set_git_proxy(config.proxy.as_ref());
+        let api_proxy = config
+            .proxy
+            .as_ref()
+            .map(proxy::reqwest_proxy)
+            .transpose()
+            .map_err(|_| anyhow::anyhow!("cannot use proxy.url as the API client's proxy"))?;
+        let http = Http::new(
+            config.request_timeout,
+            config.max_requests_per_host,
+            roots,
+            api_proxy,
+        )
+        .map_err(|e| anyhow::anyhow!("cannot build the HTTP client: {e}"))?;
         Ok(Forges {
             http: Arc::new(http),
         })

@@ -20,6 +20,7 @@ mod live;
 mod monitor;
 mod output;
 mod promise;
+mod proxy;
 mod report;
 mod secrets;
 mod security;
