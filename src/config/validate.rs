@@ -56,6 +56,7 @@ pub(super) fn validate(doc: &Yaml, env: &Env, out: &mut Vec<Diagnostic>) -> Opti
         referenced_groups: Vec::new(),
         allow_insecure_http: false,
         known_hosts: Err(None),
+        http_proxy: None,
     };
 
     let mut rest = top.clone();
@@ -64,6 +65,12 @@ pub(super) fn validate(doc: &Yaml, env: &Env, out: &mut Vec<Diagnostic>) -> Opti
     let mut raw: RawConfig = cx.extract("", Yaml::Mapping(rest)).unwrap_or_default();
     cx.allow_insecure_http = raw.allow_insecure_http.unwrap_or(false);
     cx.known_hosts = cx.known_hosts(raw.ssh.take().unwrap_or_default());
+    cx.http_proxy = match &raw.proxy {
+        Some(p) if p.url.is_some() => Some("proxy.url"),
+        _ => ["http_proxy", "HTTP_PROXY"]
+            .into_iter()
+            .find(|v| cx.env.get(v).is_some_and(|x| !x.is_empty())),
+    };
 
     let (groups, group_names) = cx.groups(groups_value);
     let repositories = cx.repositories(repos_value, &group_names, &groups);
@@ -90,6 +97,9 @@ struct Checker<'a> {
     /// The known_hosts file for SSH remotes, or why there is none (`None`: reported at
     /// `ssh.known_hosts_file` already).
     known_hosts: Result<PathBuf, Option<String>>,
+    /// Where a proxy for plain-http Git comes from (`proxy.url`, `HTTP_PROXY`), which
+    /// libgit2 cannot honour.
+    http_proxy: Option<&'static str>,
 }
 
 impl Checker<'_> {
@@ -724,6 +734,7 @@ impl Checker<'_> {
         let (api_url, project_path) = match &kind::of(repo_type).project {
             None => {
                 self.ssh_auth(&auth_path, &url_path, &remote, ssh_key, &mut auth);
+                self.warn_git_http_proxy(&url_path, &remote);
                 self.warn_plain_http(&url_path, &remote, &auth);
                 (None, String::new())
             }
@@ -1002,6 +1013,16 @@ impl Checker<'_> {
         }));
     }
 
+    /// A plain `http://` Git remote while a proxy is configured: libgit2 1.9 sends such
+    /// requests straight to the server (it proxies only https, with CONNECT).
+    fn warn_git_http_proxy(&mut self, path: &str, remote: &Remote) {
+        if let (Remote::Http(url), Some(source)) = (remote, self.http_proxy) {
+            if url.scheme() == "http" {
+                self.warn(path, format!("ls-remote and clones of a plain http:// URL do not go through the proxy ({source}): libgit2 proxies only https:// remotes and connects to this one directly; use https://"));
+            }
+        }
+    }
+
     /// A token over plain http to a host that is not loopback: anyone on the path reads
     /// it. An error unless `allow_insecure_http: true`, then a warning.
     fn warn_plain_http(&mut self, path: &str, remote: &Remote, auth: &Auth) {
@@ -1038,6 +1059,7 @@ impl Checker<'_> {
             match parse_remote(url) {
                 Ok(remote) => {
                     self.ssh_auth(&auth_path, &url_path, &remote, ssh_key, &mut auth);
+                    self.warn_git_http_proxy(&url_path, &remote);
                     self.warn_plain_http(&url_path, &remote, &auth);
                     repo_type = explicit_type.unwrap_or_else(|| infer_repo_type(&remote));
                 }

@@ -840,3 +840,66 @@ fn ssh_mistakes_are_reported_where_they_are() {
         home.path().join(".ssh/known_hosts")
     );
 }
+
+#[test]
+fn proxy_urls_are_checked_and_passwords_come_from_the_environment() {
+    let yaml = |proxy: &str| format!("{proxy}\n{SEED}");
+    let env = Env::fixed([
+        ("GITHUB_USERNAME", "octo"),
+        ("GITHUB_TOKEN", "ghp_seedtokenvalue"),
+        ("GITLAB_USERNAME", "qa"),
+        ("GITLAB_TOKEN", "glpat-seedtokenvalue"),
+        ("PROXY_PASSWORD", "pr0xy-pass"),
+    ]);
+    let loaded = load_str(
+        &yaml(
+            "proxy: {url: \"http://ci:${PROXY_PASSWORD}@proxy.corp:3128\", no_proxy: [.corp.example, 10.0.0.1]}",
+        ),
+        &env,
+    );
+    assert!(loaded.diagnostics.is_empty(), "{:?}", loaded.diagnostics);
+    let config = loaded.config.unwrap();
+    let proxy = config.proxy.clone().unwrap();
+    assert_eq!(
+        proxy.url.expose_secret(),
+        "http://ci:pr0xy-pass@proxy.corp:3128"
+    );
+    assert_eq!(proxy.no_proxy, vec![".corp.example", "10.0.0.1"]);
+    assert!(
+        config
+            .own_secrets()
+            .iter()
+            .any(|s| s.expose_secret() == "pr0xy-pass")
+    );
+    // No key: no proxy of Sentry's own (the environment's apply).
+    assert!(load_str(SEED, &env).config.unwrap().proxy.is_none());
+
+    let errors = |text: &str, path: &str| -> Vec<String> {
+        load_str(&yaml(text), &env)
+            .diagnostics
+            .into_iter()
+            .filter(|d| d.is_error() && d.path == path)
+            .map(|d| d.message)
+            .collect()
+    };
+    let errs = errors(
+        "proxy: {url: \"http://ci:literal-secret@proxy.corp:3128\"}",
+        "proxy.url",
+    );
+    assert!(
+        errs[0].contains("from the environment") && !errs[0].contains("literal-secret"),
+        "{errs:?}"
+    );
+    assert!(
+        errors("proxy: {url: \"socks5://proxy.corp:1080\"}", "proxy.url")[0]
+            .contains("http:// or https://")
+    );
+    assert!(!errors("proxy: {no_proxy: [a]}", "proxy.url").is_empty());
+    assert!(
+        errors(
+            "proxy: {url: \"http://p:3128\", no_proxy: [\"a,b\"]}",
+            "proxy.no_proxy[0]"
+        )[0]
+        .contains("one host")
+    );
+}
