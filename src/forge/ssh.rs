@@ -25,34 +25,32 @@ use crate::config::SshAuth;
 #[derive(Debug, Clone, thiserror::Error)]
 pub(crate) enum HostKeyError {
     #[error(
-        "the SSH host key of {host} is unknown: the server offered {key_type} key {fingerprint}, and {file} has no entry for {host}; check the fingerprint with the host's administrator, then add the key to the file (ssh.known_hosts_file), e.g. from `ssh-keyscan{port_flag} {name}`"
+        "the SSH host key of {host} is unknown: the server offered {offered}, and {file} has no entry for {host}; check the fingerprint with the host's administrator, then add the key to the file (ssh.known_hosts_file), e.g. from `{keyscan}`"
     )]
     Unknown {
         host: String,
-        name: String,
-        port_flag: String,
-        key_type: String,
-        fingerprint: String,
+        /// `ssh-keyscan [-p PORT] HOST`
+        keyscan: String,
+        /// `ED25519 key SHA256:…`
+        offered: String,
         file: String,
     },
     #[error(
-        "the SSH host key of {host} has CHANGED: the server offered {key_type} key {fingerprint}, but {file} line {line} holds another key for this host ({known}); refusing to connect (someone may be intercepting the connection, or the host key was replaced: then update the file)"
+        "the SSH host key of {host} has CHANGED: the server offered {offered}, but {file} line {line} holds another key for this host ({known}); refusing to connect (someone may be intercepting the connection, or the host key was replaced: then update the file)"
     )]
     Changed {
         host: String,
-        key_type: String,
-        fingerprint: String,
+        offered: String,
         known: String,
         file: String,
         line: usize,
     },
     #[error(
-        "the SSH host key of {host} ({key_type} key {fingerprint}) is marked @revoked in {file} line {line}; refusing to connect"
+        "the SSH host key of {host} ({offered}) is marked @revoked in {file} line {line}; refusing to connect"
     )]
     Revoked {
         host: String,
-        key_type: String,
-        fingerprint: String,
+        offered: String,
         file: String,
         line: usize,
     },
@@ -144,8 +142,7 @@ impl KnownHosts {
         file: &Path,
     ) -> Result<(), HostKeyError> {
         let name = lookup_name(host, port);
-        let key_type = key_type_name(key);
-        let fingerprint = fingerprint(key);
+        let offered = describe(key);
         let file = file.display().to_string();
         let matching: Vec<&Entry> = self
             .entries
@@ -158,8 +155,7 @@ impl KnownHosts {
         {
             return Err(HostKeyError::Revoked {
                 host: name,
-                key_type,
-                fingerprint,
+                offered,
                 file,
                 line: revoked.line,
             });
@@ -174,26 +170,19 @@ impl KnownHosts {
         match known.first() {
             Some(other) => Err(HostKeyError::Changed {
                 host: name,
-                key_type,
-                fingerprint,
-                known: format!(
-                    "{} key {}",
-                    key_type_name(&other.key),
-                    self::fingerprint(&other.key)
-                ),
+                offered,
+                known: describe(&other.key),
                 file,
                 line: other.line,
             }),
             None => Err(HostKeyError::Unknown {
-                name: host.to_owned(),
-                port_flag: if port == 22 {
-                    String::new()
+                keyscan: if port == 22 {
+                    format!("ssh-keyscan {host}")
                 } else {
-                    format!(" -p {port}")
+                    format!("ssh-keyscan -p {port} {host}")
                 },
                 host: name,
-                key_type,
-                fingerprint,
+                offered,
                 file,
             }),
         }
@@ -339,6 +328,11 @@ fn key_type_name(key: &[u8]) -> String {
         "" => "unknown".to_owned(),
         other => other.to_owned(),
     }
+}
+
+/// `ED25519 key SHA256:…`, as OpenSSH describes a key.
+fn describe(key: &[u8]) -> String {
+    format!("{} key {}", key_type_name(key), fingerprint(key))
 }
 
 /// `SHA256:` and the unpadded base64 of the key's SHA-256, as `ssh-keygen -l` prints it.
