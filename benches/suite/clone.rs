@@ -249,6 +249,7 @@ fn sentry_clone(url: &str, dest: &Path) -> Result<(f64, f64)> {
         branch: "main".to_owned(),
         username: "git".to_owned(),
         token: None,
+        ssh: None,
         dest: dest.to_owned(),
     };
     let cpu = thread_user_ms();

@@ -10,6 +10,7 @@ pub mod expand;
 mod locate;
 pub mod raw;
 mod schema_keys;
+mod ssh_url;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -41,6 +42,8 @@ pub struct Config {
     /// PEM bundles of extra certificate authorities: `tls.ca_file`, then `GIT_SSL_CAINFO`.
     /// Added to the system roots for the API client and for Git.
     pub ca_files: Vec<PathBuf>,
+    /// `proxy:`; `None`: the environment's `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY`.
+    pub proxy: Option<ProxyConfig>,
     pub server: ServerConfig,
     pub webhooks: WebhookConfig,
     pub leader_election: LeaderElection,
@@ -52,6 +55,17 @@ pub struct Config {
     /// Values masked in command output besides tokens and `deploy.env` secrets: every value
     /// the env file supplied, and the values of the variables named in `secret_env`.
     pub masked_values: Vec<SecretString>,
+}
+
+/// A forward proxy for the API client, ls-remote and clones (`proxy:`).
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// `http://` or `https://` URL; a password in it came from an environment variable.
+    pub url: SecretString,
+    /// The password of `url`, masked in command output.
+    pub password: Option<SecretString>,
+    /// Hosts reached directly (curl's `NO_PROXY` rules).
+    pub no_proxy: Vec<String>,
 }
 
 /// Backoff for units that could not run: `initial`, doubling up to `max`.
@@ -441,6 +455,8 @@ impl BranchPattern {
 pub struct Auth {
     pub username: Option<String>,
     pub token: Option<SecretString>,
+    /// Set for SSH URLs (`ssh://`, `user@host:path`) only.
+    pub ssh: Option<Arc<SshAuth>>,
     /// `auth.github_app`: installation tokens minted at run time instead of `token`.
     pub github_app: Option<Arc<GithubApp>>,
 }
@@ -465,6 +481,22 @@ pub struct GithubApp {
     pub api_url: String,
     /// `owner/repo`.
     pub project: String,
+}
+
+/// How to reach one SSH remote: the user (from the URL, else `auth.username`, else
+/// `git`), its host and port for the host-key check, the deploy key and the known_hosts
+/// file the host key must be in.
+#[derive(Debug, Clone)]
+pub struct SshAuth {
+    pub user: String,
+    pub host: String,
+    pub port: u16,
+    /// `auth.ssh_key_file`; `None`: the SSH agent's keys.
+    pub key_file: Option<PathBuf>,
+    /// The value of the variable `auth.ssh_key_passphrase_env` names.
+    pub passphrase: Option<SecretString>,
+    /// `ssh.known_hosts_file`, else `~/.ssh/known_hosts`.
+    pub known_hosts: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -530,8 +562,13 @@ impl Config {
             .repositories
             .iter()
             .flat_map(|r| [&r.monitor.auth, &r.deploy.auth]);
+        let passphrases = auths
+            .clone()
+            .filter_map(|a| a.ssh.as_ref().and_then(|s| s.passphrase.clone()));
         auths
             .filter_map(|a| a.token.clone())
+            .chain(passphrases)
+            .chain(self.proxy.as_ref().and_then(|p| p.password.clone()))
             .chain(self.webhooks.github_secret.clone())
             .chain(self.webhooks.gitlab_token.clone())
             .chain(self.server.read_token.clone())

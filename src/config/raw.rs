@@ -45,6 +45,11 @@ pub struct RawConfig {
     pub secret_env: Option<Vec<String>>,
     /// Trust for HTTPS: extra certificate authorities for the forge APIs, ls-remote and clones.
     pub tls: Option<RawTls>,
+    /// SSH remotes: the known host keys.
+    pub ssh: Option<RawSsh>,
+    /// A forward proxy for API requests, ls-remote and clones, instead of the
+    /// environment's `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY`.
+    pub proxy: Option<RawProxy>,
     /// The HTTP server for health, metrics and webhooks.
     pub server: Option<RawServer>,
     /// Webhook secrets; an endpoint whose secret is unset or empty answers 404.
@@ -69,6 +74,26 @@ pub struct RawTls {
     /// PEM file of certificate authorities (a corporate CA) trusted besides the system's,
     /// by the API client and by Git (ls-remote, clones). `GIT_SSL_CAINFO` adds one too.
     pub ca_file: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct RawProxy {
+    /// `http://host:port` (or `https://`); a password must come from an environment
+    /// variable: `http://user:${PROXY_PASSWORD}@host:port`.
+    pub url: Option<String>,
+    /// Hosts reached directly, as in `NO_PROXY`: `*`, `example.com` or `.example.com`
+    /// (the domain and its subdomains), IP addresses.
+    pub no_proxy: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct RawSsh {
+    /// OpenSSH known_hosts file the host key of every SSH remote must be in (plain,
+    /// hashed and `[host]:port` entries); an unknown or changed key is refused. Default
+    /// `~/.ssh/known_hosts`.
+    pub known_hosts_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
@@ -315,6 +340,11 @@ pub enum RawInheritEnv {
 pub struct RawAuth {
     pub username: Option<String>,
     pub token: Option<String>,
+    /// Private key (a deploy key) offered to an SSH remote (`ssh://user@host/path`,
+    /// `user@host:path`); without it, the SSH agent's keys.
+    pub ssh_key_file: Option<String>,
+    /// Name of the environment variable holding the passphrase of `ssh_key_file`.
+    pub ssh_key_passphrase_env: Option<String>,
     /// Authenticate as a GitHub App installation instead of with a token: short-lived
     /// installation tokens are minted and refreshed. Excludes `token`.
     pub github_app: Option<RawGithubApp>,

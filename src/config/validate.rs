@@ -16,14 +16,15 @@ use serde_yaml::Value as Yaml;
 use super::expand::{self, Env, ExpandError};
 use super::raw::{
     RawAuth, RawConfig, RawDeploy, RawDuration, RawExecutor, RawGithubApp, RawGroup, RawInheritEnv,
-    RawMonitor, RawNotify, RawPendingRetry, RawReport, RawRepository, RawTls,
+    RawMonitor, RawNotify, RawPendingRetry, RawProxy, RawReport, RawRepository, RawSsh, RawTls,
 };
 use super::schema_keys::{check_unknown_keys, suggest};
+use super::ssh_url;
 use super::{
     Auth, BranchPattern, BranchSpec, Config, Deploy, DeployScope, Diagnostic, ExecutorKind,
     GithubApp, Group, GroupReport, InheritEnv, KubernetesExecutorConfig, Monitor, NotifyEvent,
-    NotifyKind, NotifyTarget, PendingRetry, RepoType, Report, Repository, ServerConfig, Strategy,
-    WebhookConfig, from_value,
+    NotifyKind, NotifyTarget, PendingRetry, ProxyConfig, RepoType, Report, Repository,
+    ServerConfig, SshAuth, Strategy, WebhookConfig, from_value,
 };
 #[cfg(test)]
 use super::{LeaderElection, StateConfig};
@@ -65,13 +66,22 @@ pub(super) fn validate(doc: &Yaml, env: &Env, out: &mut Vec<Diagnostic>) -> Opti
         errors,
         referenced_groups: Vec::new(),
         allow_insecure_http: false,
+        known_hosts: Err(None),
+        http_proxy: None,
     };
 
     let mut rest = top.clone();
     let groups_value = rest.remove("groups");
     let repos_value = rest.remove("repositories");
-    let raw: RawConfig = cx.extract("", Yaml::Mapping(rest)).unwrap_or_default();
+    let mut raw: RawConfig = cx.extract("", Yaml::Mapping(rest)).unwrap_or_default();
     cx.allow_insecure_http = raw.allow_insecure_http.unwrap_or(false);
+    cx.known_hosts = cx.known_hosts(raw.ssh.take().unwrap_or_default());
+    cx.http_proxy = match &raw.proxy {
+        Some(p) if p.url.is_some() => Some("proxy.url"),
+        _ => ["http_proxy", "HTTP_PROXY"]
+            .into_iter()
+            .find(|v| cx.env.get(v).is_some_and(|x| !x.is_empty())),
+    };
 
     let (groups, group_names) = cx.groups(groups_value);
     let repositories = cx.repositories(repos_value, &group_names, &groups);
@@ -95,6 +105,12 @@ struct Checker<'a> {
     referenced_groups: Vec<String>,
     /// `allow_insecure_http`: a token over plain http is then a warning, not an error.
     allow_insecure_http: bool,
+    /// The known_hosts file for SSH remotes, or why there is none (`None`: reported at
+    /// `ssh.known_hosts_file` already).
+    known_hosts: Result<PathBuf, Option<String>>,
+    /// Where a proxy for plain-http Git comes from (`proxy.url`, `HTTP_PROXY`), which
+    /// libgit2 cannot honour.
+    http_proxy: Option<&'static str>,
 }
 
 impl Checker<'_> {
@@ -747,7 +763,8 @@ impl Checker<'_> {
             .and_then(|_| self.repo_type(&type_path, raw.repo_type));
         let url_path = format!("{path}.repo_url");
         let repo_url = self.required_text(&url_path, raw.repo_url);
-        let (mut auth, app) = self.auth(&format!("{path}.auth"), raw.auth);
+        let auth_path = format!("{path}.auth");
+        let (mut auth, app, ssh_key) = self.auth(&auth_path, raw.auth);
         let credentials = auth.token.is_some() || app.is_some();
         let branches = self.branches(&format!("{path}.branches"), raw.branches);
         let (repo_type, repo_url) = (repo_type?, repo_url?);
@@ -761,19 +778,22 @@ impl Checker<'_> {
         };
         let (api_url, project_path) = match &kind::of(repo_type).project {
             None => {
+                self.ssh_auth(&auth_path, &url_path, &remote, ssh_key, &mut auth);
+                self.warn_git_http_proxy(&url_path, &remote);
                 self.warn_plain_http(&url_path, &remote, credentials);
                 let web = match &remote {
                     Remote::Http(web) => Some(web),
-                    Remote::Local => None,
+                    Remote::Local | Remote::Ssh(_) => None,
                 };
                 self.attach_app(&mut auth, app, web, None);
                 (None, String::new())
             }
             Some(rule) => {
                 let Remote::Http(web) = &remote else {
-                    self.error(&url_path, format!("a {} repo_url must be an https:// (or http://) URL; use repo_type \"git\" for file:// and local paths", repo_type.as_str()));
+                    self.error(&url_path, format!("a {} repo_url must be an https:// (or http://) URL; use repo_type \"git\" for SSH, file:// and local paths", repo_type.as_str()));
                     return None;
                 };
+                self.ssh_auth(&auth_path, &url_path, &remote, ssh_key, &mut auth);
                 let project = project_path(web);
                 if !rule.accepts(&project) {
                     self.error(&url_path, rule.hint);
@@ -865,9 +885,16 @@ impl Checker<'_> {
     }
 
     /// `auth`; its `github_app` is read into [`AppParts`] and attached by the caller once
-    /// the repository's URL says which API and repository it is for.
-    fn auth(&mut self, path: &str, raw: Option<RawAuth>) -> (Auth, Option<AppParts>) {
+    /// the repository's URL says which API and repository it is for; its SSH key is
+    /// checked by the caller once the URL says whether it is an SSH remote.
+    fn auth(&mut self, path: &str, raw: Option<RawAuth>) -> (Auth, Option<AppParts>, RawSshKey) {
         let raw = raw.unwrap_or_default();
+        let key = RawSshKey {
+            key_file: self
+                .optional_text(&format!("{path}.ssh_key_file"), raw.ssh_key_file)
+                .filter(|f| !f.is_empty()),
+            passphrase_env: raw.ssh_key_passphrase_env.filter(|n| !n.is_empty()),
+        };
         let username = self
             .optional_text(&format!("{path}.username"), raw.username)
             .filter(|u| !u.is_empty());
@@ -887,9 +914,10 @@ impl Checker<'_> {
         let auth = Auth {
             username,
             token,
+            ssh: None,
             github_app: None,
         };
-        (auth, app)
+        (auth, app, key)
     }
 
     /// `auth.github_app` as written: an App ID and a readable RSA private key.
@@ -978,6 +1006,183 @@ impl Checker<'_> {
         }));
     }
 
+    /// `ssh.known_hosts_file` (which must be readable and well formed), else
+    /// `~/.ssh/known_hosts` if it exists.
+    fn known_hosts(&mut self, raw: RawSsh) -> Result<PathBuf, Option<String>> {
+        let path = "ssh.known_hosts_file";
+        let Some(file) = self
+            .optional_text(path, raw.known_hosts_file)
+            .filter(|f| !f.is_empty())
+        else {
+            let home = self.env.get("HOME").filter(|h| !h.is_empty());
+            let default = home.as_deref().map(crate::forge::ssh::default_known_hosts);
+            return match default {
+                Some(file) if file.is_file() => Ok(file),
+                _ => Err(Some("this SSH URL's host key cannot be checked: there is no known_hosts file; set ssh.known_hosts_file (the default ~/.ssh/known_hosts does not exist)".to_owned())),
+            };
+        };
+        match std::fs::read_to_string(&file) {
+            Ok(text) => {
+                let (_, bad) = crate::forge::ssh::KnownHosts::parse(&text);
+                for line in &bad {
+                    self.error(path, format!("{file} line {}: {}", line.line, line.problem));
+                }
+                if bad.is_empty() {
+                    Ok(PathBuf::from(file))
+                } else {
+                    Err(None)
+                }
+            }
+            Err(e) => {
+                self.error(path, format!("cannot read {file}: {e}"));
+                Err(None)
+            }
+        }
+    }
+
+    /// `proxy:`: an http(s) URL whose password, if any, is an environment variable.
+    fn proxy(&mut self, raw: RawProxy) -> Option<ProxyConfig> {
+        let path = "proxy.url";
+        let written = raw.url.clone().unwrap_or_default();
+        let text = self.required_text(path, raw.url)?;
+        let url = match url::Url::parse(&text) {
+            Ok(url) => url,
+            Err(e) => {
+                // The text may hold a password: say what is wrong, not what it is.
+                self.error(path, format!("not a valid URL: {e}"));
+                return None;
+            }
+        };
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
+            self.error(
+                path,
+                "must be an http:// or https:// URL with a host (libgit2 speaks to no other proxy)",
+            );
+            return None;
+        }
+        let password = url.password().map(|p| {
+            percent_encoding::percent_decode_str(p)
+                .decode_utf8_lossy()
+                .into_owned()
+        });
+        let userinfo = written.split('@').next().unwrap_or_default();
+        if password.is_some() && (!written.contains('@') || !userinfo.contains("${")) {
+            self.error(path, "the proxy password is written in the file; take it from the environment: http://user:${PROXY_PASSWORD}@host:port");
+            return None;
+        }
+        let mut no_proxy = Vec::new();
+        for (i, entry) in raw.no_proxy.unwrap_or_default().into_iter().enumerate() {
+            let entry_path = format!("proxy.no_proxy[{i}]");
+            let Some(entry) = self.expand(&entry_path, &entry) else {
+                continue;
+            };
+            if entry.trim().is_empty() || entry.contains([',', ' ', '/']) {
+                self.error(
+                    entry_path,
+                    "one host, domain (.example.com), IP address or `*` per entry",
+                );
+            } else {
+                no_proxy.push(entry.trim().to_owned());
+            }
+        }
+        Some(ProxyConfig {
+            url: SecretString::from(text),
+            password: password.filter(|p| !p.is_empty()).map(SecretString::from),
+            no_proxy,
+        })
+    }
+
+    /// The SSH part of `auth` for a remote: only an SSH URL takes `ssh_key_file`, and
+    /// it takes no token.
+    fn ssh_auth(
+        &mut self,
+        path: &str,
+        url_path: &str,
+        remote: &Remote,
+        key: RawSshKey,
+        auth: &mut Auth,
+    ) {
+        let Remote::Ssh(target) = remote else {
+            for (name, set) in [
+                ("ssh_key_file", key.key_file.is_some()),
+                ("ssh_key_passphrase_env", key.passphrase_env.is_some()),
+            ] {
+                if set {
+                    self.error(format!("{path}.{name}"), format!("is for SSH remotes (ssh://user@host/path or user@host:path), and {url_path} is not one"));
+                }
+            }
+            return;
+        };
+        if auth.token.is_some() {
+            self.error(format!("{path}.token"), format!("a token is not used over SSH; {url_path} is an SSH URL: give a key in {path}.ssh_key_file, or use the https:// URL with the token"));
+        }
+        let key_path = format!("{path}.ssh_key_file");
+        if let Some(file) = &key.key_file {
+            match std::fs::read(file) {
+                Ok(bytes) if contains(&bytes, b"PRIVATE KEY-----") => {}
+                Ok(_) => self.error(&key_path, format!("{file} is not a private key (no -----BEGIN … PRIVATE KEY----- line); give the private half of the deploy key, not the .pub")),
+                Err(e) => self.error(&key_path, format!("cannot read {file}: {e}")),
+            }
+        }
+        let pass_path = format!("{path}.ssh_key_passphrase_env");
+        let passphrase = match &key.passphrase_env {
+            None => None,
+            Some(_) if key.key_file.is_none() => {
+                self.error(
+                    &pass_path,
+                    format!("there is no {key_path} for this passphrase"),
+                );
+                None
+            }
+            Some(name) if !expand::is_var_name(name) => {
+                self.error(
+                    &pass_path,
+                    format!("\"{name}\" is not an environment variable name"),
+                );
+                None
+            }
+            Some(name) => match self.env.get(name).filter(|v| !v.is_empty()) {
+                Some(value) => Some(SecretString::from(value)),
+                None => {
+                    self.error(&pass_path, format!("environment variable {name} is not set (it should hold the key's passphrase)"));
+                    None
+                }
+            },
+        };
+        let known_hosts = match &self.known_hosts {
+            Ok(file) => file.clone(),
+            Err(None) => return,
+            Err(Some(message)) => {
+                let message = message.clone();
+                self.error(url_path, message);
+                return;
+            }
+        };
+        let user = target
+            .user
+            .clone()
+            .or_else(|| auth.username.clone())
+            .unwrap_or_else(|| "git".to_owned());
+        auth.ssh = Some(Arc::new(SshAuth {
+            user,
+            host: target.host.clone(),
+            port: target.port,
+            key_file: key.key_file.map(PathBuf::from),
+            passphrase,
+            known_hosts,
+        }));
+    }
+
+    /// A plain `http://` Git remote while a proxy is configured: libgit2 1.9 sends such
+    /// requests straight to the server (it proxies only https, with CONNECT).
+    fn warn_git_http_proxy(&mut self, path: &str, remote: &Remote) {
+        if let (Remote::Http(url), Some(source)) = (remote, self.http_proxy) {
+            if url.scheme() == "http" {
+                self.warn(path, format!("ls-remote and clones of a plain http:// URL do not go through the proxy ({source}): libgit2 proxies only https:// remotes and connects to this one directly; use https://"));
+            }
+        }
+    }
+
     /// A token over plain http to a host that is not loopback: anyone on the path reads
     /// it. An error unless `allow_insecure_http: true`, then a warning.
     fn warn_plain_http(&mut self, path: &str, remote: &Remote, credentials: bool) {
@@ -1007,16 +1212,19 @@ impl Checker<'_> {
             }
         }
         let explicit_type = self.repo_type(&format!("{path}.repo_type"), raw.repo_type);
-        let (mut auth, app) = self.auth(&format!("{path}.auth"), raw.auth);
+        let auth_path = format!("{path}.auth");
+        let (mut auth, app, ssh_key) = self.auth(&auth_path, raw.auth);
         let credentials = auth.token.is_some() || app.is_some();
         let mut repo_type = RepoType::Git;
         if let Some(url) = &qa_repo_url {
             match parse_remote(url) {
                 Ok(remote) => {
+                    self.ssh_auth(&auth_path, &url_path, &remote, ssh_key, &mut auth);
+                    self.warn_git_http_proxy(&url_path, &remote);
                     self.warn_plain_http(&url_path, &remote, credentials);
                     let web = match &remote {
                         Remote::Http(web) => Some(web),
-                        Remote::Local => None,
+                        Remote::Local | Remote::Ssh(_) => None,
                     };
                     self.attach_app(&mut auth, app, web, None);
                     repo_type = explicit_type.unwrap_or_else(|| infer_repo_type(&remote));
@@ -1210,6 +1418,7 @@ impl Checker<'_> {
         };
         let pending_retry = self.pending_retry(raw.pending_retry.unwrap_or_default());
         let ca_files = self.ca_files(raw.tls.unwrap_or_default());
+        let proxy = raw.proxy.and_then(|p| self.proxy(p));
         let server = raw.server.unwrap_or_default();
         let listen = match self.optional_text("server.listen", server.listen) {
             None => Some(SocketAddr::from(([0, 0, 0, 0], 8080))),
@@ -1269,6 +1478,7 @@ impl Checker<'_> {
             max_concurrent_units,
             pending_retry,
             ca_files,
+            proxy,
             server: ServerConfig {
                 enabled: server.enabled.unwrap_or(true),
                 listen: listen?,
@@ -1429,6 +1639,8 @@ pub(crate) fn check_branch_name(name: &str) -> Result<(), &'static str> {
 /// Where a Git repository lives, as far as validation cares.
 enum Remote {
     Http(url::Url),
+    /// `ssh://` URLs and scp-like `user@host:path`.
+    Ssh(ssh_url::SshTarget),
     /// `file://` URLs and local paths.
     Local,
 }
@@ -1436,6 +1648,9 @@ enum Remote {
 fn parse_remote(text: &str) -> Result<Remote, String> {
     if text.contains("://") {
         let url = url::Url::parse(text).map_err(|e| format!("not a valid URL: {e}"))?;
+        if ssh_url::is_ssh_scheme(url.scheme()) {
+            return ssh_url::parse_ssh_url(&url).map(Remote::Ssh);
+        }
         if !url.username().is_empty() || url.password().is_some() {
             return Err("must not contain credentials; put them under `auth:`".to_owned());
         }
@@ -1446,12 +1661,12 @@ fn parse_remote(text: &str) -> Result<Remote, String> {
             "https" | "http" => Err("URL has no host".to_owned()),
             "file" => Ok(Remote::Local),
             other => Err(format!(
-                "unsupported URL scheme \"{other}\"; use https://, http://, file:// or a local path"
+                "unsupported URL scheme \"{other}\"; use https://, http://, ssh://, file:// or a local path"
             )),
         };
     }
     if looks_like_scp(text) {
-        return Err("SSH remotes (user@host:path) are not supported; use the https:// URL with a token under `auth:`".to_owned());
+        return ssh_url::parse_scp_like(text).map(Remote::Ssh);
     }
     Ok(Remote::Local)
 }
@@ -1489,7 +1704,7 @@ fn infer_repo_type(remote: &Remote) -> RepoType {
         Remote::Http(url) => url
             .host_str()
             .map_or(RepoType::Git, |host| kind::for_host(host).repo_type),
-        Remote::Local => RepoType::Git,
+        Remote::Ssh(_) | Remote::Local => RepoType::Git,
     }
 }
 
@@ -1553,4 +1768,14 @@ fn is_dns_label(s: &str) -> bool {
 /// An RFC 1123 subdomain: what a Secret name must be.
 fn is_dns_subdomain(s: &str) -> bool {
     s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+/// The SSH fields of an `auth:` section, checked once the remote is known.
+struct RawSshKey {
+    key_file: Option<String>,
+    passphrase_env: Option<String>,
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }

@@ -11,16 +11,18 @@
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use git2::build::RepoBuilder;
 use git2::{Cred, CredentialType, ErrorClass, FetchOptions, RemoteCallbacks, RemoteRedirect};
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::config::Deploy;
 #[cfg(test)]
 use crate::config::RepoType;
+use crate::config::{Deploy, SshAuth};
+use crate::forge::ssh;
 
 /// Every checkout directory (and its changes file) starts with this; the startup sweep
 /// removes nothing else.
@@ -39,6 +41,8 @@ pub struct CloneRequest {
     pub branch: String,
     pub username: String,
     pub token: Option<SecretString>,
+    /// For an SSH URL: user, deploy key and known_hosts (`deploy.auth`).
+    pub ssh: Option<Arc<SshAuth>>,
     pub dest: PathBuf,
 }
 
@@ -49,6 +53,7 @@ impl CloneRequest {
             branch: deploy.qa_repo_branch.clone(),
             username: clone_username(deploy),
             token: deploy.auth.token.clone(),
+            ssh: deploy.auth.ssh.clone(),
             dest,
         }
     }
@@ -79,6 +84,9 @@ pub enum CheckoutError {
         "the TLS certificate of {url} was refused: {message} (check the URL and the trust: tls.ca_file, GIT_SSL_CAINFO, SSL_CERT_FILE)"
     )]
     Certificate { url: String, message: String },
+    /// The SSH server's host key is unknown or changed; retrying will not help.
+    #[error("{message}")]
+    HostKey { url: String, message: String },
     /// The network failed on every try.
     #[error("cannot reach {url} after {tries} tries: {message}")]
     Network {
@@ -140,8 +148,24 @@ pub fn clone_blocking(
                     message,
                 });
             }
+            Err(Failure::HostKey(message)) => {
+                return Err(CheckoutError::HostKey {
+                    url: req.url.clone(),
+                    message,
+                });
+            }
             Err(Failure::Git(e)) => e,
         };
+        if let Some(why) = req
+            .ssh
+            .as_ref()
+            .and_then(|s| ssh::key_unusable(s, &error, "deploy"))
+        {
+            return Err(CheckoutError::Auth {
+                url: req.url.clone(),
+                message: why,
+            });
+        }
         if shallow && refuses_shallow(&error) {
             tracing::info!(url = %req.url, "the server refused a shallow fetch; cloning in full");
             shallow = false;
@@ -177,6 +201,8 @@ pub fn clone_blocking(
 enum Failure {
     /// The credentials callback gave up.
     Auth(String),
+    /// The SSH host key was refused.
+    HostKey(String),
     Git(git2::Error),
 }
 
@@ -187,9 +213,15 @@ fn clone_once(
     progress: &(dyn Fn(CloneProgress) + Sync),
 ) -> Result<(), Failure> {
     let auth_failure = std::sync::Mutex::new(None::<String>);
+    let refusal = ssh::Refusal::default();
     let result = {
         let mut fetch = FetchOptions::new();
-        fetch.remote_callbacks(callbacks(req, stop, progress, &auth_failure));
+        let mut cb = callbacks(req, stop, progress, &auth_failure);
+        if let Some(ssh_auth) = &req.ssh {
+            cb.certificate_check(ssh::certificate_check(ssh_auth.clone(), refusal.clone()));
+        }
+        fetch.remote_callbacks(cb);
+        fetch.proxy_options(crate::forge::proxy::git_options(&req.url));
         // libgit2 follows a redirect to another host on the first request by default; a
         // QA host must not be able to send the clone (and its token) elsewhere.
         fetch.follow_redirects(RemoteRedirect::None);
@@ -204,6 +236,9 @@ fn clone_once(
             .remote_create(move |repo, name, url| repo.remote_with_fetch(name, url, &refspec));
         builder.clone(&req.url, &req.dest).map(drop)
     };
+    if let (Err(_), Some(refused)) = (&result, ssh::take_refusal(&refusal)) {
+        return Err(Failure::HostKey(refused.to_string()));
+    }
     let auth = auth_failure.lock().ok().and_then(|mut g| g.take());
     match (result, auth) {
         (Ok(()), _) => Ok(()),
@@ -220,9 +255,13 @@ fn callbacks<'a>(
     auth_failure: &'a std::sync::Mutex<Option<String>>,
 ) -> RemoteCallbacks<'a> {
     let calls = AtomicU32::new(0);
+    let key_offered = AtomicBool::new(false);
     let mut cb = RemoteCallbacks::new();
     cb.credentials(move |asked_url, _user, allowed| {
         let call = calls.fetch_add(1, Ordering::SeqCst);
+        if let Some(ssh_auth) = &req.ssh {
+            return ssh_credentials(ssh_auth, call, allowed, &key_offered, auth_failure);
+        }
         // Same-host redirects to another port are followed by libgit2 even with
         // `RemoteRedirect::None`; the token still goes only to the configured origin.
         let foreign = !crate::forge::same_origin(&req.url, asked_url);
@@ -256,6 +295,31 @@ fn callbacks<'a>(
     });
     cb.sideband_progress(move |_| !stop());
     cb
+}
+
+/// SSH: the user name when libgit2 asks for it alone, then the deploy key once.
+fn ssh_credentials(
+    ssh_auth: &SshAuth,
+    call: u32,
+    allowed: CredentialType,
+    key_offered: &AtomicBool,
+    auth_failure: &std::sync::Mutex<Option<String>>,
+) -> Result<Cred, git2::Error> {
+    if allowed.contains(CredentialType::USERNAME) && call == 0 {
+        return Cred::username(&ssh_auth.user);
+    }
+    // The key once; libgit2 asks again after a rejection, and again, forever.
+    if allowed.contains(CredentialType::SSH_KEY)
+        && call <= 1
+        && !key_offered.swap(true, Ordering::SeqCst)
+    {
+        return ssh::key_credentials(ssh_auth);
+    }
+    let message = ssh::key_rejected(ssh_auth, "deploy");
+    if let Ok(mut slot) = auth_failure.lock() {
+        *slot = Some(message.clone());
+    }
+    Err(git2::Error::from_str(&message))
 }
 
 /// Server answers that mean "no shallow fetches here".

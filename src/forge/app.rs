@@ -629,7 +629,7 @@ mod tests {
             })
             .mount(&server)
             .await;
-        let http = Arc::new(Http::new(Duration::from_secs(10), 100, Vec::new()).unwrap());
+        let http = Arc::new(Http::new(Duration::from_secs(10), 100, Vec::new(), None).unwrap());
         let app = Arc::new(app(
             AppKey::from_pem(&pkcs8).unwrap(),
             &format!("{}/api/v3", server.uri()),
@@ -688,7 +688,7 @@ mod tests {
             .expect(2)
             .mount(&server)
             .await;
-        let http = Http::new(Duration::from_secs(10), 10, Vec::new()).unwrap();
+        let http = Http::new(Duration::from_secs(10), 10, Vec::new(), None).unwrap();
         let mut app = app(AppKey::from_pem(&pkcs8).unwrap(), &server.uri());
         app.installation_id = Some(5);
         let cancel = CancellationToken::new();

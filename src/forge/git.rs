@@ -258,12 +258,28 @@ fn list_heads(
     };
     let rejected = Arc::new(AtomicBool::new(false));
     let asked_without_token = Arc::new(AtomicBool::new(false));
+    let refusal = super::ssh::Refusal::default();
 
     let mut callbacks = git2::RemoteCallbacks::new();
+    if let Some(ssh) = &auth.ssh {
+        callbacks.certificate_check(super::ssh::certificate_check(ssh.clone(), refusal.clone()));
+    }
     let (mut offered, mut calls) = (false, 0u32);
     let (flag_rejected, flag_no_token) = (rejected.clone(), asked_without_token.clone());
     callbacks.credentials(move |asked_url, username_from_url, allowed| {
         calls += 1;
+        // SSH: the configured user and deploy key, once.
+        if let Some(ssh) = &auth.ssh {
+            if allowed.contains(CredentialType::USERNAME) && calls <= 2 {
+                return git2::Cred::username(&ssh.user);
+            }
+            if offered || calls > 3 || !allowed.contains(CredentialType::SSH_KEY) {
+                flag_rejected.store(true, Ordering::Relaxed);
+                return Err(git2::Error::from_str("SSH key rejected"));
+            }
+            offered = true;
+            return super::ssh::key_credentials(ssh);
+        }
         // A redirect to another origin gets nothing: the token is for `url` alone.
         if !same_origin(url, asked_url) {
             flag_rejected.store(true, Ordering::Relaxed);
@@ -300,7 +316,8 @@ fn list_heads(
 
     let result = (|| {
         let mut remote = git2::Remote::create_detached(url.as_str())?;
-        let connection = remote.connect_auth(Direction::Fetch, Some(callbacks), None)?;
+        let proxy = super::proxy::git_options(url);
+        let connection = remote.connect_auth(Direction::Fetch, Some(callbacks), Some(proxy))?;
         let mut heads = BTreeMap::new();
         for head in connection.list()? {
             if let Some(branch) = head.name().strip_prefix("refs/heads/") {
@@ -313,6 +330,9 @@ fn list_heads(
     })();
 
     result.map_err(|e| {
+        if let Some(refused) = super::ssh::take_refusal(&refusal) {
+            return ForgeError::Certificate(format!("{}: {refused}", repo.name));
+        }
         classify(
             repo,
             token,
@@ -344,6 +364,15 @@ fn classify(
         return ForgeError::Certificate(format!(
             "{name}: the TLS certificate of {url} was refused ({message}); check the URL and the trust (tls.ca_file, GIT_SSL_CAINFO, SSL_CERT_FILE)"
         ));
+    }
+    if let Some(ssh) = &repo.monitor.auth.ssh {
+        if rejected || error.code() == ErrorCode::Auth {
+            let why = super::ssh::key_rejected(ssh, "monitor");
+            return ForgeError::Auth(format!("{name}: {url}: {why}"));
+        }
+        if let Some(why) = super::ssh::key_unusable(ssh, error, "monitor") {
+            return ForgeError::Auth(format!("{name}: {url}: {why}"));
+        }
     }
     if rejected || error.code() == ErrorCode::Auth {
         return ForgeError::Auth(format!(

@@ -87,6 +87,8 @@ pub(crate) struct Http {
     /// Hosts of repositories with their own `tls.ca_file`: a client that trusts those CAs
     /// too (one client per distinct set of CA files, shared by the hosts that use it).
     host_clients: HashMap<String, reqwest::Client>,
+    /// `proxy:` for every client built (the shared one and those per host).
+    proxy: Option<reqwest::Proxy>,
     request_timeout: Duration,
     max_per_host: usize,
     hosts: Mutex<HashMap<String, Arc<Host>>>,
@@ -116,11 +118,13 @@ impl Http {
         request_timeout: Duration,
         max_per_host: usize,
         extra_roots: Vec<reqwest::Certificate>,
+        proxy: Option<reqwest::Proxy>,
     ) -> reqwest::Result<Http> {
-        let client = build_client(request_timeout, max_per_host, extra_roots)?;
+        let client = build_client(request_timeout, max_per_host, extra_roots, proxy.clone())?;
         Ok(Http {
             client,
             host_clients: HashMap::new(),
+            proxy,
             request_timeout,
             max_per_host: max_per_host.max(1),
             hosts: Mutex::default(),
@@ -140,7 +144,12 @@ impl Http {
         hosts: Vec<String>,
         roots: Vec<reqwest::Certificate>,
     ) -> reqwest::Result<Http> {
-        let client = build_client(self.request_timeout, self.max_per_host, roots)?;
+        let client = build_client(
+            self.request_timeout,
+            self.max_per_host,
+            roots,
+            self.proxy.clone(),
+        )?;
         for host in hosts {
             self.host_clients.insert(host, client.clone());
         }
@@ -693,8 +702,14 @@ fn build_client(
     request_timeout: Duration,
     max_per_host: usize,
     extra_roots: Vec<reqwest::Certificate>,
+    proxy: Option<reqwest::Proxy>,
 ) -> reqwest::Result<reqwest::Client> {
-    reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder();
+    // `proxy:` replaces the environment's proxies; without it reqwest reads them.
+    if let Some(proxy) = proxy {
+        builder = builder.no_proxy().proxy(proxy);
+    }
+    builder
         .tls_certs_merge(extra_roots)
         .user_agent(crate::build_info::USER_AGENT)
         .connect_timeout(Duration::from_secs(10))
@@ -907,7 +922,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn writes_to_one_host_are_spaced() {
-        let http = Http::new(Duration::from_secs(5), 4, Vec::new()).unwrap();
+        let http = Http::new(Duration::from_secs(5), 4, Vec::new(), None).unwrap();
         let host = http.host("api.github.com");
         let never = CancellationToken::new();
         let start = tokio::time::Instant::now();

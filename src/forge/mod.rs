@@ -22,6 +22,8 @@ mod github;
 mod gitlab;
 mod http;
 pub mod kind;
+pub(crate) mod proxy;
+pub(crate) mod ssh;
 pub(crate) mod tls;
 
 use std::collections::{BTreeMap, HashSet};
@@ -209,8 +211,20 @@ impl Forges {
     /// timeout `config.request_timeout`, Sentry's `User-Agent`, pooled connections).
     pub fn new(config: &Config) -> anyhow::Result<Forges> {
         let roots = tls::certificates(&config.ca_files)?;
-        let mut http = Http::new(config.request_timeout, config.max_requests_per_host, roots)
-            .map_err(|e| anyhow::anyhow!("cannot build the HTTP client: {e}"))?;
+        proxy::set_git_proxy(config.proxy.as_ref());
+        let api_proxy = config
+            .proxy
+            .as_ref()
+            .map(proxy::reqwest_proxy)
+            .transpose()
+            .map_err(|_| anyhow::anyhow!("cannot use proxy.url as the API client's proxy"))?;
+        let mut http = Http::new(
+            config.request_timeout,
+            config.max_requests_per_host,
+            roots,
+            api_proxy,
+        )
+        .map_err(|e| anyhow::anyhow!("cannot build the HTTP client: {e}"))?;
         // Per-repository CAs: per host, the top-level files and those of every repository
         // that talks to it; one client per distinct set. libgit2's trust is process-wide:
         // it gets the union of every file.

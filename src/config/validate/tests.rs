@@ -203,7 +203,10 @@ fn repo_type_and_urls() {
         "https://github.com/NVIDIA-AI-Blueprints/rag",
         "git@github.com:a/b.git",
     );
-    assert!(errors_at(&yaml, "repositories[0].monitor.repo_url")[0].contains("SSH"));
+    assert!(
+        errors_at(&yaml, "repositories[0].monitor.repo_url")[0]
+            .contains("use repo_type \"git\" for SSH")
+    );
     let yaml = seed_with(
         "https://github.com/NVIDIA-AI-Blueprints/rag",
         "https://user:pw@github.com/a/b",
@@ -661,4 +664,242 @@ fn the_executor_is_local_by_default_and_kubernetes_needs_namespace_and_image() {
     assert!(errors_at(&yaml, "groups.g.executor.namespace")[0].contains("namespace name"));
     let yaml = group("{kind: docker}");
     assert!(errors_at(&yaml, "groups.g.executor.kind")[0].contains("\"local\" or \"kubernetes\""));
+}
+
+/// A config watching `monitor_url` (repo_type git) and cloning `qa_url`, with `extra` at
+/// the top level and `monitor_auth` under monitor.auth.
+fn ssh_yaml(monitor_url: &str, monitor_auth: &str, qa_url: &str, extra: &str) -> String {
+    format!(
+        "{extra}\ngroups: {{g: }}\nrepositories:\n  - name: a\n    group: g\n    monitor: {{repo_url: \"{monitor_url}\", branches: [main], repo_type: git, auth: {{{monitor_auth}}}}}\n    deploy: {{qa_repo_url: \"{qa_url}\", qa_repo_branch: main, commands: [\"true\"]}}\n"
+    )
+}
+
+/// A temp dir with a private key file and a known_hosts file.
+fn ssh_files() -> (tempfile::TempDir, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("id");
+    std::fs::write(
+        &key,
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nx\n-----END OPENSSH PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let known = dir.path().join("known_hosts");
+    std::fs::write(&known, "[git.example.com]:2222 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJxm+OiQYWdpoibTjBy/DWST9cWgpC/5TBL8yx3u5YEN\n").unwrap();
+    let (key, known) = (key.display().to_string(), known.display().to_string());
+    (dir, key, known)
+}
+
+#[test]
+fn ssh_urls_are_accepted_with_a_key_and_known_hosts() {
+    let (_dir, key, known) = ssh_files();
+    let yaml = ssh_yaml(
+        "ssh://ci@git.example.com:2222/srv/app.git",
+        &format!("ssh_key_file: {key}, ssh_key_passphrase_env: KEY_PASS"),
+        "git@git.example.com:qa/tests.git",
+        &format!("ssh: {{known_hosts_file: {known}}}"),
+    );
+    let env = Env::fixed([("KEY_PASS", "correct horse")]);
+    let loaded = load_str(&yaml, &env);
+    assert!(loaded.diagnostics.is_empty(), "{:?}", loaded.diagnostics);
+    let config = loaded.config.unwrap();
+    let ssh = config.repositories[0].monitor.auth.ssh.clone().unwrap();
+    assert_eq!(
+        (ssh.user.as_str(), ssh.host.as_str(), ssh.port),
+        ("ci", "git.example.com", 2222)
+    );
+    assert_eq!(ssh.key_file.as_deref(), Some(Path::new(&key)));
+    assert_eq!(ssh.known_hosts, Path::new(&known));
+    assert_eq!(
+        ssh.passphrase.as_ref().unwrap().expose_secret(),
+        "correct horse"
+    );
+    // The passphrase is masked like a token.
+    assert!(
+        config
+            .own_secrets()
+            .iter()
+            .any(|s| s.expose_secret() == "correct horse")
+    );
+    // The QA repository over SSH without a key: the agent, user from the URL.
+    let qa = config.repositories[0].deploy.auth.ssh.clone().unwrap();
+    assert_eq!(
+        (qa.user.as_str(), qa.port, qa.key_file.is_none()),
+        ("git", 22, true)
+    );
+}
+
+#[test]
+fn ssh_mistakes_are_reported_where_they_are() {
+    let (_dir, key, known) = ssh_files();
+    let top = format!("ssh: {{known_hosts_file: {known}}}");
+    let env = Env::fixed([("T", "tok-secret")]);
+    let errors = |yaml: &str, path: &str| -> Vec<String> {
+        load_str(yaml, &env)
+            .diagnostics
+            .into_iter()
+            .filter(|d| d.is_error() && d.path == path)
+            .map(|d| d.message)
+            .collect()
+    };
+    // A password in an ssh URL, never echoed.
+    let yaml = ssh_yaml("ssh://git:hunter2@h/a.git", "", "/tmp/qa", &top);
+    let errs = errors(&yaml, "repositories[0].monitor.repo_url");
+    assert!(
+        errs[0].contains("password") && !errs[0].contains("hunter2"),
+        "{errs:?}"
+    );
+    let yaml = ssh_yaml("git:hunter2@h:a.git", "", "/tmp/qa", &top);
+    assert!(errors(&yaml, "repositories[0].monitor.repo_url")[0].contains("password"));
+    // A user name that could pass for an option.
+    let yaml = ssh_yaml("ssh://-oProxyCommand=x@h/a.git", "", "/tmp/qa", &top);
+    assert!(errors(&yaml, "repositories[0].monitor.repo_url")[0].contains("`-`"));
+    // A key for an https URL.
+    let yaml = ssh_yaml(
+        "https://h/a.git",
+        &format!("ssh_key_file: {key}"),
+        "/tmp/qa",
+        &top,
+    );
+    assert!(errors(&yaml, "repositories[0].monitor.auth.ssh_key_file")[0].contains("SSH remotes"));
+    // A token for an SSH URL.
+    let yaml = ssh_yaml("ssh://git@h/a.git", "token: \"${T}\"", "/tmp/qa", &top);
+    let errs = errors(&yaml, "repositories[0].monitor.auth.token");
+    assert!(
+        errs[0].contains("not used over SSH") && !errs[0].contains("tok-secret"),
+        "{errs:?}"
+    );
+    // A missing key file, a public key, an unset passphrase variable.
+    let yaml = ssh_yaml(
+        "ssh://git@h/a.git",
+        "ssh_key_file: /nonexistent/id",
+        "/tmp/qa",
+        &top,
+    );
+    assert!(
+        errors(&yaml, "repositories[0].monitor.auth.ssh_key_file")[0]
+            .contains("cannot read /nonexistent/id")
+    );
+    let yaml = ssh_yaml(
+        "ssh://git@h/a.git",
+        &format!("ssh_key_file: {known}"),
+        "/tmp/qa",
+        &top,
+    );
+    assert!(
+        errors(&yaml, "repositories[0].monitor.auth.ssh_key_file")[0].contains("not a private key")
+    );
+    let yaml = ssh_yaml(
+        "ssh://git@h/a.git",
+        &format!("ssh_key_file: {key}, ssh_key_passphrase_env: NOPE_UNSET"),
+        "/tmp/qa",
+        &top,
+    );
+    assert!(
+        errors(&yaml, "repositories[0].monitor.auth.ssh_key_passphrase_env")[0]
+            .contains("NOPE_UNSET is not set")
+    );
+    // known_hosts: unreadable, malformed (with its line), or none at all.
+    let yaml = ssh_yaml(
+        "ssh://git@h/a.git",
+        "",
+        "/tmp/qa",
+        "ssh: {known_hosts_file: /nonexistent/kh}",
+    );
+    assert!(errors(&yaml, "ssh.known_hosts_file")[0].contains("cannot read /nonexistent/kh"));
+    let bad = _dir.path().join("bad_known_hosts");
+    std::fs::write(&bad, "# ok\nhost ssh-ed25519\n").unwrap();
+    let yaml = ssh_yaml(
+        "ssh://git@h/a.git",
+        "",
+        "/tmp/qa",
+        &format!("ssh: {{known_hosts_file: {}}}", bad.display()),
+    );
+    assert!(errors(&yaml, "ssh.known_hosts_file")[0].contains("line 2"));
+    let home = tempfile::tempdir().unwrap();
+    let env_no_kh = Env::fixed([("HOME", home.path().to_str().unwrap())]);
+    let yaml = ssh_yaml("ssh://git@h/a.git", "", "/tmp/qa", "");
+    let errs: Vec<String> = load_str(&yaml, &env_no_kh)
+        .diagnostics
+        .into_iter()
+        .filter(|d| d.is_error() && d.path == "repositories[0].monitor.repo_url")
+        .map(|d| d.message)
+        .collect();
+    assert!(errs[0].contains("ssh.known_hosts_file"), "{errs:?}");
+    // ~/.ssh/known_hosts is the default when it exists.
+    std::fs::create_dir(home.path().join(".ssh")).unwrap();
+    std::fs::copy(&known, home.path().join(".ssh/known_hosts")).unwrap();
+    let config = load_str(&yaml, &env_no_kh).config.unwrap();
+    assert_eq!(
+        config.repositories[0]
+            .monitor
+            .auth
+            .ssh
+            .as_ref()
+            .unwrap()
+            .known_hosts,
+        home.path().join(".ssh/known_hosts")
+    );
+}
+
+#[test]
+fn proxy_urls_are_checked_and_passwords_come_from_the_environment() {
+    let yaml = |proxy: &str| format!("{proxy}\n{SEED}");
+    let env = Env::fixed([
+        ("GITHUB_USERNAME", "octo"),
+        ("GITHUB_TOKEN", "ghp_seedtokenvalue"),
+        ("GITLAB_USERNAME", "qa"),
+        ("GITLAB_TOKEN", "glpat-seedtokenvalue"),
+        ("PROXY_PASSWORD", "pr0xy-pass"),
+    ]);
+    let loaded = load_str(
+        &yaml(
+            "proxy: {url: \"http://ci:${PROXY_PASSWORD}@proxy.corp:3128\", no_proxy: [.corp.example, 10.0.0.1]}",
+        ),
+        &env,
+    );
+    assert!(loaded.diagnostics.is_empty(), "{:?}", loaded.diagnostics);
+    let config = loaded.config.unwrap();
+    let proxy = config.proxy.clone().unwrap();
+    assert_eq!(
+        proxy.url.expose_secret(),
+        "http://ci:pr0xy-pass@proxy.corp:3128"
+    );
+    assert_eq!(proxy.no_proxy, vec![".corp.example", "10.0.0.1"]);
+    assert!(
+        config
+            .own_secrets()
+            .iter()
+            .any(|s| s.expose_secret() == "pr0xy-pass")
+    );
+    // No key: no proxy of Sentry's own (the environment's apply).
+    assert!(load_str(SEED, &env).config.unwrap().proxy.is_none());
+
+    let errors = |text: &str, path: &str| -> Vec<String> {
+        load_str(&yaml(text), &env)
+            .diagnostics
+            .into_iter()
+            .filter(|d| d.is_error() && d.path == path)
+            .map(|d| d.message)
+            .collect()
+    };
+    let errs = errors(
+        "proxy: {url: \"http://ci:literal-secret@proxy.corp:3128\"}",
+        "proxy.url",
+    );
+    assert!(
+        errs[0].contains("from the environment") && !errs[0].contains("literal-secret"),
+        "{errs:?}"
+    );
+    assert!(
+        errors("proxy: {url: \"socks5://proxy.corp:1080\"}", "proxy.url")[0]
+            .contains("http:// or https://")
+    );
+    assert!(!errors("proxy: {no_proxy: [a]}", "proxy.url").is_empty());
+    assert!(
+        errors(
+            "proxy: {url: \"http://p:3128\", no_proxy: [\"a,b\"]}",
+            "proxy.no_proxy[0]"
+        )[0]
+        .contains("one host")
+    );
 }

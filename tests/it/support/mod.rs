@@ -8,7 +8,9 @@ pub mod fake_github_app;
 pub mod fake_kube;
 pub mod fake_kube_tls;
 pub mod git_http;
+pub mod sshd;
 pub mod status_forge;
+pub mod tinyproxy;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
