@@ -52,6 +52,13 @@ const LABEL_REPOSITORY: &str = "sentry.dev/repository";
 /// How often the Job and its pod are read while a unit runs: a list every second per
 /// running unit is cheap next to the clone, and needs no watch permission to work.
 const POLL: Duration = Duration::from_millis(500);
+/// The SHA the change moved from, so that a later run can tell the same change (whose
+/// outcome it may adopt) from a move back to an old SHA (which runs again).
+const ANNOTATION_PREVIOUS: &str = "sentry.dev/previous-sha";
+/// How long a succeeded Job of a watched change outlives its outcome: until the outcome is
+/// stored in the state. A leader that dies between the Job's end and that write leaves the
+/// Job behind, and the next leader takes its outcome instead of running the change twice.
+const RECORD_GRACE: Duration = Duration::from_secs(30);
 
 /// What `sentry exec-unit` needs beyond the configuration: which unit of which run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,6 +182,13 @@ pub fn job_manifest(
         ("sentry.dev/branch".to_owned(), spec.branch.clone()),
         ("sentry.dev/sha".to_owned(), spec.sha.to_string()),
         ("sentry.dev/attempt".to_owned(), attempt.to_string()),
+        (
+            ANNOTATION_PREVIOUS.to_owned(),
+            spec.previous_sha
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+        ),
     ]);
     let env_from = k
         .env_from_secrets
@@ -421,6 +435,14 @@ impl Running<'_> {
             ));
             return Ok(());
         }
+        if self.ran_this_change(&existing.metadata).await {
+            self.job.sink.note(&format!(
+                "kubernetes: the Job {} already ran this change and its outcome was not \
+                 recorded (the previous leader stopped first): taking its outcome",
+                self.name
+            ));
+            return Ok(());
+        }
         delete(&self.jobs, &self.name).await?;
         for _ in 0..120 {
             match self.jobs.create(&PostParams::default(), manifest).await {
@@ -431,6 +453,39 @@ impl Running<'_> {
             }
         }
         Err(JobError::Stuck(self.name.clone()))
+    }
+
+    /// Whether the finished Job of this name is this very change run to an outcome that
+    /// was never recorded: the run was not by hand (a manual run always runs again), the
+    /// branch really moved, from the same SHA as when the Job was made (a move back to an
+    /// old SHA runs again), and the Job's outcome is one the state would have recorded as
+    /// handled (a unit that could not run is run again).
+    async fn ran_this_change(&self, meta: &ObjectMeta) -> bool {
+        let unit = self.job.unit;
+        let Some(previous) = &unit.previous_sha else {
+            return false;
+        };
+        let same_move = meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_PREVIOUS))
+            .is_some_and(|p| p == previous.as_str());
+        if matches!(self.job.run.trigger, Trigger::Manual { .. })
+            || *previous == unit.sha
+            || !same_move
+        {
+            return false;
+        }
+        match self.look().await {
+            Ok(Seen::Finished {
+                complete,
+                exit_code,
+                reason,
+            }) => finished(complete, exit_code, reason.as_deref())
+                .status
+                .is_handled(),
+            _ => false,
+        }
     }
 
     /// Waits for the Job to finish, following the pod's log, honouring shutdown, the
@@ -494,7 +549,11 @@ impl Running<'_> {
             }
         }
         let keep = !stopped && outcome.status != UnitStatus::Succeeded;
-        self.clean_up(keep).await;
+        if !keep && !stopped && !matches!(self.job.run.trigger, Trigger::Manual { .. }) {
+            self.delete_later(RECORD_GRACE);
+        } else {
+            self.clean_up(keep).await;
+        }
         outcome
     }
 
@@ -582,17 +641,25 @@ impl Running<'_> {
     /// which case it stays `keep_failed` for people to inspect.
     async fn clean_up(&self, keep: bool) {
         if keep && !self.k.keep_failed.is_zero() {
-            let (jobs, name, keep) = (self.jobs.clone(), self.name.clone(), self.k.keep_failed);
-            // A later run of the same unit has another name, so a kept Job blocks nothing.
-            tokio::spawn(async move {
-                tokio::time::sleep(keep).await;
-                let _ = delete(&jobs, &name).await;
-            });
+            // A later run of the same unit replaces a kept Job, so it blocks nothing.
+            self.delete_later(self.k.keep_failed);
             return;
         }
         if let Err(e) = delete(&self.jobs, &self.name).await {
             tracing::warn!(job = %self.name, "cannot delete the Job: {e}");
         }
+    }
+}
+
+impl Running<'_> {
+    /// Deletes the Job after `after`, unless Sentry stops first (then
+    /// `ttlSecondsAfterFinished` removes it).
+    fn delete_later(&self, after: Duration) {
+        let (jobs, name) = (self.jobs.clone(), self.name.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let _ = delete(&jobs, &name).await;
+        });
     }
 }
 
@@ -835,6 +902,11 @@ mod tests {
         assert_eq!(
             from[0].secret_ref.as_ref().map(|s| s.name.as_str()),
             Some("qa-credentials")
+        );
+        let annotations = job.metadata.annotations.as_ref().expect("annotations");
+        assert_eq!(
+            annotations[ANNOTATION_PREVIOUS], "",
+            "a new branch moved from nothing"
         );
         let labels = job.metadata.labels.as_ref().expect("labels");
         assert_eq!(labels[LABEL_GROUP], "qa-group");
