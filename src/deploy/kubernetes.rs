@@ -15,8 +15,9 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use k8s_openapi::api::batch::v1::{Job as K8sJob, JobSpec};
 use k8s_openapi::api::core::v1::{
-    ConfigMapVolumeSource, Container, EnvFromSource, EnvVar, Pod, PodSpec, PodTemplateSpec,
-    ResourceRequirements, SecretEnvSource, Volume, VolumeMount,
+    ConfigMapVolumeSource, Container, EnvFromSource, EnvVar, EnvVarSource, Pod, PodSpec,
+    PodTemplateSpec, ResourceRequirements, SecretEnvSource, SecretKeySelector, SecretVolumeSource,
+    Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -29,6 +30,7 @@ use tokio::time::Instant;
 use super::executor::{Executor, Job, Outcome};
 use super::runner::{OutputSink, RunInfo};
 use super::{Trigger, Unit, UnitStatus};
+use crate::config::pod::{PodTemplate, VolumeSource};
 use crate::config::{Config, KubernetesExecutorConfig, Repository};
 use crate::forge::Sha;
 use crate::shutdown::Shutdown;
@@ -201,6 +203,42 @@ pub fn job_manifest(
             ..EnvFromSource::default()
         })
         .collect::<Vec<_>>();
+    let mut env = vec![
+        EnvVar {
+            name: UNIT_SPEC_ENV.to_owned(),
+            value: Some(serde_json::to_string(spec)?),
+            value_from: None,
+        },
+        // The pod's log is the commands' output: Sentry's own progress lines there
+        // would be shown again as output. Warnings (a failed clone) still appear.
+        EnvVar {
+            name: "SENTRY_LOG_LEVEL".to_owned(),
+            value: Some("warn".to_owned()),
+            value_from: None,
+        },
+    ];
+    env.extend(secret_key_env(&k.pod));
+    let (mut volumes, mut mounts) = pod_volumes(&k.pod);
+    mounts.insert(
+        0,
+        VolumeMount {
+            name: "config".to_owned(),
+            mount_path: "/etc/sentry".to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+    );
+    volumes.insert(
+        0,
+        Volume {
+            name: "config".to_owned(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: k.config_map.clone(),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+    );
     let container = Container {
         name: CONTAINER.to_owned(),
         image: Some(k.image.clone()),
@@ -209,45 +247,21 @@ pub fn job_manifest(
             POD_CONFIG_PATH.to_owned(),
             "exec-unit".to_owned(),
         ]),
-        env: Some(vec![
-            EnvVar {
-                name: UNIT_SPEC_ENV.to_owned(),
-                value: Some(serde_json::to_string(spec)?),
-                value_from: None,
-            },
-            // The pod's log is the commands' output: Sentry's own progress lines there
-            // would be shown again as output. Warnings (a failed clone) still appear.
-            EnvVar {
-                name: "SENTRY_LOG_LEVEL".to_owned(),
-                value: Some("warn".to_owned()),
-                value_from: None,
-            },
-        ]),
+        env: Some(env),
         env_from: (!env_from.is_empty()).then_some(env_from),
         resources: resources(k),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "config".to_owned(),
-            mount_path: "/etc/sentry".to_owned(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        }]),
+        volume_mounts: Some(mounts),
         ..Container::default()
     };
     let pod = PodSpec {
         restart_policy: Some("Never".to_owned()),
         service_account_name: k.service_account_name.clone(),
         node_selector: (!k.node_selector.is_empty()).then(|| k.node_selector.clone()),
+        tolerations: (!k.pod.tolerations.is_empty()).then(|| tolerations(&k.pod)),
         // QA code gets no API token unless a service account was chosen for it.
         automount_service_account_token: Some(k.service_account_name.is_some()),
         containers: vec![container],
-        volumes: Some(vec![Volume {
-            name: "config".to_owned(),
-            config_map: Some(ConfigMapVolumeSource {
-                name: k.config_map.clone(),
-                ..ConfigMapVolumeSource::default()
-            }),
-            ..Volume::default()
-        }]),
+        volumes: Some(volumes),
         ..PodSpec::default()
     };
     Ok(K8sJob {
@@ -275,6 +289,69 @@ pub fn job_manifest(
         }),
         status: None,
     })
+}
+
+/// Variables from single Secret keys: a reference the kubelet resolves, never the value.
+fn secret_key_env(t: &PodTemplate) -> impl Iterator<Item = EnvVar> + '_ {
+    t.env_secret_keys.iter().map(|e| EnvVar {
+        name: e.name.clone(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: e.secret.clone(),
+                key: e.key.clone(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+    })
+}
+
+/// The configured Secret and ConfigMap volumes and their mounts.
+fn pod_volumes(t: &PodTemplate) -> (Vec<Volume>, Vec<VolumeMount>) {
+    t.volumes
+        .iter()
+        .map(|v| {
+            let mut volume = Volume {
+                name: v.name.clone(),
+                ..Volume::default()
+            };
+            match &v.source {
+                VolumeSource::Secret(name) => {
+                    volume.secret = Some(SecretVolumeSource {
+                        secret_name: Some(name.clone()),
+                        ..SecretVolumeSource::default()
+                    });
+                }
+                VolumeSource::ConfigMap(name) => {
+                    volume.config_map = Some(ConfigMapVolumeSource {
+                        name: name.clone(),
+                        ..ConfigMapVolumeSource::default()
+                    });
+                }
+            }
+            let mount = VolumeMount {
+                name: v.name.clone(),
+                mount_path: v.mount_path.clone(),
+                read_only: Some(v.read_only),
+                ..VolumeMount::default()
+            };
+            (volume, mount)
+        })
+        .unzip()
+}
+
+fn tolerations(t: &PodTemplate) -> Vec<Toleration> {
+    t.tolerations
+        .iter()
+        .map(|t| Toleration {
+            key: t.key.clone(),
+            operator: Some(t.operator.clone()),
+            value: t.value.clone(),
+            effect: t.effect.clone(),
+            toleration_seconds: t.toleration_seconds,
+        })
+        .collect()
 }
 
 /// The container's `resources`, when any are configured.
@@ -838,6 +915,7 @@ mod tests {
             service_account_name: None,
             config_map: "sentry-config".to_owned(),
             env_from_secrets: vec!["qa-credentials".to_owned()],
+            pod: PodTemplate::default(),
             node_selector: BTreeMap::from([("pool".to_owned(), "qa".to_owned())]),
             requests: BTreeMap::from([("cpu".to_owned(), "500m".to_owned())]),
             limits: BTreeMap::from([("memory".to_owned(), "1Gi".to_owned())]),
@@ -914,6 +992,74 @@ mod tests {
         let back: UnitSpec =
             serde_json::from_str(env[0].value.as_deref().expect("value")).expect("spec");
         assert_eq!(back, spec());
+    }
+
+    #[test]
+    fn the_pod_template_carries_tolerations_mounts_and_secret_references_only() {
+        use crate::config::pod::{PodVolume, SecretKeyEnv, Toleration as Tol};
+        let mut k = config();
+        k.pod = PodTemplate {
+            tolerations: vec![Tol {
+                key: Some("dedicated".to_owned()),
+                operator: "Equal".to_owned(),
+                value: Some("qa".to_owned()),
+                effect: Some("NoSchedule".to_owned()),
+                toleration_seconds: None,
+            }],
+            env_secret_keys: vec![SecretKeyEnv {
+                name: "QA_TOKEN".to_owned(),
+                secret: "qa-credentials".to_owned(),
+                key: "token".to_owned(),
+            }],
+            volumes: vec![
+                PodVolume {
+                    name: "ssh".to_owned(),
+                    mount_path: "/var/run/qa/ssh".to_owned(),
+                    source: VolumeSource::Secret("qa-ssh".to_owned()),
+                    read_only: true,
+                },
+                PodVolume {
+                    name: "fixtures".to_owned(),
+                    mount_path: "/srv/fixtures".to_owned(),
+                    source: VolumeSource::ConfigMap("qa-fixtures".to_owned()),
+                    read_only: false,
+                },
+            ],
+        };
+        let job = job_manifest(&k, &spec(), 1, Duration::from_secs(90)).expect("job");
+        let json = serde_json::to_value(&job).expect("json");
+        let pod = &json["spec"]["template"]["spec"];
+        assert_eq!(pod["tolerations"][0]["key"], "dedicated");
+        assert_eq!(pod["tolerations"][0]["effect"], "NoSchedule");
+        assert_eq!(pod["volumes"][0]["configMap"]["name"], "sentry-config");
+        assert_eq!(pod["volumes"][1]["secret"]["secretName"], "qa-ssh");
+        assert_eq!(pod["volumes"][2]["configMap"]["name"], "qa-fixtures");
+        let c = &pod["containers"][0];
+        assert_eq!(c["volumeMounts"][0]["mountPath"], "/etc/sentry");
+        assert_eq!(c["volumeMounts"][1]["name"], "ssh");
+        assert_eq!(c["volumeMounts"][1]["readOnly"], true);
+        assert_eq!(c["volumeMounts"][2]["readOnly"], false);
+        let token = &c["env"][2];
+        assert_eq!(token["name"], "QA_TOKEN");
+        assert!(token.get("value").is_none(), "{token}");
+        assert_eq!(token["valueFrom"]["secretKeyRef"]["name"], "qa-credentials");
+        assert_eq!(token["valueFrom"]["secretKeyRef"]["key"], "token");
+        // Without any of them, none of the keys appears.
+        let plain = serde_json::to_value(
+            job_manifest(&config(), &spec(), 1, Duration::from_secs(90)).expect("job"),
+        )
+        .expect("json");
+        assert!(
+            plain["spec"]["template"]["spec"]
+                .get("tolerations")
+                .is_none()
+        );
+        assert_eq!(
+            plain["spec"]["template"]["spec"]["volumes"]
+                .as_array()
+                .map(Vec::len),
+            Some(1)
+        );
     }
 
     #[test]
