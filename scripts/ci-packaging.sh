@@ -300,6 +300,7 @@ ALL_OPTIONS=(
     --set persistence.enabled=true
     --set namespace.create=true
     --set jobExecutor.enabled=true
+    --set jobExecutor.configMap=sentry-config
 )
 
 # Checks the objects of a rendered chart: every one carries the component
