@@ -3,10 +3,12 @@
 //! the commands with the local runner inside the pod.
 //!
 //! This module owns the Job manifest (deterministic name, labels, `backoffLimit: 0`,
-//! deadlines, credentials only through `envFrom`), the Job's life as seen from Sentry
-//! (create or adopt, wait for the pod, follow its log into the unit's `OutputSink`, read
-//! the outcome from the Job's `Complete`/`Failed` condition, delete), and the unit
-//! description the pod receives ([`UnitSpec`], one JSON environment variable).
+//! deadlines, the pod template, credentials only by reference: `envFrom`, `secretKeyRef`,
+//! Secret volumes), the Job's life as seen from Sentry (create or adopt — a running Job,
+//! or a finished one whose outcome a dead leader never recorded —, wait for the pod,
+//! follow its log into the unit's `OutputSink`, read the outcome from the Job's
+//! `Complete`/`Failed` condition, delete), and the unit description the pod receives
+//! ([`UnitSpec`], one JSON environment variable).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -170,8 +172,9 @@ pub fn active_deadline(
         .max(Duration::from_secs(1))
 }
 
-/// The Job one attempt creates. Credentials reach the pod only through `envFrom` Secrets:
-/// the spec carries no secret value, since anyone who can read Jobs can read it.
+/// The Job one attempt creates. Credentials reach the pod only by reference (`envFrom`
+/// Secrets, `secretKeyRef` variables, Secret volumes): the spec carries no secret value,
+/// since anyone who can read Jobs can read it.
 pub fn job_manifest(
     k: &KubernetesExecutorConfig,
     spec: &UnitSpec,
