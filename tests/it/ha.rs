@@ -12,7 +12,7 @@ use nix::sys::signal::Signal;
 
 use std::collections::HashMap;
 
-use crate::support::fake_kube::{FakeKube, Kubelet};
+use crate::support::fake_kube::{FakeKube, Fault, Kubelet};
 use crate::support::{
     Background, TempDir, commit, git, http, init_repo, lines_of, sentry, sentry_bin, tempdir,
     wait_until, write,
@@ -883,4 +883,48 @@ fn every_moved_sha_runs_once_over_twenty_leader_kills_during_jobs() {
         running > 0 && ended > 0,
         "both cases: {running} running, {ended} ended"
     );
+}
+
+/// Issue #19: a leader that saw its Job succeed but died before the outcome reached the
+/// state (its state writes stalled, then SIGKILL) must not have deleted the Job: the next
+/// leader finds it and takes its outcome — one Job, one run — instead of running the change
+/// again.
+#[test]
+fn a_leader_killed_between_a_jobs_end_and_recording_it_leaves_the_job_to_the_next() {
+    let c = Cluster::with_jobs(&["r1", "r2"], "1");
+    let mut replicas = BTreeMap::new();
+    replicas.insert("r1".to_owned(), c.replica("r1"));
+    assert_eq!(c.leader(), "r1");
+    c.wait_baseline();
+    replicas.insert("r2".to_owned(), c.replica("r2"));
+    let sha = commit(&c.watched, "move");
+    wait_started(&c, &sha);
+    // The claim is stored; from now on r1 cannot store anything, but keeps leading.
+    c.kube.set_fault("r1", Fault::StallStateWrites);
+    let finished = wait_until(LONG, || {
+        c.kube
+            .jobs()
+            .iter()
+            .any(|j| j["status"]["conditions"][0]["type"] == "Complete")
+            .then_some(())
+    });
+    assert!(finished.is_some(), "the Job did not complete");
+    // r1 reads the Job every 500 ms: it has seen the end and ended the unit.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(c.kube.holder("sentry-leader").as_deref(), Some("r1"));
+    let next = kill_leader(&c, &mut replicas, "r1");
+    assert!(
+        c.try_wait_settled(std::slice::from_ref(&sha)),
+        "not settled; log:\n{}",
+        c.lines().join("\n")
+    );
+    let log = replicas[&next].log();
+    assert!(log.contains("taking its outcome"), "{log}");
+    assert_eq!(
+        c.kube.jobs_created(),
+        1,
+        "the change ran again in a second Job"
+    );
+    let starts = assert_no_overlap(&c.lines());
+    assert_eq!(starts.get(&sha), Some(&1), "{:?}", c.lines());
 }

@@ -6,7 +6,7 @@
 //!
 //! Each client (one `sentry watch` replica) gets its own listener, so faults can be aimed
 //! at one client: [`FakeKube::stall`] holds its requests unanswered, [`FakeKube::fail`]
-//! answers them `500`. [`FakeKube::lease_writes`] is the record of every successful Lease
+//! answers them `500`, [`Fault::StallStateWrites`] holds only its ConfigMap writes. [`FakeKube::lease_writes`] is the record of every successful Lease
 //! write, to check that two holders were never valid at once. One listener can serve TLS
 //! with a self-signed CA (see [`FakeKube::start_with_tls`]).
 //!
@@ -42,6 +42,8 @@ pub enum Fault {
     Stall,
     /// `500 Internal Server Error`.
     Fail,
+    /// ConfigMap writes (the state) are never answered; everything else is served.
+    StallStateWrites,
 }
 
 /// One successful write of a Lease, as the fake saw it.
@@ -376,6 +378,10 @@ async fn handle(
                     "injected",
                 );
             }
+            Fault::StallStateWrites if kind == "configmaps" && body.is_some() => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Fault::StallStateWrites => break,
             Fault::Stall => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
