@@ -179,3 +179,7 @@ soak: ## Soak test in release: 2,000 branches, 1 s interval, SENTRY_SOAK_SECS (d
 .PHONY: ha-failover
 ha-failover: ## Leader failover over 20 kill -9s of the leader (fake API server); prints p50/max
 	$(CARGO) test --locked --test it ha::failover_over_twenty_kills -- --ignored --nocapture
+
+.PHONY: ha-jobs
+ha-jobs: ## Kubernetes executor: 20 kill -9s of the leader during running Jobs (also in the normal suite); prints the counts
+	$(CARGO) test --locked --test it ha::every_moved_sha_runs_once_over_twenty_leader_kills_during_jobs -- --nocapture

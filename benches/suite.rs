@@ -6,8 +6,9 @@
 //! real release binary (`target/release/sentry`, or `$SENTRY_BIN`) is driven through
 //! generated configurations; its JSON cycle log lines and `/proc` give the numbers.
 //!
-//! Benchmarks: [`quota`], [`speed`], [`memory`], [`clone`], [`validate`], [`reaction`], and
-//! [`growth`] (full mode only). Each returns its numbers into a [`report::Report`], which
+//! Benchmarks: [`quota`], [`speed`], [`memory`], [`clone`], [`validate`], [`reaction`],
+//! [`jobs`] (the kubernetes executor on the tests' fake kubelet), and [`growth`] (full mode
+//! only). Each returns its numbers into a [`report::Report`], which
 //! prints a Markdown table and writes `target/bench/results.json`. A benchmark that fails
 //! is reported as failed and the others still run.
 //!
@@ -31,6 +32,15 @@ mod floor;
 mod git_http;
 #[path = "suite/growth.rs"]
 mod growth;
+#[path = "suite/jobs.rs"]
+mod jobs;
+// The integration tests' fake API server and kubelet, for the kubernetes executor.
+#[allow(dead_code)]
+#[path = "../tests/it/support/fake_kube.rs"]
+mod fake_kube;
+#[allow(dead_code)]
+#[path = "../tests/it/support/fake_kube_tls.rs"]
+mod fake_kube_tls;
 #[path = "suite/memory.rs"]
 mod memory;
 #[path = "suite/quota.rs"]
@@ -74,6 +84,9 @@ pub struct Sizes {
     pub reaction_pushes: usize,
     /// Watched branches of each growth run; empty skips it.
     pub growth: Vec<usize>,
+    /// Units of the group run on the local and the kubernetes executor, and runs of each.
+    pub jobs_units: usize,
+    pub jobs_runs: usize,
 }
 
 impl Sizes {
@@ -93,6 +106,8 @@ impl Sizes {
             reaction_repos: 1000,
             reaction_pushes: 50,
             growth: vec![100, 1000, 5000],
+            jobs_units: 20,
+            jobs_runs: 3,
         }
     }
 
@@ -112,6 +127,8 @@ impl Sizes {
             reaction_repos: 50,
             reaction_pushes: 5,
             growth: Vec::new(),
+            jobs_units: 4,
+            jobs_runs: 1,
         }
     }
 }
@@ -130,13 +147,14 @@ pub fn mean(values: impl Iterator<Item = f64>) -> f64 {
 
 type Bench = fn(&Ctx, &mut Report) -> anyhow::Result<()>;
 
-const BENCHES: [(&str, Bench); 7] = [
+const BENCHES: [(&str, Bench); 8] = [
     ("quota", quota::run),
     ("speed", speed::run),
     ("memory", memory::run),
     ("clone", clone::run),
     ("validate", validate::run),
     ("reaction", reaction::run),
+    ("jobs", jobs::run),
     ("growth", run_growth),
 ];
 

@@ -300,6 +300,7 @@ ALL_OPTIONS=(
     --set persistence.enabled=true
     --set namespace.create=true
     --set jobExecutor.enabled=true
+    --set jobExecutor.configMap=sentry-config
 )
 
 # Checks the objects of a rendered chart: every one carries the component
@@ -623,6 +624,13 @@ groups:
       env_from_secrets: [qa-credentials]
       node_selector: {pool: qa}
       resources: {requests: {cpu: 500m, memory: 1Gi}, limits: {memory: 2Gi}}
+      env_secret_keys: {QA_API_TOKEN: {secret: qa-api, key: token}}
+      tolerations:
+        - {key: dedicated, value: qa, effect: NoSchedule}
+        - {operator: Exists, effect: NoExecute, toleration_seconds: 300}
+      volumes:
+        - {name: ssh, mount_path: /var/run/qa/ssh, secret: qa-ssh}
+        - {name: fixtures, mount_path: /srv/fixtures, config_map: qa-fixtures, read_only: false}
 repositories:
   - name: app
     group: qa

@@ -8,6 +8,7 @@
 
 pub mod expand;
 mod locate;
+pub mod pod;
 pub mod raw;
 mod schema_keys;
 mod ssh_url;
@@ -291,6 +292,8 @@ pub struct KubernetesExecutorConfig {
     pub limits: BTreeMap<String, String>,
     /// Names of Secrets handed to the container with `envFrom` (never their values).
     pub env_from_secrets: Vec<String>,
+    /// Tolerations, mounted Secrets and ConfigMaps, variables from Secret keys.
+    pub pod: pod::PodTemplate,
     pub start_timeout: Duration,
     pub keep_failed: Duration,
     pub ttl_after_finished: Duration,

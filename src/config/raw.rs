@@ -219,6 +219,13 @@ pub struct RawExecutor {
     pub resources: Option<RawResources>,
     /// Kubernetes: Secrets whose keys become the container's environment (`envFrom`).
     pub env_from_secrets: Option<Vec<String>>,
+    /// Kubernetes: environment variables from single keys of Secrets (`secretKeyRef`),
+    /// by variable name: `{QA_TOKEN: {secret: qa-credentials, key: token}}`.
+    pub env_secret_keys: Option<BTreeMap<String, super::pod::RawSecretKey>>,
+    /// Kubernetes: Secrets and ConfigMaps mounted into the container as files.
+    pub volumes: Option<Vec<super::pod::RawPodVolume>>,
+    /// Kubernetes: the pod's `tolerations`, to run on tainted (dedicated) nodes.
+    pub tolerations: Option<Vec<super::pod::RawToleration>>,
     /// Kubernetes: a pod that has not started after this long fails the unit as setup
     /// failed (unschedulable, image pull errors). Default `5m`.
     pub start_timeout: Option<RawDuration>,

@@ -432,6 +432,7 @@ impl Checker<'_> {
             raw.ttl_after_finished,
             Duration::from_secs(86_400),
         );
+        let pod = self.pod_template(path, raw.tolerations, raw.env_secret_keys, raw.volumes);
         match (namespace, image) {
             (Some(namespace), Some(image)) => {
                 ExecutorKind::Kubernetes(Box::new(KubernetesExecutorConfig {
@@ -451,6 +452,7 @@ impl Checker<'_> {
                         .and_then(|r| r.limits.clone())
                         .unwrap_or_default(),
                     env_from_secrets: raw.env_from_secrets.unwrap_or_default(),
+                    pod,
                     start_timeout,
                     keep_failed,
                     ttl_after_finished,
@@ -1728,6 +1730,8 @@ fn is_loopback(url: &url::Url) -> bool {
 }
 
 mod cluster;
+mod pod;
+
 fn contains_pem_certificate(bytes: &[u8]) -> bool {
     bytes
         .windows(b"-----BEGIN CERTIFICATE-----".len())

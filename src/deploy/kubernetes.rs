@@ -3,10 +3,12 @@
 //! the commands with the local runner inside the pod.
 //!
 //! This module owns the Job manifest (deterministic name, labels, `backoffLimit: 0`,
-//! deadlines, credentials only through `envFrom`), the Job's life as seen from Sentry
-//! (create or adopt, wait for the pod, follow its log into the unit's `OutputSink`, read
-//! the outcome from the Job's `Complete`/`Failed` condition, delete), and the unit
-//! description the pod receives ([`UnitSpec`], one JSON environment variable).
+//! deadlines, the pod template, credentials only by reference: `envFrom`, `secretKeyRef`,
+//! Secret volumes), the Job's life as seen from Sentry (create or adopt — a running Job,
+//! or a finished one whose outcome a dead leader never recorded —, wait for the pod,
+//! follow its log into the unit's `OutputSink`, read the outcome from the Job's
+//! `Complete`/`Failed` condition, delete), and the unit description the pod receives
+//! ([`UnitSpec`], one JSON environment variable).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,8 +17,9 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use k8s_openapi::api::batch::v1::{Job as K8sJob, JobSpec};
 use k8s_openapi::api::core::v1::{
-    ConfigMapVolumeSource, Container, EnvFromSource, EnvVar, Pod, PodSpec, PodTemplateSpec,
-    ResourceRequirements, SecretEnvSource, Volume, VolumeMount,
+    ConfigMapVolumeSource, Container, EnvFromSource, EnvVar, EnvVarSource, Pod, PodSpec,
+    PodTemplateSpec, ResourceRequirements, SecretEnvSource, SecretKeySelector, SecretVolumeSource,
+    Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -29,6 +32,7 @@ use tokio::time::Instant;
 use super::executor::{Executor, Job, Outcome};
 use super::runner::{OutputSink, RunInfo};
 use super::{Trigger, Unit, UnitStatus};
+use crate::config::pod::{PodTemplate, VolumeSource};
 use crate::config::{Config, KubernetesExecutorConfig, Repository};
 use crate::forge::Sha;
 use crate::shutdown::Shutdown;
@@ -52,6 +56,13 @@ const LABEL_REPOSITORY: &str = "sentry.dev/repository";
 /// How often the Job and its pod are read while a unit runs: a list every second per
 /// running unit is cheap next to the clone, and needs no watch permission to work.
 const POLL: Duration = Duration::from_millis(500);
+/// The SHA the change moved from, so that a later run can tell the same change (whose
+/// outcome it may adopt) from a move back to an old SHA (which runs again).
+const ANNOTATION_PREVIOUS: &str = "sentry.dev/previous-sha";
+/// How long a succeeded Job of a watched change outlives its outcome: until the outcome is
+/// stored in the state. A leader that dies between the Job's end and that write leaves the
+/// Job behind, and the next leader takes its outcome instead of running the change twice.
+const RECORD_GRACE: Duration = Duration::from_secs(30);
 
 /// What `sentry exec-unit` needs beyond the configuration: which unit of which run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,8 +172,9 @@ pub fn active_deadline(
         .max(Duration::from_secs(1))
 }
 
-/// The Job one attempt creates. Credentials reach the pod only through `envFrom` Secrets:
-/// the spec carries no secret value, since anyone who can read Jobs can read it.
+/// The Job one attempt creates. Credentials reach the pod only by reference (`envFrom`
+/// Secrets, `secretKeyRef` variables, Secret volumes): the spec carries no secret value,
+/// since anyone who can read Jobs can read it.
 pub fn job_manifest(
     k: &KubernetesExecutorConfig,
     spec: &UnitSpec,
@@ -175,6 +187,13 @@ pub fn job_manifest(
         ("sentry.dev/branch".to_owned(), spec.branch.clone()),
         ("sentry.dev/sha".to_owned(), spec.sha.to_string()),
         ("sentry.dev/attempt".to_owned(), attempt.to_string()),
+        (
+            ANNOTATION_PREVIOUS.to_owned(),
+            spec.previous_sha
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+        ),
     ]);
     let env_from = k
         .env_from_secrets
@@ -187,6 +206,42 @@ pub fn job_manifest(
             ..EnvFromSource::default()
         })
         .collect::<Vec<_>>();
+    let mut env = vec![
+        EnvVar {
+            name: UNIT_SPEC_ENV.to_owned(),
+            value: Some(serde_json::to_string(spec)?),
+            value_from: None,
+        },
+        // The pod's log is the commands' output: Sentry's own progress lines there
+        // would be shown again as output. Warnings (a failed clone) still appear.
+        EnvVar {
+            name: "SENTRY_LOG_LEVEL".to_owned(),
+            value: Some("warn".to_owned()),
+            value_from: None,
+        },
+    ];
+    env.extend(secret_key_env(&k.pod));
+    let (mut volumes, mut mounts) = pod_volumes(&k.pod);
+    mounts.insert(
+        0,
+        VolumeMount {
+            name: "config".to_owned(),
+            mount_path: "/etc/sentry".to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+    );
+    volumes.insert(
+        0,
+        Volume {
+            name: "config".to_owned(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: k.config_map.clone(),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+    );
     let container = Container {
         name: CONTAINER.to_owned(),
         image: Some(k.image.clone()),
@@ -195,45 +250,21 @@ pub fn job_manifest(
             POD_CONFIG_PATH.to_owned(),
             "exec-unit".to_owned(),
         ]),
-        env: Some(vec![
-            EnvVar {
-                name: UNIT_SPEC_ENV.to_owned(),
-                value: Some(serde_json::to_string(spec)?),
-                value_from: None,
-            },
-            // The pod's log is the commands' output: Sentry's own progress lines there
-            // would be shown again as output. Warnings (a failed clone) still appear.
-            EnvVar {
-                name: "SENTRY_LOG_LEVEL".to_owned(),
-                value: Some("warn".to_owned()),
-                value_from: None,
-            },
-        ]),
+        env: Some(env),
         env_from: (!env_from.is_empty()).then_some(env_from),
         resources: resources(k),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "config".to_owned(),
-            mount_path: "/etc/sentry".to_owned(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        }]),
+        volume_mounts: Some(mounts),
         ..Container::default()
     };
     let pod = PodSpec {
         restart_policy: Some("Never".to_owned()),
         service_account_name: k.service_account_name.clone(),
         node_selector: (!k.node_selector.is_empty()).then(|| k.node_selector.clone()),
+        tolerations: (!k.pod.tolerations.is_empty()).then(|| tolerations(&k.pod)),
         // QA code gets no API token unless a service account was chosen for it.
         automount_service_account_token: Some(k.service_account_name.is_some()),
         containers: vec![container],
-        volumes: Some(vec![Volume {
-            name: "config".to_owned(),
-            config_map: Some(ConfigMapVolumeSource {
-                name: k.config_map.clone(),
-                ..ConfigMapVolumeSource::default()
-            }),
-            ..Volume::default()
-        }]),
+        volumes: Some(volumes),
         ..PodSpec::default()
     };
     Ok(K8sJob {
@@ -261,6 +292,69 @@ pub fn job_manifest(
         }),
         status: None,
     })
+}
+
+/// Variables from single Secret keys: a reference the kubelet resolves, never the value.
+fn secret_key_env(t: &PodTemplate) -> impl Iterator<Item = EnvVar> + '_ {
+    t.env_secret_keys.iter().map(|e| EnvVar {
+        name: e.name.clone(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: e.secret.clone(),
+                key: e.key.clone(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+    })
+}
+
+/// The configured Secret and ConfigMap volumes and their mounts.
+fn pod_volumes(t: &PodTemplate) -> (Vec<Volume>, Vec<VolumeMount>) {
+    t.volumes
+        .iter()
+        .map(|v| {
+            let mut volume = Volume {
+                name: v.name.clone(),
+                ..Volume::default()
+            };
+            match &v.source {
+                VolumeSource::Secret(name) => {
+                    volume.secret = Some(SecretVolumeSource {
+                        secret_name: Some(name.clone()),
+                        ..SecretVolumeSource::default()
+                    });
+                }
+                VolumeSource::ConfigMap(name) => {
+                    volume.config_map = Some(ConfigMapVolumeSource {
+                        name: name.clone(),
+                        ..ConfigMapVolumeSource::default()
+                    });
+                }
+            }
+            let mount = VolumeMount {
+                name: v.name.clone(),
+                mount_path: v.mount_path.clone(),
+                read_only: Some(v.read_only),
+                ..VolumeMount::default()
+            };
+            (volume, mount)
+        })
+        .unzip()
+}
+
+fn tolerations(t: &PodTemplate) -> Vec<Toleration> {
+    t.tolerations
+        .iter()
+        .map(|t| Toleration {
+            key: t.key.clone(),
+            operator: Some(t.operator.clone()),
+            value: t.value.clone(),
+            effect: t.effect.clone(),
+            toleration_seconds: t.toleration_seconds,
+        })
+        .collect()
 }
 
 /// The container's `resources`, when any are configured.
@@ -421,6 +515,14 @@ impl Running<'_> {
             ));
             return Ok(());
         }
+        if self.ran_this_change(&existing.metadata).await {
+            self.job.sink.note(&format!(
+                "kubernetes: the Job {} already ran this change and its outcome was not \
+                 recorded (the previous leader stopped first): taking its outcome",
+                self.name
+            ));
+            return Ok(());
+        }
         delete(&self.jobs, &self.name).await?;
         for _ in 0..120 {
             match self.jobs.create(&PostParams::default(), manifest).await {
@@ -431,6 +533,39 @@ impl Running<'_> {
             }
         }
         Err(JobError::Stuck(self.name.clone()))
+    }
+
+    /// Whether the finished Job of this name is this very change run to an outcome that
+    /// was never recorded: the run was not by hand (a manual run always runs again), the
+    /// branch really moved, from the same SHA as when the Job was made (a move back to an
+    /// old SHA runs again), and the Job's outcome is one the state would have recorded as
+    /// handled (a unit that could not run is run again).
+    async fn ran_this_change(&self, meta: &ObjectMeta) -> bool {
+        let unit = self.job.unit;
+        let Some(previous) = &unit.previous_sha else {
+            return false;
+        };
+        let same_move = meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_PREVIOUS))
+            .is_some_and(|p| p == previous.as_str());
+        if matches!(self.job.run.trigger, Trigger::Manual { .. })
+            || *previous == unit.sha
+            || !same_move
+        {
+            return false;
+        }
+        match self.look().await {
+            Ok(Seen::Finished {
+                complete,
+                exit_code,
+                reason,
+            }) => finished(complete, exit_code, reason.as_deref())
+                .status
+                .is_handled(),
+            _ => false,
+        }
     }
 
     /// Waits for the Job to finish, following the pod's log, honouring shutdown, the
@@ -494,7 +629,11 @@ impl Running<'_> {
             }
         }
         let keep = !stopped && outcome.status != UnitStatus::Succeeded;
-        self.clean_up(keep).await;
+        if !keep && !stopped && !matches!(self.job.run.trigger, Trigger::Manual { .. }) {
+            self.delete_later(RECORD_GRACE);
+        } else {
+            self.clean_up(keep).await;
+        }
         outcome
     }
 
@@ -582,17 +721,25 @@ impl Running<'_> {
     /// which case it stays `keep_failed` for people to inspect.
     async fn clean_up(&self, keep: bool) {
         if keep && !self.k.keep_failed.is_zero() {
-            let (jobs, name, keep) = (self.jobs.clone(), self.name.clone(), self.k.keep_failed);
-            // A later run of the same unit has another name, so a kept Job blocks nothing.
-            tokio::spawn(async move {
-                tokio::time::sleep(keep).await;
-                let _ = delete(&jobs, &name).await;
-            });
+            // A later run of the same unit replaces a kept Job, so it blocks nothing.
+            self.delete_later(self.k.keep_failed);
             return;
         }
         if let Err(e) = delete(&self.jobs, &self.name).await {
             tracing::warn!(job = %self.name, "cannot delete the Job: {e}");
         }
+    }
+}
+
+impl Running<'_> {
+    /// Deletes the Job after `after`, unless Sentry stops first (then
+    /// `ttlSecondsAfterFinished` removes it).
+    fn delete_later(&self, after: Duration) {
+        let (jobs, name) = (self.jobs.clone(), self.name.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let _ = delete(&jobs, &name).await;
+        });
     }
 }
 
@@ -771,6 +918,7 @@ mod tests {
             service_account_name: None,
             config_map: "sentry-config".to_owned(),
             env_from_secrets: vec!["qa-credentials".to_owned()],
+            pod: PodTemplate::default(),
             node_selector: BTreeMap::from([("pool".to_owned(), "qa".to_owned())]),
             requests: BTreeMap::from([("cpu".to_owned(), "500m".to_owned())]),
             limits: BTreeMap::from([("memory".to_owned(), "1Gi".to_owned())]),
@@ -836,12 +984,85 @@ mod tests {
             from[0].secret_ref.as_ref().map(|s| s.name.as_str()),
             Some("qa-credentials")
         );
+        let annotations = job.metadata.annotations.as_ref().expect("annotations");
+        assert_eq!(
+            annotations[ANNOTATION_PREVIOUS], "",
+            "a new branch moved from nothing"
+        );
         let labels = job.metadata.labels.as_ref().expect("labels");
         assert_eq!(labels[LABEL_GROUP], "qa-group");
         assert_eq!(labels[LABEL_REPOSITORY], "rag-project-with-dots");
         let back: UnitSpec =
             serde_json::from_str(env[0].value.as_deref().expect("value")).expect("spec");
         assert_eq!(back, spec());
+    }
+
+    #[test]
+    fn the_pod_template_carries_tolerations_mounts_and_secret_references_only() {
+        use crate::config::pod::{PodVolume, SecretKeyEnv, Toleration as Tol};
+        let mut k = config();
+        k.pod = PodTemplate {
+            tolerations: vec![Tol {
+                key: Some("dedicated".to_owned()),
+                operator: "Equal".to_owned(),
+                value: Some("qa".to_owned()),
+                effect: Some("NoSchedule".to_owned()),
+                toleration_seconds: None,
+            }],
+            env_secret_keys: vec![SecretKeyEnv {
+                name: "QA_TOKEN".to_owned(),
+                secret: "qa-credentials".to_owned(),
+                key: "token".to_owned(),
+            }],
+            volumes: vec![
+                PodVolume {
+                    name: "ssh".to_owned(),
+                    mount_path: "/var/run/qa/ssh".to_owned(),
+                    source: VolumeSource::Secret("qa-ssh".to_owned()),
+                    read_only: true,
+                },
+                PodVolume {
+                    name: "fixtures".to_owned(),
+                    mount_path: "/srv/fixtures".to_owned(),
+                    source: VolumeSource::ConfigMap("qa-fixtures".to_owned()),
+                    read_only: false,
+                },
+            ],
+        };
+        let job = job_manifest(&k, &spec(), 1, Duration::from_secs(90)).expect("job");
+        let json = serde_json::to_value(&job).expect("json");
+        let pod = &json["spec"]["template"]["spec"];
+        assert_eq!(pod["tolerations"][0]["key"], "dedicated");
+        assert_eq!(pod["tolerations"][0]["effect"], "NoSchedule");
+        assert_eq!(pod["volumes"][0]["configMap"]["name"], "sentry-config");
+        assert_eq!(pod["volumes"][1]["secret"]["secretName"], "qa-ssh");
+        assert_eq!(pod["volumes"][2]["configMap"]["name"], "qa-fixtures");
+        let c = &pod["containers"][0];
+        assert_eq!(c["volumeMounts"][0]["mountPath"], "/etc/sentry");
+        assert_eq!(c["volumeMounts"][1]["name"], "ssh");
+        assert_eq!(c["volumeMounts"][1]["readOnly"], true);
+        assert_eq!(c["volumeMounts"][2]["readOnly"], false);
+        let token = &c["env"][2];
+        assert_eq!(token["name"], "QA_TOKEN");
+        assert!(token.get("value").is_none(), "{token}");
+        assert_eq!(token["valueFrom"]["secretKeyRef"]["name"], "qa-credentials");
+        assert_eq!(token["valueFrom"]["secretKeyRef"]["key"], "token");
+        // Without any of them, none of the keys appears.
+        let plain = serde_json::to_value(
+            job_manifest(&config(), &spec(), 1, Duration::from_secs(90)).expect("job"),
+        )
+        .expect("json");
+        assert!(
+            plain["spec"]["template"]["spec"]
+                .get("tolerations")
+                .is_none()
+        );
+        assert_eq!(
+            plain["spec"]["template"]["spec"]["volumes"]
+                .as_array()
+                .map(Vec::len),
+            Some(1)
+        );
     }
 
     #[test]

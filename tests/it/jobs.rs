@@ -209,6 +209,76 @@ fn a_restarted_sentry_adopts_the_running_job() {
     assert_eq!(out.stdout.matches("] finished-once").count(), 1, "{out:?}");
 }
 
+/// Issue #19: the pod template keys reach the Job, a `secretKeyRef` variable reaches the
+/// command, and no secret value — neither one Sentry holds nor one only the cluster
+/// holds — is in the Job sent to the API server or in the dry-run manifest.
+#[test]
+fn secrets_reach_the_pod_by_reference_and_never_appear_in_the_job() {
+    const POD_SECRET: &str = "pod-only-s3cret-from-a-secret-key";
+    let s = setup(
+        &[
+            "test \"$QA_TOKEN\" = pod-only-s3cret-from-a-secret-key && echo via-secret-key-ref",
+            "echo token=$QA_TOKEN",
+        ],
+        "      env_secret_keys: {QA_TOKEN: {secret: qa-keys, key: token}}\n      \
+         tolerations: [{key: dedicated, value: qa, effect: NoSchedule}]\n      \
+         volumes: [{name: ssh, mount_path: /var/run/qa/ssh, secret: qa-ssh}, {name: fixtures, mount_path: /srv/fixtures, config_map: qa-fixtures}]\n",
+        Some(Duration::ZERO),
+    );
+    s.kube.set_kubelet(Kubelet {
+        binary: PathBuf::from(sentry_bin()),
+        config: s.config.clone(),
+        secrets: HashMap::from([
+            (
+                "qa-credentials".to_owned(),
+                vec![("QA_TOKEN".to_owned(), SECRET.to_owned())],
+            ),
+            (
+                "qa-keys".to_owned(),
+                vec![("token".to_owned(), POD_SECRET.to_owned())],
+            ),
+        ]),
+        start_after: Some(Duration::ZERO),
+        never_reason: "ErrImagePull".to_owned(),
+    });
+    // Sentry itself holds a value of the variable too (its deploy.env reads QA_TOKEN).
+    let run_with_secret = |args: &[&str]| {
+        let mut cmd = s.command(args);
+        cmd.env("QA_TOKEN", SECRET);
+        run(&mut cmd)
+    };
+    let dry = run_with_secret(&["--dry-run"]);
+    assert_eq!(dry.code, Some(0), "{dry:?}");
+    let manifest = job_manifest(&dry.stdout);
+    let job: serde_json::Value = serde_json::from_str(&manifest).expect("manifest is JSON");
+    let pod = &job["spec"]["template"]["spec"];
+    assert_eq!(pod["tolerations"][0]["key"], "dedicated", "{manifest}");
+    assert_eq!(pod["volumes"][1]["secret"]["secretName"], "qa-ssh");
+    assert_eq!(pod["volumes"][2]["configMap"]["name"], "qa-fixtures");
+    let out = run_with_secret(&[]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains("] via-secret-key-ref"), "{out:?}");
+    assert!(out.all().contains("token=***"), "{out:?}");
+    let created = s.kube.created();
+    assert_eq!(created.len(), 1);
+    let sent = created[0].to_string();
+    assert!(
+        sent.contains("\"secretKeyRef\":{\"key\":\"token\",\"name\":\"qa-keys\""),
+        "{sent}"
+    );
+    for secret in [SECRET, POD_SECRET] {
+        assert!(
+            !manifest.contains(secret),
+            "{secret} in the manifest:\n{manifest}"
+        );
+        assert!(!sent.contains(secret), "{secret} in the Job sent:\n{sent}");
+        assert!(
+            !out.all().contains(secret),
+            "{secret} in the output: {out:?}"
+        );
+    }
+}
+
 #[test]
 fn dry_run_prints_the_job_manifest() {
     let s = setup(&["make test"], "", Some(Duration::ZERO));

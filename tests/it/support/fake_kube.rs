@@ -6,7 +6,7 @@
 //!
 //! Each client (one `sentry watch` replica) gets its own listener, so faults can be aimed
 //! at one client: [`FakeKube::stall`] holds its requests unanswered, [`FakeKube::fail`]
-//! answers them `500`. [`FakeKube::lease_writes`] is the record of every successful Lease
+//! answers them `500`, [`Fault::StallStateWrites`] holds only its ConfigMap writes. [`FakeKube::lease_writes`] is the record of every successful Lease
 //! write, to check that two holders were never valid at once. One listener can serve TLS
 //! with a self-signed CA (see [`FakeKube::start_with_tls`]).
 //!
@@ -16,7 +16,8 @@
 //! Pods (list by `job-name` label, follow a log): the fake kubelet creates a Job's pod,
 //! runs the container's args as a local process of the given binary (the real `sentry
 //! exec-unit`, with the ConfigMap mount replaced by a local config file and `envFrom`
-//! Secrets taken from [`Kubelet::secrets`]), serves its output as the pod log (a request
+//! Secrets and `secretKeyRef` keys taken from [`Kubelet::secrets`]; other volumes are not
+//! mounted), serves its output as the pod log (a request
 //! before the container runs answers `400`), enforces `activeDeadlineSeconds`, and sets
 //! the Job's `Complete` or `Failed` condition when the process exits.
 
@@ -41,6 +42,8 @@ pub enum Fault {
     Stall,
     /// `500 Internal Server Error`.
     Fail,
+    /// ConfigMap writes (the state) are never answered; everything else is served.
+    StallStateWrites,
 }
 
 /// One successful write of a Lease, as the fake saw it.
@@ -62,6 +65,8 @@ struct Store {
     kubelet: Option<Kubelet>,
     /// Every Job POST that created a Job.
     jobs_created: usize,
+    /// The bodies of those POSTs, as sent.
+    created: Vec<Value>,
     /// Log requests answered `400` because the container had not started.
     logs_refused: usize,
     /// Pod name → its container's output so far, and whether it has ended.
@@ -208,6 +213,11 @@ impl FakeKube {
     /// Jobs created so far (adopting one creates none).
     pub fn jobs_created(&self) -> usize {
         self.store.lock().expect("store").jobs_created
+    }
+
+    /// The Jobs created so far, as their POSTs sent them.
+    pub fn created(&self) -> Vec<Value> {
+        self.store.lock().expect("store").created.clone()
     }
 
     /// Log requests refused because the container had not started.
@@ -368,6 +378,10 @@ async fn handle(
                     "injected",
                 );
             }
+            Fault::StallStateWrites if kind == "configmaps" && body.is_some() => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Fault::StallStateWrites => break,
             Fault::Stall => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
@@ -512,6 +526,7 @@ async fn create_job(s: State<Client>, ns: UrlPath<String>, body: Bytes) -> Respo
     }
     store.version += 1;
     store.jobs_created += 1;
+    store.created.push(job.clone());
     job["metadata"]["resourceVersion"] = json!(store.version.to_string());
     job["metadata"]["uid"] = json!(format!("uid-{}", store.version));
     job["status"] = json!({});
@@ -607,16 +622,39 @@ async fn run_pod(
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
-    for e in container["env"].as_array().into_iter().flatten() {
-        cmd.env(
-            e["name"].as_str().unwrap_or_default(),
-            e["value"].as_str().unwrap_or_default(),
-        );
-    }
+    // `env` wins over `envFrom`, as in Kubernetes.
     for from in container["envFrom"].as_array().into_iter().flatten() {
         let secret = from["secretRef"]["name"].as_str().unwrap_or_default();
         for (k, v) in kubelet.secrets.get(secret).into_iter().flatten() {
             cmd.env(k, v);
+        }
+    }
+    for e in container["env"].as_array().into_iter().flatten() {
+        let name = e["name"].as_str().unwrap_or_default();
+        let key_ref = &e["valueFrom"]["secretKeyRef"];
+        if key_ref.is_object() {
+            let secret = key_ref["name"].as_str().unwrap_or_default();
+            let key = key_ref["key"].as_str().unwrap_or_default();
+            let value = kubelet
+                .secrets
+                .get(secret)
+                .and_then(|keys| keys.iter().find(|(k, _)| k == key))
+                .map(|(_, v)| v.clone());
+            let Some(value) = value else {
+                // As the kubelet does for a missing non-optional key.
+                set_pod(
+                    &store,
+                    &ns,
+                    &job,
+                    &pod,
+                    json!({"waiting": {"reason": "CreateContainerConfigError"}}),
+                    "Pending",
+                );
+                return;
+            };
+            cmd.env(name, value);
+        } else {
+            cmd.env(name, e["value"].as_str().unwrap_or_default());
         }
     }
     let Ok(mut child) = cmd.spawn() else {
