@@ -23,6 +23,7 @@ mod gitlab;
 mod http;
 pub mod kind;
 pub(crate) mod tls;
+pub(crate) mod validators;
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
@@ -306,6 +307,28 @@ impl Forges {
                 repo.name
             ))),
         }
+    }
+
+    /// Loads persisted ETag validators, dropping those of repositories `config` no longer
+    /// has; returns how many were dropped.
+    pub(crate) fn import_validators(
+        &self,
+        validators: validators::Validators,
+        config: &Config,
+    ) -> usize {
+        self.http
+            .import_validators(validators, |repo| config.repository(repo).is_some())
+    }
+
+    /// The ETag validators to persist, and the cache generation they are of.
+    pub(crate) fn export_validators(&self) -> (u64, validators::Validators) {
+        let generation = self.http.validators_generation();
+        (generation, self.http.export_validators())
+    }
+
+    /// Changes whenever the validators would be persisted differently.
+    pub(crate) fn validators_generation(&self) -> u64 {
+        self.http.validators_generation()
     }
 
     /// What each request budget (API host and token) has spent and knows.
@@ -648,7 +671,7 @@ async fn fetch_sha(
                     snippet(&body, &secrets_of(headers))
                 ))
             })?;
-            http.remember(&url, etag, Cached::Sha(sha.clone()));
+            http.remember(repo, &url, etag, Cached::Sha(sha.clone()));
             Ok(sha)
         }
         Reply::Cached(Cached::Sha(sha)) => Ok(sha),
@@ -703,7 +726,7 @@ async fn walk_listing(
                 etag,
             } => {
                 let page = Arc::new(parse_page(repo, &url, &first, &body, &headers, format)?);
-                http.remember(&url, etag, Cached::Page(page.clone()));
+                http.remember(repo, &url, etag, Cached::Page(page.clone()));
                 page
             }
             Reply::Cached(Cached::Page(page)) => page,

@@ -112,6 +112,8 @@ pub struct Monitor {
     backoff: Mutex<HashMap<String, Backoff>>,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
+    /// The ETag cache generation last persisted (`u64::MAX`: never, save at the first cycle).
+    validators_saved: AtomicU64,
 }
 
 impl Monitor {
@@ -127,6 +129,20 @@ impl Monitor {
             .iter()
             .map(|r| forges.watcher(r))
             .collect();
+        let mut validators_saved = forges.validators_generation();
+        if let Some(validators) = state.take_validators() {
+            let count = validators.entries.len();
+            let dropped = forges.import_validators(validators, &config);
+            tracing::debug!(
+                "loaded {} saved ETag validators ({dropped} dropped: no longer configured)",
+                count - dropped
+            );
+            if dropped > 0 {
+                validators_saved = u64::MAX;
+            } else {
+                validators_saved = forges.validators_generation();
+            }
+        }
         Monitor {
             config,
             forges,
@@ -136,6 +152,7 @@ impl Monitor {
             backoff: Mutex::new(HashMap::new()),
             health: Arc::new(Health::default()),
             metrics,
+            validators_saved: AtomicU64::new(validators_saved),
         }
     }
 
@@ -228,6 +245,7 @@ impl Monitor {
         if state_changed {
             self.save_state().await;
         }
+        self.save_validators().await;
         self.submit(changes, &current, trigger);
 
         let stats = self.forges.stats();
@@ -408,6 +426,21 @@ impl Monitor {
         heads
     }
 
+    /// Persists the ETag validators when they changed since the last save, off the async
+    /// threads; a failure is logged (they are a cache: the next save tries again).
+    async fn save_validators(&self) {
+        if self.forges.validators_generation() == self.validators_saved.load(Ordering::Relaxed) {
+            return;
+        }
+        let (generation, validators) = self.forges.export_validators();
+        let state = self.state.clone();
+        match tokio::task::spawn_blocking(move || state.save_validators(&validators)).await {
+            Ok(Ok(())) => self.validators_saved.store(generation, Ordering::Relaxed),
+            Ok(Err(e)) => tracing::warn!("cannot save the ETag validators: {e}"),
+            Err(e) => tracing::warn!("the ETag validators save task failed: {e}"),
+        }
+    }
+
     /// Writes the state file; logs and returns false when it could not be written.
     pub async fn save_state(&self) -> bool {
         self.state.save_async().await
@@ -440,6 +473,7 @@ pub fn open_state_with(
         );
     }
     let state = StateStore::with_loaded(backend, loaded);
+    state.load_validators();
     let claims = state.take_foreign_claims();
     if !claims.is_empty() {
         tracing::warn!(

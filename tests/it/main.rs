@@ -21,6 +21,7 @@ mod monitor;
 mod output;
 mod promise;
 mod report;
+mod scale;
 mod secrets;
 mod security;
 mod server;
