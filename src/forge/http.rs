@@ -657,6 +657,9 @@ impl Http {
                 let error = self.refused_403_429(host, call, status, &headers, &body);
                 if matches!(error, ForgeError::RateLimited { .. }) {
                     budget.throttled();
+                    if let Some(events) = self.events() {
+                        events.rate_limited(&host.name);
+                    }
                 }
                 Attempt::Done(Err(error))
             }

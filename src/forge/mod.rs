@@ -187,6 +187,9 @@ pub trait ForgeEvents: Send + Sync {
     /// transport failure, or `"ok"` for a Git ls-remote that succeeded.
     fn request(&self, _host: &str, _status: &str) {}
     fn rate_limit(&self, _host: &str, _remaining: Option<u64>, _reset: Option<SystemTime>) {}
+    /// A 403/429 rate-limit answer arrived from `host` (a secondary limit, or the primary
+    /// quota exhausted).
+    fn rate_limited(&self, _host: &str) {}
 }
 
 /// Every forge client behind one cheap-to-clone handle (one per process).
@@ -336,6 +339,13 @@ impl Forges {
         self.http.budgets()
     }
 
+    /// The budget key (`host` or `host:port`) of `repo`'s API host; `None` for plain Git,
+    /// which has no API.
+    pub(crate) fn budget_host(repo: &Repository) -> Option<String> {
+        kind::of(repo.monitor.repo_type).budget?;
+        Some(http::host_key(repo.monitor.api_url.as_ref()?).to_owned())
+    }
+
     /// The budget limits of API host `key` (`host` or `host:port`).
     pub(crate) fn budget_limits(&self, key: &str) -> budget::BudgetLimits {
         self.http.budget_limits(key)
@@ -347,7 +357,8 @@ impl Forges {
     }
 }
 
-/// The budget limits of every configured API host: its kind's defaults.
+/// The budget limits of every configured API host: its kind's defaults with the host's
+/// `rate_limits:` entry over them.
 fn budget_limits(config: &Config) -> std::collections::HashMap<String, budget::BudgetLimits> {
     let mut limits = std::collections::HashMap::new();
     for repo in &config.repositories {
@@ -360,6 +371,19 @@ fn budget_limits(config: &Config) -> std::collections::HashMap<String, budget::B
         limits
             .entry(http::host_key(api).to_owned())
             .or_insert(defaults);
+    }
+    for (host, o) in &config.rate_limits {
+        let limit = limits
+            .entry(host.clone())
+            .or_insert(budget::BudgetLimits::GITHUB);
+        limit.concurrency = o.concurrency.unwrap_or(limit.concurrency);
+        limit.rest_points_per_minute = o
+            .rest_points_per_minute
+            .unwrap_or(limit.rest_points_per_minute);
+        limit.graphql_points_per_minute = o
+            .graphql_points_per_minute
+            .unwrap_or(limit.graphql_points_per_minute);
+        limit.window = o.window.unwrap_or(limit.window);
     }
     limits
 }
