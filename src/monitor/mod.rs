@@ -385,7 +385,7 @@ impl Monitor {
                     branches = o.branches,
                     points = o.points,
                     effective_interval_s = o.sweep_time.as_secs(),
-                    "the request budget of {} cannot cover a sweep of {} branches ({} points) every {}:                      sweeping every {} instead (raise rate_limits.\"{}\" only if the forge allows more, \
+                    "the request budget of {} cannot cover a sweep of {} branches ({} points) every {}: sweeping every {} instead (raise rate_limits.\"{}\" only if the forge allows more, \
                      or use webhooks and webhook_poll_interval)",
                     o.host,
                     o.branches,
