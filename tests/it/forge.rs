@@ -660,6 +660,8 @@ async fn secondary_rate_limit_without_headers_pauses_at_least_a_minute() {
         .mount(&server)
         .await;
     let (forges, repo) = github(&server, "", &["main"]);
+    let recorder = Arc::new(Recorder::default());
+    let forges = forges.with_events(recorder.clone());
     let now = SystemTime::now();
     match only_failure(&observe(&forges, &repo).await, Some("main")) {
         ForgeError::RateLimited { until, .. } => {
@@ -669,6 +671,12 @@ async fn secondary_rate_limit_without_headers_pauses_at_least_a_minute() {
     }
     observe(&forges, &repo).await;
     assert_eq!(received(&server).await.len(), 1);
+    // Counted once (the metric `sentry_secondary_rate_limited_total`): the paused check
+    // sent nothing.
+    assert_eq!(
+        *recorder.throttled.lock().unwrap(),
+        [server.address().to_string()]
+    );
 }
 
 #[tokio::test]
@@ -942,6 +950,7 @@ async fn cancel_returns_promptly_with_transient_failures() {
 struct Recorder {
     requests: Mutex<Vec<(String, String)>>,
     limits: Mutex<Vec<(String, Option<u64>)>>,
+    throttled: Mutex<Vec<String>>,
 }
 
 impl ForgeEvents for Recorder {
@@ -956,6 +965,9 @@ impl ForgeEvents for Recorder {
             .lock()
             .unwrap()
             .push((host.to_owned(), remaining));
+    }
+    fn rate_limited(&self, host: &str) {
+        self.throttled.lock().unwrap().push(host.to_owned());
     }
 }
 
