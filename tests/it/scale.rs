@@ -358,3 +358,62 @@ fn webhook_covered_repositories_are_polled_less_often() {
         of("r01")
     );
 }
+
+/// With `state.backend: kubernetes`, the validators live in ConfigMap
+/// `<configmap>-validators`: the next leader's first sweep of 600 unchanged branches costs
+/// no primary quota either.
+#[test]
+fn validators_in_configmaps_survive_a_failover() {
+    use crate::support::fake_kube::FakeKube;
+    let dir = tempdir();
+    let root = dir.path();
+    let versions = Arc::new(Mutex::new(vec![1u32; REPOS * BRANCHES]));
+    let forge = fake_github(versions.clone());
+    let host = forge.uri().trim_start_matches("http://").to_owned();
+    // A budget that covers a sweep a second, so that sweeps are not spread over 40 s.
+    let config = watch_config(
+        root,
+        &forge,
+        REPOS,
+        BRANCHES,
+        &format!(
+            "rate_limits: {{\"{host}\": {{rest_points_per_minute: 100000}}}}\n{}",
+            "leader_election: {enabled: true, lease_name: sentry-leader, lease_duration: 3s, renew_deadline: 2s, retry_period: 500ms}\nstate: {backend: kubernetes, configmap: sentry-state}\n"
+        ),
+    );
+    let kube = FakeKube::start(root, &["r1", "r2"]);
+    let replica = |pod: &str| {
+        Background::spawn(
+            sentry(root)
+                .env("FORGE_TOKEN", TOKEN)
+                .env("POD_NAME", pod)
+                .env("KUBECONFIG", kube.kubeconfig(pod))
+                .env_remove("KUBERNETES_SERVICE_HOST")
+                .arg("-c")
+                .arg(&config)
+                .arg("watch"),
+        )
+    };
+    let mut r1 = replica("r1");
+    let validators = wait_until(Duration::from_secs(60), || {
+        let cm = kube.object("configmaps", "sentry-state-validators")?;
+        let text = cm["data"]["state.json"].as_str()?.to_owned();
+        let doc: serde_json::Value = serde_json::from_str(&text).ok()?;
+        (doc["entries"].as_array()?.len() == REPOS * BRANCHES).then_some(text)
+    })
+    .unwrap_or_else(|| panic!("no validators ConfigMap:\n{}", r1.log()));
+    assert!(!validators.contains(TOKEN));
+    r1.signal(nix::sys::signal::Signal::SIGKILL);
+    r1.wait_exit(Duration::from_secs(5));
+    let before = forge.count();
+    let r2 = replica("r2");
+    r2.wait_for_line("cycle:", Duration::from_secs(60));
+    let now = versions.lock().expect("versions").clone();
+    assert!(forge.count() - before >= REPOS * BRANCHES, "r2 swept");
+    assert_eq!(
+        counted(&forge, &now, before),
+        0,
+        "the new leader's first sweep costs no primary quota:\n{}",
+        r2.log()
+    );
+}
