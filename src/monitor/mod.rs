@@ -70,6 +70,8 @@ pub struct Health {
     /// Unix seconds of the last completed cycle; 0 before the first.
     last_cycle_end: AtomicU64,
     ready: AtomicBool,
+    /// The effective interval of the current sweep in milliseconds; 0 before the first.
+    effective_interval_ms: AtomicU64,
 }
 
 impl Health {
@@ -78,6 +80,22 @@ impl Health {
             0 => None,
             secs => Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs)),
         }
+    }
+
+    /// The time between two sweeps: `polling_interval`, or longer when a request budget
+    /// cannot cover a sweep in it; `None` before the first sweep was planned.
+    pub fn effective_interval(&self) -> Option<Duration> {
+        match self.effective_interval_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    pub fn set_effective_interval(&self, interval: Duration) {
+        let ms = u64::try_from(interval.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        self.effective_interval_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Ready once the first cycle has completed, until shutdown begins.
@@ -377,6 +395,7 @@ impl Monitor {
         });
         self.metrics
             .sweep_effective_interval(plan.effective_interval);
+        self.health.set_effective_interval(plan.effective_interval);
         let mut cadence = self.cadence();
         if cadence.over_budget != plan.over_budget {
             for o in &plan.over_budget {
