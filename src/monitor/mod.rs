@@ -36,6 +36,9 @@ use state::{
 /// How many repositories are observed at once (the forges bound requests per host too).
 const OBSERVE_CONCURRENCY: usize = 64;
 
+/// The least time between two saves of the ETag validators by the poll loop.
+const VALIDATORS_SAVE_SPACING: Duration = Duration::from_secs(60);
+
 /// Which repositories a cycle checks.
 #[derive(Debug, Clone)]
 pub enum Scope {
@@ -147,6 +150,7 @@ struct Cadence {
     webhook_seen: HashMap<String, Instant>,
     over_budget: Vec<pacing::OverBudget>,
     effective_interval: Option<Duration>,
+    validators_saved_at: Option<Instant>,
 }
 
 impl Monitor {
@@ -326,7 +330,7 @@ impl Monitor {
         if state_changed {
             self.save_state().await;
         }
-        self.save_validators().await;
+        self.save_validators(paced).await;
         self.submit(changes, &current, trigger);
 
         let stats = self.forges.stats();
@@ -590,9 +594,27 @@ impl Monitor {
 
     /// Persists the ETag validators when they changed since the last save, off the async
     /// threads; a failure is logged (they are a cache: the next save tries again).
-    async fn save_validators(&self) {
-        if self.forges.validators_generation() == self.validators_saved.load(Ordering::Relaxed) {
+    ///
+    /// In the poll loop (`spaced`) they are written at most every
+    /// [`VALIDATORS_SAVE_SPACING`]: at 10,000 branches they are a few MiB, and what a crash
+    /// loses is only a few full answers after the restart.
+    async fn save_validators(&self, spaced: bool) {
+        if self.forges.validators_generation() == self.validators_saved.load(Ordering::Relaxed)
+            || self.state.fenced().is_cancelled()
+        {
             return;
+        }
+        {
+            let mut cadence = self.cadence();
+            let now = Instant::now();
+            if spaced
+                && cadence
+                    .validators_saved_at
+                    .is_some_and(|at| now.duration_since(at) < VALIDATORS_SAVE_SPACING)
+            {
+                return;
+            }
+            cadence.validators_saved_at = Some(now);
         }
         let (generation, validators) = self.forges.export_validators();
         let state = self.state.clone();
@@ -601,6 +623,12 @@ impl Monitor {
             Ok(Err(e)) => tracing::warn!("cannot save the ETag validators: {e}"),
             Err(e) => tracing::warn!("the ETag validators save task failed: {e}"),
         }
+    }
+
+    /// Persists the ETag validators if they changed, however recently they were saved (at
+    /// the end of `watch`).
+    pub async fn save_validators_now(&self) {
+        self.save_validators(false).await;
     }
 
     /// Writes the state file; logs and returns false when it could not be written.
