@@ -697,7 +697,7 @@ fn log_cycle(r: &CycleReport) {
         requests = r.requests,
         not_modified = r.not_modified,
         duration_ms = r.duration.as_millis() as u64,
-        "cycle: {} branches checked in {} ms, {} changes, {} errors, {} requests ({} not modified), rate limit remaining {remaining}{}",
+        "cycle: {} branches checked in {} ms, {} changes, {} errors, {} requests ({} not modified), rate limit remaining {remaining}{}{}",
         r.branches_checked,
         r.duration.as_millis(),
         r.changes,
@@ -706,6 +706,14 @@ fn log_cycle(r: &CycleReport) {
         r.not_modified,
         if r.backing_off > 0 {
             format!(", {} repositories backing off", r.backing_off)
+        } else {
+            String::new()
+        },
+        if r.webhook_covered > 0 {
+            format!(
+                ", {} repositories covered by webhooks not due",
+                r.webhook_covered
+            )
         } else {
             String::new()
         },
