@@ -291,7 +291,25 @@ fn a_sweep_beyond_the_budget_is_paced_and_the_interval_stretches() {
         metric(port, "sentry_secondary_rate_limited_total"),
         None,
         "never throttled"
+    ); // The status API shows the budget and the effective interval too.
+    let (_, body) = http("GET", port, "/api/v1/status", &[], b"");
+    let status: serde_json::Value = serde_json::from_str(&body).expect("status JSON");
+    assert_eq!(status["effective_interval_secs"], 6.0, "{status}");
+    let budget = &status["budgets"][0];
+    assert_eq!(budget["host"], host.as_str(), "{status}");
+    assert_eq!(
+        (
+            &budget["rest_limit"],
+            &budget["window_secs"],
+            &budget["throttled"]
+        ),
+        (
+            &serde_json::json!(10),
+            &serde_json::json!(2.0),
+            &serde_json::json!(0)
+        )
     );
+    assert!(!body.contains(TOKEN));
 }
 
 #[test]
