@@ -124,6 +124,11 @@ fn second_watch_once_on_600_unchanged_branches_costs_no_primary_quota() {
     assert_eq!(second.code, Some(0), "{}", second.all());
     let asked = forge.count() - after_first;
     assert_eq!(asked, REPOS * BRANCHES, "every branch is still checked");
+    eprintln!(
+        "first watch --once: {after_first} requests, {} counted; second: {asked} requests, {} counted",
+        counted(&forge, &now, 0),
+        counted(&forge, &now, after_first)
+    );
     assert_eq!(
         counted(&forge, &now, after_first),
         0,
