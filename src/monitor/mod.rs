@@ -385,12 +385,14 @@ impl Monitor {
             .iter()
             .map(|&i| {
                 let repo = &self.config.repositories[i];
-                let exact = repo.monitor.exact_branches().count();
-                let listing = usize::from(repo.monitor.patterns().next().is_some());
+                let branches = self
+                    .state
+                    .with(|s| s.repositories.get(&repo.name).map(|r| r.branches.len()))
+                    .unwrap_or_else(|| repo.monitor.exact_branches().count());
                 pacing::Demand {
                     host: Forges::budget_host(repo),
-                    requests: (exact + listing) as u64,
-                    branches: exact + listing,
+                    requests: self.watchers[i].expected_requests(),
+                    branches,
                 }
             })
             .collect();

@@ -391,7 +391,11 @@ async fn unchanged_listing_costs_only_304s_and_follows_cached_links() {
         mock.respond_with(response).mount(&server).await;
     }
     let (forges, repo) = github(&server, "", &["release/*"]);
-    let first = observe(&forges, &repo).await;
+    // Pacing's estimate: one listing page before the first listing, then as many as it had.
+    let watcher = forges.watcher(&Arc::new(repo.clone()));
+    assert_eq!(watcher.expected_requests(), 1);
+    let first = watcher.observe(&CancellationToken::new()).await;
+    assert_eq!(watcher.expected_requests(), 3);
     assert_eq!(
         heads(&first),
         [
