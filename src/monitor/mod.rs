@@ -381,21 +381,23 @@ impl Monitor {
     /// host cannot cover a sweep in one interval (once, and again when that changes), and
     /// reports the effective interval.
     fn pace(&self, repos: &[usize]) -> Vec<Duration> {
-        let demands: Vec<pacing::Demand> = repos
+        let mut demands: Vec<pacing::Demand> = repos
             .iter()
             .map(|&i| {
                 let repo = &self.config.repositories[i];
-                let branches = self
-                    .state
-                    .with(|s| s.repositories.get(&repo.name).map(|r| r.branches.len()))
-                    .unwrap_or_else(|| repo.monitor.exact_branches().count());
+                let exact = repo.monitor.exact_branches().count();
+                let listing = usize::from(repo.monitor.patterns().next().is_some());
                 pacing::Demand {
                     host: Forges::budget_host(repo),
-                    requests: self.watchers[i].expected_requests(),
-                    branches,
+                    requests: (exact + listing) as u64,
+                    branches: exact + listing,
                 }
             })
             .collect();
+        // A listing costs one request per page: as many as the last one had.
+        for (demand, &i) in demands.iter_mut().zip(repos) {
+            demand.requests = self.watchers[i].expected_requests();
+        }
         let plan = pacing::plan(&demands, self.config.polling_interval, |host| {
             self.forges.budget_limits(host)
         });
