@@ -3,7 +3,8 @@
 //!
 //! [`Http::get`] is the only way a forge module talks HTTP. For one URL it
 //! 1. refuses at once with [`ForgeError::RateLimited`] while the host is paused (nothing sent);
-//! 2. waits for a permit of the host's semaphore;
+//! 2. waits for a permit of the host's semaphore, then for the request budget of its host and
+//!    token ([`super::budget`]: concurrency and points per sliding minute);
 //! 3. sends `If-None-Match` when the URL has a cached ETag, and turns a `304` into the cached
 //!    value ([`Reply::Cached`]);
 //! 4. reads rate-limit headers; on a `403`/`429` that is a rate limit it pauses the whole host;
@@ -27,6 +28,8 @@ use reqwest::{StatusCode, Url};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use super::budget::{Budget, BudgetLimits, BudgetSnapshot, Cost};
+use super::validators::{StoredValue, Validator, Validators, storable};
 use super::{ForgeError, ForgeEvents, ForgeStats, RateLimitInfo, Sha};
 
 /// Tries per call for retryable failures (5xx, timeouts, connection errors).
@@ -94,13 +97,31 @@ pub(crate) struct Http {
     hosts: Mutex<HashMap<String, Arc<Host>>>,
     /// URL → (ETag exactly as received, the value it stood for). Both are cheap to clone
     /// (a shared buffer, an `Arc` or an inline SHA), so a hit allocates nothing.
-    cache: Mutex<HashMap<String, (HeaderValue, Cached)>>,
+    cache: Mutex<HashMap<String, CacheEntry>>,
+    /// Bumped whenever the cache changes in a way worth persisting.
+    cache_generation: AtomicU64,
     requests: AtomicU64,
     not_modified: AtomicU64,
     errors: AtomicU64,
     events: RwLock<Option<Arc<dyn ForgeEvents>>>,
     /// GitHub App installation tokens, per installation.
     apps: super::app::AppTokens,
+    /// The budget limits per API host (`host` or `host:port`); hosts not listed get
+    /// [`BudgetLimits::GITHUB`], the strictest known.
+    budget_limits: RwLock<HashMap<String, BudgetLimits>>,
+    /// One budget per (API host, hash of the token's headers); the hash is in memory only.
+    budgets: Mutex<HashMap<(String, u64), Arc<Budget>>>,
+    token_hasher: std::hash::RandomState,
+}
+
+/// One ETag cache entry.
+struct CacheEntry {
+    /// The repository it was asked for (config name), to prune what is no longer configured.
+    repo: Arc<str>,
+    etag: HeaderValue,
+    value: Cached,
+    /// Asked for or stored since start (or since it was loaded).
+    touched: bool,
 }
 
 /// One API host (or Git host): its concurrency limit and what we know of its rate limit.
@@ -129,12 +150,74 @@ impl Http {
             max_per_host: max_per_host.max(1),
             hosts: Mutex::default(),
             cache: Mutex::default(),
+            cache_generation: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             not_modified: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             events: RwLock::new(None),
             apps: super::app::AppTokens::default(),
+            budget_limits: RwLock::default(),
+            budgets: Mutex::default(),
+            token_hasher: std::hash::RandomState::new(),
         })
+    }
+
+    /// The budget limits of each API host; budgets made before keep theirs.
+    pub fn set_budget_limits(&self, limits: HashMap<String, BudgetLimits>) {
+        *self
+            .budget_limits
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = limits;
+    }
+
+    /// The budget of host `key` for the token in `headers`, created on first use.
+    pub fn budget(&self, key: &str, headers: &HeaderMap) -> Arc<Budget> {
+        use std::hash::{BuildHasher, Hash, Hasher};
+        let mut hasher = self.token_hasher.build_hasher();
+        for value in headers.values().filter(|v| v.is_sensitive()) {
+            value.as_bytes().hash(&mut hasher);
+        }
+        let token = hasher.finish();
+        let mut budgets = self.budgets.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(budget) = budgets.get(&(key.to_owned(), token)) {
+            return budget.clone();
+        }
+        let limits = self
+            .budget_limits
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key)
+            .copied()
+            .unwrap_or(BudgetLimits::GITHUB);
+        budgets
+            .entry((key.to_owned(), token))
+            .or_insert_with(|| Arc::new(Budget::new(key, limits)))
+            .clone()
+    }
+
+    /// What every budget has spent and knows, by host (several tokens on one host are
+    /// several entries).
+    pub fn budgets(&self) -> Vec<BudgetSnapshot> {
+        let budgets: Vec<Arc<Budget>> = self
+            .budgets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        let mut snaps: Vec<BudgetSnapshot> = budgets.iter().map(|b| b.snapshot()).collect();
+        snaps.sort_by(|a, b| a.host.cmp(&b.host));
+        snaps
+    }
+
+    /// The budget limits of host `key` (as [`Http::budget`] would make them).
+    pub fn budget_limits(&self, key: &str) -> BudgetLimits {
+        self.budget_limits
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key)
+            .copied()
+            .unwrap_or(BudgetLimits::GITHUB)
     }
 
     /// Requests to each host of `hosts` go through a client that trusts `roots` besides the
@@ -249,24 +332,144 @@ impl Http {
     }
 
     /// Stores the value a response's ETag stands for; the next GET of `url` is conditional.
-    pub fn remember(&self, url: &Url, etag: Option<HeaderValue>, value: Cached) {
+    pub fn remember(&self, repo: &str, url: &Url, etag: Option<HeaderValue>, value: Cached) {
         let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
         match etag {
             Some(etag) => {
-                cache.insert(url.as_str().to_owned(), (etag, value));
+                let repo = match cache.get(url.as_str()) {
+                    Some(old) if &*old.repo == repo => old.repo.clone(),
+                    _ => Arc::from(repo),
+                };
+                cache.insert(
+                    url.as_str().to_owned(),
+                    CacheEntry {
+                        repo,
+                        etag,
+                        value,
+                        touched: true,
+                    },
+                );
+                self.cache_generation.fetch_add(1, Ordering::Relaxed);
             }
             None => {
-                cache.remove(url.as_str());
+                if cache.remove(url.as_str()).is_some() {
+                    self.cache_generation.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
     }
 
     fn cached(&self, url: &Url) -> Option<(HeaderValue, Cached)> {
-        self.cache
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(url.as_str())
-            .cloned()
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        let entry = cache.get_mut(url.as_str())?;
+        entry.touched = true;
+        Some((entry.etag.clone(), entry.value.clone()))
+    }
+
+    /// A number that changes whenever the ETag cache changes in a way worth persisting.
+    pub fn validators_generation(&self) -> u64 {
+        self.cache_generation.load(Ordering::Relaxed)
+    }
+
+    /// The ETag cache as it is persisted. An entry no request touched since start is left
+    /// out when other entries of its repository were touched (a branch no longer watched,
+    /// a listing page that no longer exists); a repository not asked at all (backing off)
+    /// keeps its entries.
+    pub fn export_validators(&self) -> Validators {
+        let cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        let touched_repos: std::collections::HashSet<&str> = cache
+            .values()
+            .filter(|e| e.touched)
+            .map(|e| &*e.repo)
+            .collect();
+        let mut entries: Vec<Validator> = cache
+            .iter()
+            .filter(|(_, e)| e.touched || !touched_repos.contains(&*e.repo))
+            .filter_map(|(url, e)| {
+                let parsed = Url::parse(url).ok()?;
+                if !storable(&parsed) {
+                    return None;
+                }
+                let value = match &e.value {
+                    Cached::Sha(sha) => StoredValue::Sha(sha.clone()),
+                    Cached::Page(page) => StoredValue::Page {
+                        branches: page.branches.clone(),
+                        next: match &page.next {
+                            Some(next) if storable(next) => Some(next.as_str().to_owned()),
+                            Some(_) => return None,
+                            None => None,
+                        },
+                    },
+                };
+                Some(Validator {
+                    repo: e.repo.to_string(),
+                    url: url.clone(),
+                    etag: e.etag.to_str().ok()?.to_owned(),
+                    value,
+                })
+            })
+            .collect();
+        entries.sort_by(|a, b| (&a.repo, &a.url).cmp(&(&b.repo, &b.url)));
+        Validators::new(entries)
+    }
+
+    /// Loads persisted validators into the ETag cache, keeping only the entries of
+    /// repositories `configured` accepts; returns how many were dropped. Entries already
+    /// in the cache win.
+    pub fn import_validators(
+        &self,
+        validators: Validators,
+        configured: impl Fn(&str) -> bool,
+    ) -> usize {
+        let mut dropped = 0;
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut names: HashMap<String, Arc<str>> = HashMap::new();
+        for v in validators.entries {
+            let entry = (|| {
+                if !configured(&v.repo) {
+                    return None;
+                }
+                let url = Url::parse(&v.url).ok().filter(storable)?;
+                let etag = HeaderValue::from_str(&v.etag).ok()?;
+                let value = match v.value {
+                    StoredValue::Sha(sha) => Cached::Sha(sha),
+                    StoredValue::Page { branches, next } => {
+                        let next = match next {
+                            Some(next) => Some(
+                                Url::parse(&next)
+                                    .ok()
+                                    .filter(|n| storable(n) && n.origin() == url.origin())?,
+                            ),
+                            None => None,
+                        };
+                        Cached::Page(Arc::new(Page { branches, next }))
+                    }
+                };
+                let repo = names
+                    .entry(v.repo.clone())
+                    .or_insert_with(|| Arc::from(v.repo.as_str()))
+                    .clone();
+                Some((
+                    url.as_str().to_owned(),
+                    CacheEntry {
+                        repo,
+                        etag,
+                        value,
+                        touched: false,
+                    },
+                ))
+            })();
+            match entry {
+                Some((url, entry)) => {
+                    cache.entry(url).or_insert(entry);
+                }
+                None => dropped += 1,
+            }
+        }
+        if dropped > 0 {
+            self.cache_generation.fetch_add(1, Ordering::Relaxed);
+        }
+        dropped
     }
 
     /// One GET with everything the module header lists. Never panics.
@@ -305,18 +508,58 @@ impl Http {
         if !host.space_write(spacing, call.cancel).await {
             return Err(cancelled(call.repo));
         }
-        match self.attempt_with(&host, &call, Some(body)).await {
+        match self.attempt_with(&host, &call, Some(body), None).await {
             Attempt::Done(result) => result,
             Attempt::Retry(why) => Err(ForgeError::Transient(format!("{}: {why}", call.repo))),
         }
     }
 
-    async fn attempt(&self, host: &Host, call: &Call<'_>) -> Attempt {
-        self.attempt_with(host, call, None).await
+    /// One POST of the JSON `body` that is a read (a GraphQL query) charged `cost` against
+    /// the host's budget: no write spacing, retried like a GET, never conditional. Used by
+    /// the GraphQL client (issue #20, branch scale-graphql).
+    #[allow(dead_code)]
+    pub async fn post_costed(
+        &self,
+        call: Call<'_>,
+        body: &[u8],
+        cost: Cost,
+    ) -> Result<Reply, ForgeError> {
+        let host = self.host(host_key(&call.url));
+        let mut last = String::new();
+        for attempt in 1..=TRIES {
+            match self
+                .attempt_with(&host, &call, Some(body), Some(cost))
+                .await
+            {
+                Attempt::Done(result) => return result,
+                Attempt::Retry(why) => last = why,
+            }
+            if attempt < TRIES {
+                tokio::select! {
+                    () = call.cancel.cancelled() => return Err(cancelled(call.repo)),
+                    () = tokio::time::sleep(retry_delay(attempt)) => {}
+                }
+            }
+        }
+        Err(ForgeError::Transient(format!(
+            "{}: {last} (gave up after {TRIES} tries)",
+            call.repo
+        )))
     }
 
-    /// A GET (conditional when an ETag is cached), or a POST of `body` as JSON.
-    async fn attempt_with(&self, host: &Host, call: &Call<'_>, body: Option<&[u8]>) -> Attempt {
+    async fn attempt(&self, host: &Host, call: &Call<'_>) -> Attempt {
+        self.attempt_with(host, call, None, None).await
+    }
+
+    /// A GET (conditional when an ETag is cached), or a POST of `body` as JSON, charged
+    /// `cost` (by default what the method costs) against the budget of host and token.
+    async fn attempt_with(
+        &self,
+        host: &Host,
+        call: &Call<'_>,
+        body: Option<&[u8]>,
+        cost: Option<Cost>,
+    ) -> Attempt {
         if let Some(until) = host.limits().paused(SystemTime::now()) {
             return Attempt::Done(Err(rate_limited(host, until)));
         }
@@ -324,16 +567,22 @@ impl Http {
             Some(p) => p,
             None => return Attempt::Done(Err(cancelled(call.repo))),
         };
-        // The pause may have started while we waited for the permit.
-        if let Some(until) = host.limits().paused(SystemTime::now()) {
-            return Attempt::Done(Err(rate_limited(host, until)));
-        }
-
         let method = if body.is_some() {
             reqwest::Method::POST
         } else {
             reqwest::Method::GET
         };
+        let budget = self.budget(&host.name, call.headers);
+        let cost = cost.unwrap_or_else(|| Cost::for_method(&method, budget.limits().write_points));
+        let _budget_permit = tokio::select! {
+            () = call.cancel.cancelled() => return Attempt::Done(Err(cancelled(call.repo))),
+            permit = budget.acquire(cost) => permit,
+        };
+        // The pause may have started while we waited for the permits.
+        if let Some(until) = host.limits().paused(SystemTime::now()) {
+            return Attempt::Done(Err(rate_limited(host, until)));
+        }
+
         let cached = body.is_none().then(|| self.cached(&call.url)).flatten();
         let mut request = reqwest::Request::new(method.clone(), call.url.clone());
         *request.headers_mut() = call.headers.clone();
@@ -373,6 +622,7 @@ impl Http {
         };
         let status = response.status();
         self.read_rate_limit(host, response.headers());
+        observe_primary(&budget, response.headers());
 
         if status == StatusCode::NOT_MODIFIED {
             self.record(call, &method, &host.name, Some(status), started);
@@ -441,9 +691,16 @@ impl Http {
                     call.repo, host.name
                 )
             }))),
-            StatusCode::FORBIDDEN | StatusCode::TOO_MANY_REQUESTS => Attempt::Done(Err(
-                self.refused_403_429(host, call, status, &headers, &body)
-            )),
+            StatusCode::FORBIDDEN | StatusCode::TOO_MANY_REQUESTS => {
+                let error = self.refused_403_429(host, call, status, &headers, &body);
+                if matches!(error, ForgeError::RateLimited { .. }) {
+                    budget.throttled();
+                    if let Some(events) = self.events() {
+                        events.rate_limited(&host.name);
+                    }
+                }
+                Attempt::Done(Err(error))
+            }
             _ => Attempt::Done(Ok(Reply::Refused { status, body })),
         }
     }
@@ -562,6 +819,29 @@ impl Host {
 enum Attempt {
     Done(Result<Reply, ForgeError>),
     Retry(String),
+}
+
+/// Feeds the primary quota a response reports (`x-ratelimit-*`, `ratelimit-*`) to `budget`.
+fn observe_primary(budget: &Budget, headers: &HeaderMap) {
+    let number = |names: &[&str]| {
+        names.iter().find_map(|name| {
+            headers
+                .get(*name)?
+                .to_str()
+                .ok()?
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+    };
+    let remaining = number(&["x-ratelimit-remaining", "ratelimit-remaining"]);
+    let limit = number(&["x-ratelimit-limit", "ratelimit-limit"]);
+    let reset = number(&["x-ratelimit-reset", "ratelimit-reset"])
+        .filter(|n| *n >= 1_000_000_000)
+        .map(|n| UNIX_EPOCH + Duration::from_secs(n));
+    if remaining.is_some() || limit.is_some() || reset.is_some() {
+        budget.observe_primary(remaining, limit, reset);
+    }
 }
 
 /// What one response says about the rate limit.
@@ -940,6 +1220,104 @@ mod tests {
             Duration::ZERO,
             "hosts are spaced separately"
         );
+    }
+
+    #[test]
+    fn validators_round_trip_and_prune() {
+        let http = Http::new(Duration::from_secs(5), 4, Vec::new(), None).unwrap();
+        let sha = Sha::parse(&"a".repeat(40)).unwrap();
+        let head = Url::parse("https://api.github.com/repos/o/r/commits/refs/heads/main").unwrap();
+        let page = Url::parse("https://api.github.com/repos/o/r/branches?per_page=100").unwrap();
+        let next = Url::parse("https://api.github.com/repos/o/r/branches?page=2").unwrap();
+        let gone = Url::parse("https://api.github.com/repos/o/gone/commits/refs/heads/x").unwrap();
+        http.remember(
+            "r",
+            &head,
+            Some(HeaderValue::from_static("\"h\"")),
+            Cached::Sha(sha.clone()),
+        );
+        let listed = Arc::new(Page {
+            branches: vec![("rel/1".into(), sha.clone())],
+            next: Some(next.clone()),
+        });
+        http.remember(
+            "r",
+            &page,
+            Some(HeaderValue::from_static("W/\"p\"")),
+            Cached::Page(listed),
+        );
+        http.remember(
+            "gone",
+            &gone,
+            Some(HeaderValue::from_static("\"g\"")),
+            Cached::Sha(sha.clone()),
+        );
+        let saved = http.export_validators();
+        assert_eq!(saved.entries.len(), 3);
+        let text = serde_json::to_string(&saved).unwrap();
+        let loaded: Validators = serde_json::from_str(&text).unwrap();
+
+        let fresh = Http::new(Duration::from_secs(5), 4, Vec::new(), None).unwrap();
+        assert_eq!(fresh.import_validators(loaded, |repo| repo == "r"), 1);
+        let (etag, value) = fresh.cached(&head).expect("head validator");
+        assert_eq!(etag, "\"h\"");
+        assert!(matches!(value, Cached::Sha(s) if s == sha));
+        let (etag, value) = fresh.cached(&page).expect("page validator");
+        assert_eq!(etag, "W/\"p\"");
+        let Cached::Page(p) = value else {
+            panic!("a page")
+        };
+        assert_eq!(p.next.as_ref(), Some(&next));
+        assert!(fresh.cached(&gone).is_none(), "no longer configured");
+
+        // An entry of a repository that was asked, but not itself, is not saved again.
+        let stale = Url::parse("https://api.github.com/repos/o/r/commits/refs/heads/old").unwrap();
+        let more = Validators::new(vec![Validator {
+            repo: "r".into(),
+            url: stale.as_str().into(),
+            etag: "\"s\"".into(),
+            value: StoredValue::Sha(sha.clone()),
+        }]);
+        fresh.import_validators(more, |_| true);
+        let urls: Vec<String> = fresh
+            .export_validators()
+            .entries
+            .into_iter()
+            .map(|e| e.url)
+            .collect();
+        assert!(!urls.contains(&stale.to_string()), "{urls:?}");
+        assert_eq!(urls.len(), 2);
+
+        // A URL with credentials is never written down.
+        let secret = Url::parse("https://user:pw@api.github.com/repos/o/r/x").unwrap();
+        http.remember(
+            "r",
+            &secret,
+            Some(HeaderValue::from_static("\"x\"")),
+            Cached::Sha(sha),
+        );
+        let text = serde_json::to_string(&http.export_validators()).unwrap();
+        assert!(!text.contains("pw@"), "{text}");
+    }
+
+    /// 10,000 branches of validators: a few MiB at most (a ConfigMap shard holds 900 KiB;
+    /// the state backend shards up to 16 of them).
+    #[test]
+    fn ten_thousand_validators_fit() {
+        let http = Http::new(Duration::from_secs(5), 4, Vec::new(), None).unwrap();
+        for i in 0..10_000 {
+            let url = Url::parse(&format!(
+                "https://api.github.com/repos/example-org/repository-{:03}/commits/refs/heads/feature/branch-{i:05}",
+                i / 100
+            ))
+            .unwrap();
+            let etag = HeaderValue::from_str(&format!("W/\"{:064x}\"", i)).unwrap();
+            let sha = Sha::parse(&format!("{i:040x}")).unwrap();
+            http.remember("repository", &url, Some(etag), Cached::Sha(sha));
+        }
+        let bytes = serde_json::to_vec(&http.export_validators()).unwrap();
+        println!("10,000 validators: {} bytes", bytes.len());
+        assert!(bytes.len() < 3 * 1024 * 1024, "{}", bytes.len());
     }
 
     #[test]

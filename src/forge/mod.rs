@@ -17,6 +17,7 @@
 //! sent to a host while it is paused for a rate limit.
 
 pub(crate) mod app;
+pub(crate) mod budget;
 mod git;
 mod github;
 mod gitlab;
@@ -25,6 +26,7 @@ pub mod kind;
 pub(crate) mod proxy;
 pub(crate) mod ssh;
 pub(crate) mod tls;
+pub(crate) mod validators;
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
@@ -190,6 +192,9 @@ pub trait ForgeEvents: Send + Sync {
     fn rate_limit(&self, _host: &str, _remaining: Option<u64>, _reset: Option<SystemTime>) {}
     /// A server's TLS certificate was refused (`host` or `host:port`).
     fn tls_error(&self, _host: &str) {}
+    /// A 403/429 rate-limit answer arrived from `host` (a secondary limit, or the primary
+    /// quota exhausted).
+    fn rate_limited(&self, _host: &str) {}
 }
 
 /// Counts a refused certificate of the server at `url` (a clone's) in the process's
@@ -257,6 +262,7 @@ impl Forges {
                 .map_err(|e| anyhow::anyhow!("cannot build the HTTP client: {e}"))?;
         }
         tls::set_git_ca_files(&git_files);
+        http.set_budget_limits(budget_limits(config));
         let http = Arc::new(http);
         app::set_process_http(&http);
         Ok(Forges { http })
@@ -362,10 +368,80 @@ impl Forges {
         }
     }
 
+    /// Loads persisted ETag validators, dropping those of repositories `config` no longer
+    /// has; returns how many were dropped.
+    pub(crate) fn import_validators(
+        &self,
+        validators: validators::Validators,
+        config: &Config,
+    ) -> usize {
+        self.http
+            .import_validators(validators, |repo| config.repository(repo).is_some())
+    }
+
+    /// The ETag validators to persist, and the cache generation they are of.
+    pub(crate) fn export_validators(&self) -> (u64, validators::Validators) {
+        let generation = self.http.validators_generation();
+        (generation, self.http.export_validators())
+    }
+
+    /// Changes whenever the validators would be persisted differently.
+    pub(crate) fn validators_generation(&self) -> u64 {
+        self.http.validators_generation()
+    }
+
+    /// What each request budget (API host and token) has spent and knows.
+    pub(crate) fn budgets(&self) -> Vec<budget::BudgetSnapshot> {
+        self.http.budgets()
+    }
+
+    /// The budget key (`host` or `host:port`) of `repo`'s API host; `None` for plain Git,
+    /// which has no API.
+    pub(crate) fn budget_host(repo: &Repository) -> Option<String> {
+        kind::of(repo.monitor.repo_type).budget?;
+        Some(http::host_key(repo.monitor.api_url.as_ref()?).to_owned())
+    }
+
+    /// The budget limits of API host `key` (`host` or `host:port`).
+    pub(crate) fn budget_limits(&self, key: &str) -> budget::BudgetLimits {
+        self.http.budget_limits(key)
+    }
+
     /// Cumulative counters since start.
     pub fn stats(&self) -> ForgeStats {
         self.http.stats()
     }
+}
+
+/// The budget limits of every configured API host: its kind's defaults with the host's
+/// `rate_limits:` entry over them.
+fn budget_limits(config: &Config) -> std::collections::HashMap<String, budget::BudgetLimits> {
+    let mut limits = std::collections::HashMap::new();
+    for repo in &config.repositories {
+        let (Some(api), Some(defaults)) = (
+            &repo.monitor.api_url,
+            kind::of(repo.monitor.repo_type).budget,
+        ) else {
+            continue;
+        };
+        limits
+            .entry(http::host_key(api).to_owned())
+            .or_insert(defaults);
+    }
+    for (host, o) in &config.rate_limits {
+        let limit = limits
+            .entry(host.clone())
+            .or_insert(budget::BudgetLimits::GITHUB);
+        limit.concurrency = o.concurrency.unwrap_or(limit.concurrency);
+        limit.rest_points_per_minute = o
+            .rest_points_per_minute
+            .unwrap_or(limit.rest_points_per_minute);
+        limit.graphql_points_per_minute = o
+            .graphql_points_per_minute
+            .unwrap_or(limit.graphql_points_per_minute);
+        limit.window = o.window.unwrap_or(limit.window);
+    }
+    limits
 }
 
 /// What Sentry says about a unit on its commit, in forge-neutral words; each forge maps
@@ -461,6 +537,28 @@ impl Watcher {
             Ok(Client::GitLab(forge)) => self.observe_api(forge, cancel).await,
             Err(error) => everything_failed(&inner.repo.monitor, error),
         }
+    }
+
+    /// How many requests one check is expected to send, for pacing: one per exact branch,
+    /// and the pages of the last listing (one before the first listing). Plain Git: one
+    /// ls-remote.
+    pub fn expected_requests(&self) -> u64 {
+        let inner = &*self.0;
+        if matches!(inner.client, Ok(Client::Git)) {
+            return 1;
+        }
+        let exact = inner.repo.monitor.exact_branches().count() as u64;
+        let listing = if inner.patterns.is_empty() {
+            0
+        } else {
+            inner
+                .matches
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref()
+                .map_or(1, |m| m.pages.len().max(1) as u64)
+        };
+        exact + listing
     }
 
     /// Checks the exact branches and the listing concurrently, within this task: the
@@ -675,7 +773,7 @@ async fn fetch_sha(
                     snippet(&body, &secrets_of(headers))
                 ))
             })?;
-            http.remember(&url, etag, Cached::Sha(sha.clone()));
+            http.remember(repo, &url, etag, Cached::Sha(sha.clone()));
             Ok(sha)
         }
         Reply::Cached(Cached::Sha(sha)) => Ok(sha),
@@ -730,7 +828,7 @@ async fn walk_listing(
                 etag,
             } => {
                 let page = Arc::new(parse_page(repo, &url, &first, &body, &headers, format)?);
-                http.remember(&url, etag, Cached::Page(page.clone()));
+                http.remember(repo, &url, etag, Cached::Page(page.clone()));
                 page
             }
             Reply::Cached(Cached::Page(page)) => page,

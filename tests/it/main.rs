@@ -23,6 +23,7 @@ mod output;
 mod promise;
 mod proxy;
 mod report;
+mod scale;
 mod secrets;
 mod security;
 mod server;
