@@ -1088,6 +1088,9 @@ impl Checker<'_> {
                 no_proxy.push(entry.trim().to_owned());
             }
         }
+        if password.as_deref().is_some_and(|p| !p.is_empty()) {
+            self.warn(path, "libgit2 1.9 cannot send Git traffic (ls-remote, clones) through a proxy that asks for a password: after the 407 it reuses a closed connection (libgit2 issue #7081); exempt the Git hosts with proxy.no_proxy, or let Sentry through without a password (the API client is not affected)");
+        }
         Some(ProxyConfig {
             url: SecretString::from(text),
             password: password.filter(|p| !p.is_empty()).map(SecretString::from),

@@ -255,21 +255,28 @@ async fn a_proxy_password_comes_from_the_environment_and_plain_http_is_flagged()
         );
         write(root, "sentry.yaml", &config(root, &base, &ca_file, &key));
         let env = [("SENTRY_TEST_PROXY_PASSWORD", PASSWORD)];
-        // The API client and ls-remote answer the proxy's 407 with the credentials. (A
-        // clone through a proxy that asks for credentials fails inside libgit2 1.9 —
-        // "http parser error: Expected HTTP/" on its second request over the reused
-        // tunnel — see docs/en/deployment.md, "Proxies"; clones are tested through an
+        // The API client answers the proxy's 407 with the credentials. (libgit2 1.9 does
+        // not: after the 407 it reuses a connection the proxy closed and fails with
+        // "http parser error: Expected HTTP/" — libgit2 issue #7081 — so Git traffic
+        // through a proxy that asks for credentials is documented as unsupported in
+        // docs/en/deployment.md, "Proxies"; ls-remote and clones are tested through an
         // open proxy above.)
         let before = proxy.requests_to(&target);
         let out = sentry_run(root, &["watch", "--once"], &env);
-        assert_eq!(out.code, Some(0), "{}\nproxy log:\n{}", out.all(), proxy.log());
-        assert!(proxy.requests_to(&target) >= before + 2, "{}", proxy.log());
+        assert!(
+            out.all().contains("baseline: api main"),
+            "{}\nproxy log:\n{}",
+            out.all(),
+            proxy.log()
+        );
+        assert!(proxy.requests_to(&target) > before, "{}", proxy.log());
         assert!(!out.all().contains(PASSWORD), "{}", out.all());
 
         // The wrong password: the proxy refuses (407), and nothing gets through.
         std::fs::remove_file(root.join("state.json")).ok();
         let out = sentry_run(root, &["watch", "--once"], &[("SENTRY_TEST_PROXY_PASSWORD", "wrong")]);
         assert_ne!(out.code, Some(0), "{}", out.all());
+        assert!(!out.all().contains("baseline: api main"), "{}", out.all());
         assert!(!out.all().contains("wrong@"), "{}", out.all());
 
         // A plain http:// Git remote cannot be proxied by libgit2 1.9 (it sends the
