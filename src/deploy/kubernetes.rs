@@ -7,7 +7,8 @@
 //! Secret volumes), the Job's life as seen from Sentry (create or adopt — a running Job,
 //! or a finished one whose outcome a dead leader never recorded —, wait for the pod,
 //! follow its log into the unit's `OutputSink`, read the outcome from the Job's
-//! `Complete`/`Failed` condition, delete), and the unit description the pod receives
+//! `Complete`/`Failed` condition, delete — or, when `watch` stops, leave it running for
+//! the next leader to adopt), and the unit description the pod receives
 //! ([`UnitSpec`], one JSON environment variable).
 
 use std::collections::BTreeMap;
@@ -576,9 +577,12 @@ impl Running<'_> {
         // log task retries, so no line is lost to a late start.
         let mut logs = Some(self.spawn_logs());
         let deadline = self.job.run.deadline;
-        // Sentry's own stops (shutdown, global_timeout) delete the Job at once; a Job that
-        // failed by itself is kept for inspection.
+        // Sentry's own stops (global_timeout, and shutdown of a manual run) delete the Job
+        // at once; a Job that failed by itself is kept for inspection. A watched change's
+        // Job outlives Sentry's shutdown or lost Lease: it runs on the cluster, the unit
+        // stays pending, and the next leader adopts the Job by its name.
         let mut stopped = false;
+        let mut left_running = false;
         let outcome = loop {
             let seen = match self.look().await {
                 Ok(seen) => seen,
@@ -604,8 +608,16 @@ impl Running<'_> {
             tokio::select! {
                 () = tokio::time::sleep(POLL) => {}
                 () = self.job.shutdown.requested() => {
-                    self.job.sink.note("kubernetes: shutting down, deleting the Job");
-                    stopped = true;
+                    if matches!(self.job.run.trigger, Trigger::Manual { .. }) {
+                        self.job.sink.note("kubernetes: shutting down, deleting the Job");
+                        stopped = true;
+                    } else {
+                        self.job.sink.note(&format!(
+                            "kubernetes: shutting down; Job {} keeps running for the next leader to adopt",
+                            self.name
+                        ));
+                        left_running = true;
+                    }
                     break Outcome::new(UnitStatus::Cancelled, None);
                 }
                 () = tokio::time::sleep_until(deadline) => {
@@ -616,7 +628,7 @@ impl Running<'_> {
             }
         };
         if let Some(handle) = logs.take() {
-            if stopped {
+            if stopped || left_running {
                 handle.abort();
             }
             // The log ends with the container; a stream the server keeps open is cut off.
@@ -627,6 +639,9 @@ impl Running<'_> {
             {
                 abort.abort();
             }
+        }
+        if left_running {
+            return outcome;
         }
         let keep = !stopped && outcome.status != UnitStatus::Succeeded;
         if !keep && !stopped && !matches!(self.job.run.trigger, Trigger::Manual { .. }) {

@@ -715,6 +715,58 @@ fn kill_leader(c: &Cluster, replicas: &mut BTreeMap<String, Background>, name: &
     c.leader_other_than(name)
 }
 
+/// Issue #19: a leader that stops gracefully (SIGTERM, as in a rolling update) leaves
+/// its unit's running Job on the cluster instead of deleting it; the next leader adopts
+/// it. One Job, one run of the command, one recorded outcome.
+#[test]
+fn a_leader_stopped_gracefully_leaves_its_running_job_to_the_next() {
+    let c = Cluster::with_jobs(&["r1", "r2"], "6");
+    let mut replicas = BTreeMap::new();
+    replicas.insert("r1".to_owned(), c.replica("r1"));
+    assert_eq!(c.leader(), "r1");
+    c.wait_baseline();
+    replicas.insert("r2".to_owned(), c.replica("r2"));
+
+    let sha = commit(&c.watched, "move");
+    wait_started(&c, &sha);
+    let mut first = replicas.remove("r1").expect("the leader is ours");
+    first.signal(Signal::SIGTERM);
+    assert!(
+        first.wait_exit(Duration::from_secs(30)).is_some(),
+        "{}",
+        first.log()
+    );
+    assert!(
+        first.log().contains("keeps running for the next leader"),
+        "{}",
+        first.log()
+    );
+    assert_eq!(c.leader_other_than("r1"), "r2");
+    assert!(
+        c.try_wait_settled(std::slice::from_ref(&sha)),
+        "not settled; log:\n{}",
+        c.lines().join("\n")
+    );
+    let log = replicas["r2"].log();
+    assert!(log.contains("adopting the running Job"), "{log}");
+    assert_eq!(
+        c.kube.jobs_created(),
+        1,
+        "the running Job was created twice"
+    );
+    let lines = c.lines();
+    let starts = assert_no_overlap(&lines);
+    assert_eq!(starts.get(&sha), Some(&1), "{}", lines.join("\n"));
+    // The stopped leader audits its unit as cancelled; the next one audits the outcome.
+    let results: Vec<String> = lines_of(&c.dir.path().join("audit.jsonl"))
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["kind"] == "unit" && r["sha"] == sha.as_str())
+        .map(|r| r["result"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(results, ["cancelled", "succeeded"], "{}", lines.join("\n"));
+}
+
 /// Issue #19: two leaders in a row on the kubernetes executor, twice. A leader killed
 /// while its unit's Job runs leaves the Job running; the next leader adopts it. A leader
 /// killed after it saw the Job start but before it recorded the outcome leaves a finished
