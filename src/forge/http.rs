@@ -274,6 +274,29 @@ impl Http {
         }
     }
 
+    /// One POST of a read-only JSON query (GraphQL): no ETag and no write spacing, and
+    /// retried like [`Http::get`] because sending it again changes nothing.
+    pub async fn post_query(&self, call: Call<'_>, body: &[u8]) -> Result<Reply, ForgeError> {
+        let host = self.host(host_key(&call.url));
+        let mut last = String::new();
+        for attempt in 1..=TRIES {
+            match self.attempt_with(&host, &call, Some(body)).await {
+                Attempt::Done(result) => return result,
+                Attempt::Retry(why) => last = why,
+            }
+            if attempt < TRIES {
+                tokio::select! {
+                    () = call.cancel.cancelled() => return Err(cancelled(call.repo)),
+                    () = tokio::time::sleep(retry_delay(attempt)) => {}
+                }
+            }
+        }
+        Err(ForgeError::Transient(format!(
+            "{}: {last} (gave up after {TRIES} tries)",
+            call.repo
+        )))
+    }
+
     async fn attempt(&self, host: &Host, call: &Call<'_>) -> Attempt {
         self.attempt_with(host, call, None).await
     }
