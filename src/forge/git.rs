@@ -26,6 +26,7 @@ pub(crate) static KIND: Kind = Kind {
     project: None,
     default_api: |_, _| None,
     owns_host: |_| false,
+    budget: None,
     rate_limit_headers: None,
     // A Git host has no API, so nowhere to put a status.
     status_spacing: None,

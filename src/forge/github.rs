@@ -59,6 +59,7 @@ pub(crate) static KIND: Kind = Kind {
         })
     },
     owns_host: |host| host == "github.com",
+    budget: Some(super::budget::BudgetLimits::GITHUB),
     rate_limit_headers: Some(("x-ratelimit-remaining", "x-ratelimit-reset")),
     // A write costs 5 of the 900 secondary-limit points a minute (a read 1): one a second
     // uses a third of the budget and leaves the rest to polling.

@@ -47,6 +47,7 @@ pub(crate) static KIND: Kind = Kind {
     }),
     default_api: |_, origin| Some(format!("{origin}/api/v4")),
     owns_host: |host| host.contains("gitlab"),
+    budget: Some(super::budget::BudgetLimits::GITLAB),
     rate_limit_headers: Some(("ratelimit-remaining", "ratelimit-reset")),
     // GitLab documents no extra cost for writes; a short gap keeps bursts polite.
     status_spacing: Some(std::time::Duration::from_millis(100)),

@@ -3,7 +3,8 @@
 //!
 //! [`Http::get`] is the only way a forge module talks HTTP. For one URL it
 //! 1. refuses at once with [`ForgeError::RateLimited`] while the host is paused (nothing sent);
-//! 2. waits for a permit of the host's semaphore;
+//! 2. waits for a permit of the host's semaphore, then for the request budget of its host and
+//!    token ([`super::budget`]: concurrency and points per sliding minute);
 //! 3. sends `If-None-Match` when the URL has a cached ETag, and turns a `304` into the cached
 //!    value ([`Reply::Cached`]);
 //! 4. reads rate-limit headers; on a `403`/`429` that is a rate limit it pauses the whole host;
@@ -27,6 +28,7 @@ use reqwest::{StatusCode, Url};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use super::budget::{Budget, BudgetLimits, BudgetSnapshot, Cost};
 use super::{ForgeError, ForgeEvents, ForgeStats, RateLimitInfo, Sha};
 
 /// Tries per call for retryable failures (5xx, timeouts, connection errors).
@@ -94,6 +96,12 @@ pub(crate) struct Http {
     not_modified: AtomicU64,
     errors: AtomicU64,
     events: RwLock<Option<Arc<dyn ForgeEvents>>>,
+    /// The budget limits per API host (`host` or `host:port`); hosts not listed get
+    /// [`BudgetLimits::GITHUB`], the strictest known.
+    budget_limits: RwLock<HashMap<String, BudgetLimits>>,
+    /// One budget per (API host, hash of the token's headers); the hash is in memory only.
+    budgets: Mutex<HashMap<(String, u64), Arc<Budget>>>,
+    token_hasher: std::hash::RandomState,
 }
 
 /// One API host (or Git host): its concurrency limit and what we know of its rate limit.
@@ -132,7 +140,68 @@ impl Http {
             not_modified: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             events: RwLock::new(None),
+            budget_limits: RwLock::default(),
+            budgets: Mutex::default(),
+            token_hasher: std::hash::RandomState::new(),
         })
+    }
+
+    /// The budget limits of each API host; budgets made before keep theirs.
+    pub fn set_budget_limits(&self, limits: HashMap<String, BudgetLimits>) {
+        *self
+            .budget_limits
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = limits;
+    }
+
+    /// The budget of host `key` for the token in `headers`, created on first use.
+    pub fn budget(&self, key: &str, headers: &HeaderMap) -> Arc<Budget> {
+        use std::hash::{BuildHasher, Hash, Hasher};
+        let mut hasher = self.token_hasher.build_hasher();
+        for value in headers.values().filter(|v| v.is_sensitive()) {
+            value.as_bytes().hash(&mut hasher);
+        }
+        let token = hasher.finish();
+        let mut budgets = self.budgets.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(budget) = budgets.get(&(key.to_owned(), token)) {
+            return budget.clone();
+        }
+        let limits = self
+            .budget_limits
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key)
+            .copied()
+            .unwrap_or(BudgetLimits::GITHUB);
+        budgets
+            .entry((key.to_owned(), token))
+            .or_insert_with(|| Arc::new(Budget::new(key, limits)))
+            .clone()
+    }
+
+    /// What every budget has spent and knows, by host (several tokens on one host are
+    /// several entries).
+    pub fn budgets(&self) -> Vec<BudgetSnapshot> {
+        let budgets: Vec<Arc<Budget>> = self
+            .budgets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        let mut snaps: Vec<BudgetSnapshot> = budgets.iter().map(|b| b.snapshot()).collect();
+        snaps.sort_by(|a, b| a.host.cmp(&b.host));
+        snaps
+    }
+
+    /// The budget limits of host `key` (as [`Http::budget`] would make them).
+    pub fn budget_limits(&self, key: &str) -> BudgetLimits {
+        self.budget_limits
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key)
+            .copied()
+            .unwrap_or(BudgetLimits::GITHUB)
     }
 
     pub fn request_timeout(&self) -> Duration {
@@ -268,19 +337,29 @@ impl Http {
         if !host.space_write(spacing, call.cancel).await {
             return Err(cancelled(call.repo));
         }
-        match self.attempt_with(&host, &call, Some(body)).await {
+        match self.attempt_with(&host, &call, Some(body), None).await {
             Attempt::Done(result) => result,
             Attempt::Retry(why) => Err(ForgeError::Transient(format!("{}: {why}", call.repo))),
         }
     }
 
-    /// One POST of a read-only JSON query (GraphQL): no ETag and no write spacing, and
-    /// retried like [`Http::get`] because sending it again changes nothing.
-    pub async fn post_query(&self, call: Call<'_>, body: &[u8]) -> Result<Reply, ForgeError> {
+    /// One POST of the JSON `body` that is a read (a GraphQL query) charged `cost` against
+    /// the host's budget: no write spacing, retried like a GET, never conditional. Used by
+    /// the GraphQL client (issue #20, branch scale-graphql).
+    #[allow(dead_code)]
+    pub async fn post_costed(
+        &self,
+        call: Call<'_>,
+        body: &[u8],
+        cost: Cost,
+    ) -> Result<Reply, ForgeError> {
         let host = self.host(host_key(&call.url));
         let mut last = String::new();
         for attempt in 1..=TRIES {
-            match self.attempt_with(&host, &call, Some(body)).await {
+            match self
+                .attempt_with(&host, &call, Some(body), Some(cost))
+                .await
+            {
                 Attempt::Done(result) => return result,
                 Attempt::Retry(why) => last = why,
             }
@@ -298,11 +377,18 @@ impl Http {
     }
 
     async fn attempt(&self, host: &Host, call: &Call<'_>) -> Attempt {
-        self.attempt_with(host, call, None).await
+        self.attempt_with(host, call, None, None).await
     }
 
-    /// A GET (conditional when an ETag is cached), or a POST of `body` as JSON.
-    async fn attempt_with(&self, host: &Host, call: &Call<'_>, body: Option<&[u8]>) -> Attempt {
+    /// A GET (conditional when an ETag is cached), or a POST of `body` as JSON, charged
+    /// `cost` (by default what the method costs) against the budget of host and token.
+    async fn attempt_with(
+        &self,
+        host: &Host,
+        call: &Call<'_>,
+        body: Option<&[u8]>,
+        cost: Option<Cost>,
+    ) -> Attempt {
         if let Some(until) = host.limits().paused(SystemTime::now()) {
             return Attempt::Done(Err(rate_limited(host, until)));
         }
@@ -310,16 +396,22 @@ impl Http {
             Some(p) => p,
             None => return Attempt::Done(Err(cancelled(call.repo))),
         };
-        // The pause may have started while we waited for the permit.
-        if let Some(until) = host.limits().paused(SystemTime::now()) {
-            return Attempt::Done(Err(rate_limited(host, until)));
-        }
-
         let method = if body.is_some() {
             reqwest::Method::POST
         } else {
             reqwest::Method::GET
         };
+        let budget = self.budget(&host.name, call.headers);
+        let cost = cost.unwrap_or_else(|| Cost::for_method(&method, budget.limits().write_points));
+        let _budget_permit = tokio::select! {
+            () = call.cancel.cancelled() => return Attempt::Done(Err(cancelled(call.repo))),
+            permit = budget.acquire(cost) => permit,
+        };
+        // The pause may have started while we waited for the permits.
+        if let Some(until) = host.limits().paused(SystemTime::now()) {
+            return Attempt::Done(Err(rate_limited(host, until)));
+        }
+
         let cached = body.is_none().then(|| self.cached(&call.url)).flatten();
         let mut request = reqwest::Request::new(method.clone(), call.url.clone());
         *request.headers_mut() = call.headers.clone();
@@ -358,6 +450,7 @@ impl Http {
         };
         let status = response.status();
         self.read_rate_limit(host, response.headers());
+        observe_primary(&budget, response.headers());
 
         if status == StatusCode::NOT_MODIFIED {
             self.record(call, &method, &host.name, Some(status), started);
@@ -426,9 +519,13 @@ impl Http {
                     call.repo, host.name
                 )
             }))),
-            StatusCode::FORBIDDEN | StatusCode::TOO_MANY_REQUESTS => Attempt::Done(Err(
-                self.refused_403_429(host, call, status, &headers, &body)
-            )),
+            StatusCode::FORBIDDEN | StatusCode::TOO_MANY_REQUESTS => {
+                let error = self.refused_403_429(host, call, status, &headers, &body);
+                if matches!(error, ForgeError::RateLimited { .. }) {
+                    budget.throttled();
+                }
+                Attempt::Done(Err(error))
+            }
             _ => Attempt::Done(Ok(Reply::Refused { status, body })),
         }
     }
@@ -547,6 +644,29 @@ impl Host {
 enum Attempt {
     Done(Result<Reply, ForgeError>),
     Retry(String),
+}
+
+/// Feeds the primary quota a response reports (`x-ratelimit-*`, `ratelimit-*`) to `budget`.
+fn observe_primary(budget: &Budget, headers: &HeaderMap) {
+    let number = |names: &[&str]| {
+        names.iter().find_map(|name| {
+            headers
+                .get(*name)?
+                .to_str()
+                .ok()?
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+    };
+    let remaining = number(&["x-ratelimit-remaining", "ratelimit-remaining"]);
+    let limit = number(&["x-ratelimit-limit", "ratelimit-limit"]);
+    let reset = number(&["x-ratelimit-reset", "ratelimit-reset"])
+        .filter(|n| *n >= 1_000_000_000)
+        .map(|n| UNIX_EPOCH + Duration::from_secs(n));
+    if remaining.is_some() || limit.is_some() || reset.is_some() {
+        budget.observe_primary(remaining, limit, reset);
+    }
 }
 
 /// What one response says about the rate limit.

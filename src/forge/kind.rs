@@ -30,6 +30,9 @@ pub struct Kind {
     pub rate_limit_headers: Option<(&'static str, &'static str)>,
     /// Where a push webhook's payload names the repository.
     pub webhook: Option<WebhookIds>,
+    /// The default request budget of one API host and token (`rate_limits:` overrides it
+    /// per host); `None` when this kind has no HTTP API.
+    pub budget: Option<super::budget::BudgetLimits>,
     /// The least time between two commit-status writes to one host; `None` when this
     /// kind has no commit statuses at all.
     pub status_spacing: Option<std::time::Duration>,

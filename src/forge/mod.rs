@@ -17,6 +17,7 @@
 //! travels in a sensitive header (never in a URL, a log line or a message); no request is
 //! sent to a host while it is paused for a rate limit.
 
+pub(crate) mod budget;
 mod git;
 mod github;
 mod gitlab;
@@ -202,6 +203,7 @@ impl Forges {
         tls::set_git_ca_files(&config.ca_files);
         let http = Http::new(config.request_timeout, config.max_requests_per_host, roots)
             .map_err(|e| anyhow::anyhow!("cannot build the HTTP client: {e}"))?;
+        http.set_budget_limits(budget_limits(config));
         Ok(Forges {
             http: Arc::new(http),
         })
@@ -323,10 +325,37 @@ impl Forges {
         github::graphql::observe(watchers, cancel).await
     }
 
+    /// What each request budget (API host and token) has spent and knows.
+    pub(crate) fn budgets(&self) -> Vec<budget::BudgetSnapshot> {
+        self.http.budgets()
+    }
+
+    /// The budget limits of API host `key` (`host` or `host:port`).
+    pub(crate) fn budget_limits(&self, key: &str) -> budget::BudgetLimits {
+        self.http.budget_limits(key)
+    }
+
     /// Cumulative counters since start.
     pub fn stats(&self) -> ForgeStats {
         self.http.stats()
     }
+}
+
+/// The budget limits of every configured API host: its kind's defaults.
+fn budget_limits(config: &Config) -> std::collections::HashMap<String, budget::BudgetLimits> {
+    let mut limits = std::collections::HashMap::new();
+    for repo in &config.repositories {
+        let (Some(api), Some(defaults)) = (
+            &repo.monitor.api_url,
+            kind::of(repo.monitor.repo_type).budget,
+        ) else {
+            continue;
+        };
+        limits
+            .entry(http::host_key(api).to_owned())
+            .or_insert(defaults);
+    }
+    limits
 }
 
 /// What Sentry says about a unit on its commit, in forge-neutral words; each forge maps

@@ -24,6 +24,8 @@
 //! [`MAX_REPOSITORIES`] repositories per query. That keeps a query at ≤ 5,000 nodes (GitHub
 //! allows 500,000), at a cost of 1 point (see [`cost`]), and small enough to answer well
 //! within GitHub's 10-second per-query timeout. GraphQL has no ETags: every query costs.
+//! Each query is charged its cost against the request budget of its host and token
+//! (`Cost::GraphQl`, `forge::budget`) before it is sent.
 //!
 //! Errors: a repository GitHub reports in `errors[].path` (`NOT_FOUND`, `FORBIDDEN`, …), or
 //! answers `null` for, is an error for that repository only; the rest of the batch stands. A
@@ -42,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::GitHub;
 use crate::config::{Config, GithubLookup, RepoType};
+use crate::forge::budget::Cost;
 use crate::forge::http::{Call, Reply};
 use crate::forge::{Client, ForgeError, Observation, Sha, Watcher, api_base, assemble};
 
@@ -52,6 +55,8 @@ pub(crate) const MAX_REFS: usize = 500;
 pub(crate) const MAX_LISTINGS: usize = 50;
 /// Most repositories (aliases) in one query.
 pub(crate) const MAX_REPOSITORIES: usize = 100;
+/// GitHub refuses a query that may return more nodes than this.
+const MAX_NODES: u64 = 500_000;
 /// Branches per listing page (GitHub's maximum `first`).
 const PAGE: u64 = 100;
 /// A listing longer than this many pages is not followed further.
@@ -388,7 +393,18 @@ async fn send(
         cancel,
     };
     let whole = |e: ForgeError| batch.iter().map(|a| Answer::failed(a, &e)).collect();
-    let reply = match client.http.post_query(call, body.as_bytes()).await {
+    debug_assert!(query.nodes <= MAX_NODES);
+    tracing::debug!(
+        repositories = batch.len(),
+        cost = query.cost,
+        nodes = query.nodes,
+        "GraphQL query to {}",
+        client.host
+    );
+    let cost = Cost::GraphQl {
+        points: u32::try_from(query.cost).unwrap_or(u32::MAX),
+    };
+    let reply = match client.http.post_costed(call, body.as_bytes(), cost).await {
         Ok(reply) => reply,
         Err(e) => return whole(e),
     };
