@@ -107,6 +107,8 @@ pub struct Monitor {
     forges: Forges,
     /// One prepared forge client per repository, in `config.repositories` order.
     watchers: Vec<Watcher>,
+    /// Per repository: asked through batched GitHub GraphQL queries (`github_lookup`).
+    batched: Vec<bool>,
     state: Arc<StateStore>,
     scheduler: Scheduler,
     backoff: Mutex<HashMap<String, Backoff>>,
@@ -122,15 +124,24 @@ impl Monitor {
         scheduler: Scheduler,
         metrics: Arc<Metrics>,
     ) -> Monitor {
-        let watchers = config
+        let watchers: Vec<Watcher> = config
             .repositories
             .iter()
             .map(|r| forges.watcher(r))
             .collect();
+        let batched = forges.batched(&config, &watchers);
+        let count = batched.iter().filter(|b| **b).count();
+        if count > 0 {
+            tracing::info!(
+                "GitHub heads of {count} repositories are asked through batched GraphQL queries (github_lookup: {:?})",
+                config.github_lookup
+            );
+        }
         Monitor {
             config,
             forges,
             watchers,
+            batched,
             state,
             scheduler,
             backoff: Mutex::new(HashMap::new()),
@@ -272,20 +283,18 @@ impl Monitor {
         repos: &[usize],
         cancel: &CancellationToken,
     ) -> Vec<(usize, Observation)> {
-        let checks = repos.iter().copied().map(|index| {
-            AssertUnwindSafe(self.watchers[index].observe(cancel))
-                .catch_unwind()
-                .map(move |result| (index, result))
-        });
-        let answers: Vec<_> = stream::iter(checks)
-            .buffer_unordered(OBSERVE_CONCURRENCY)
-            .collect()
-            .await;
+        let (batched, single): (Vec<usize>, Vec<usize>) =
+            repos.iter().partition(|&&i| self.batched[i]);
+        let (mut answers, batch) = tokio::join!(
+            self.observe_each(single, cancel),
+            self.observe_batch(batched, cancel)
+        );
+        answers.extend(batch);
         let mut results = Vec::with_capacity(answers.len());
         for (index, answer) in answers {
             match answer {
-                Ok(observation) => results.push((index, observation)),
-                Err(_) => tracing::error!(
+                Some(observation) => results.push((index, observation)),
+                None => tracing::error!(
                     "observing {} failed unexpectedly (a bug: please report it)",
                     self.config.repositories[index].name
                 ),
@@ -293,6 +302,46 @@ impl Monitor {
         }
         results.sort_by_key(|(i, _)| *i);
         results
+    }
+
+    /// Observes each of `repos` on its own, at most [`OBSERVE_CONCURRENCY`] at once; `None`
+    /// for a check that panicked.
+    async fn observe_each(
+        &self,
+        repos: Vec<usize>,
+        cancel: &CancellationToken,
+    ) -> Vec<(usize, Option<Observation>)> {
+        let checks = repos.into_iter().map(|index| {
+            AssertUnwindSafe(self.watchers[index].observe(cancel))
+                .catch_unwind()
+                .map(move |result| (index, result.ok()))
+        });
+        stream::iter(checks)
+            .buffer_unordered(OBSERVE_CONCURRENCY)
+            .collect()
+            .await
+    }
+
+    /// Observes `repos` through batched GraphQL queries; `None` for each if that panicked.
+    async fn observe_batch(
+        &self,
+        repos: Vec<usize>,
+        cancel: &CancellationToken,
+    ) -> Vec<(usize, Option<Observation>)> {
+        if repos.is_empty() {
+            return Vec::new();
+        }
+        let watchers: Vec<Watcher> = repos.iter().map(|&i| self.watchers[i].clone()).collect();
+        let answer = AssertUnwindSafe(self.forges.observe_batched(&watchers, cancel))
+            .catch_unwind()
+            .await;
+        match answer {
+            Ok(observations) => repos
+                .into_iter()
+                .zip(observations.into_iter().map(Some))
+                .collect(),
+            Err(_) => repos.into_iter().map(|i| (i, None)).collect(),
+        }
     }
 
     fn note_failures(&self, repo: &Repository, observation: &Observation) {

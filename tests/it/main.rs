@@ -13,6 +13,7 @@ mod deploy;
 mod enterprise;
 mod faults;
 mod forge;
+mod graphql;
 mod ha;
 mod hostile;
 mod jobs;

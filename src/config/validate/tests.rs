@@ -662,3 +662,16 @@ fn the_executor_is_local_by_default_and_kubernetes_needs_namespace_and_image() {
     let yaml = group("{kind: docker}");
     assert!(errors_at(&yaml, "groups.g.executor.kind")[0].contains("\"local\" or \"kubernetes\""));
 }
+
+#[test]
+fn github_lookup_defaults_to_auto_and_refuses_unknown_words() {
+    let config = load_str(SEED, &seed_env()).config.unwrap();
+    assert_eq!(config.github_lookup, GithubLookup::Auto);
+    let ok = format!("{SEED}\ngithub_lookup: graphql\n");
+    let config = load_str(&ok, &seed_env()).config.unwrap();
+    assert_eq!(config.github_lookup, GithubLookup::Graphql);
+    let bad = format!("{SEED}\ngithub_lookup: batched\n");
+    let errors = errors_at(&bad, "github_lookup");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].contains("auto, rest or graphql"), "{errors:?}");
+}
