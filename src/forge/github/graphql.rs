@@ -20,8 +20,8 @@
 //! a repository whose page says `hasNextPage` is asked again, with `after: endCursor`, in the
 //! next round of queries.
 //!
-//! Batch size: at most [`MAX_REFS`] branch lookups, [`MAX_LISTINGS`] listings and
-//! [`MAX_REPOSITORIES`] repositories per query. That keeps a query at ≤ 5,000 nodes (GitHub
+//! Batch size: at most [`MAX_REFS`] (1,000) branch lookups, [`MAX_LISTINGS`] (50) listings and
+//! [`MAX_REPOSITORIES`] (100) repositories per query. That keeps a query at ≤ 5,000 nodes (GitHub
 //! allows 500,000), at a cost of 1 point (see [`cost`]), and small enough to answer well
 //! within GitHub's 10-second per-query timeout. GraphQL has no ETags: every query costs.
 //! Each query is charged its cost against the request budget of its host and token
@@ -48,8 +48,10 @@ use crate::forge::budget::Cost;
 use crate::forge::http::{Call, Reply};
 use crate::forge::{Client, ForgeError, Observation, Sha, Watcher, api_base, assemble};
 
-/// Most exact-branch lookups (`ref(qualifiedName:)`) in one query.
-pub(crate) const MAX_REFS: usize = 500;
+/// Most exact-branch lookups (`ref(qualifiedName:)`) in one query. A lookup is no
+/// connection: it adds no cost and no node to GitHub's limits, only work within the query's
+/// time limit; 1,000 keeps 50,000 branches at 50 queries (points) a cycle.
+pub(crate) const MAX_REFS: usize = 1000;
 /// Most branch listings (`refs(first: 100)` connections) in one query: 50 × 100 = 5,000
 /// nodes, and 50 connection requests cost 1 point.
 pub(crate) const MAX_LISTINGS: usize = 50;
@@ -670,7 +672,7 @@ mod tests {
 
     #[test]
     fn packing_respects_every_limit() {
-        let many: Vec<String> = (0..300).map(|i| format!("b{i}")).collect();
+        let many: Vec<String> = (0..600).map(|i| format!("b{i}")).collect();
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
         let asks: Vec<Ask> = (0..120)
             .map(|i| ask(i, if i < 3 { &many } else { &["main"] }, Some(None)))
@@ -682,7 +684,7 @@ mod tests {
             assert!(b.iter().filter(|a| a.listing.is_some()).count() <= MAX_LISTINGS);
         }
         assert_eq!(batches.iter().map(Vec::len).sum::<usize>(), 120);
-        // 300 + 300 > 500: the second big repository starts a new query.
+        // 600 + 600 > 1,000: the second big repository starts a new query.
         assert_eq!(batches[0].len(), 1);
     }
 
