@@ -6,8 +6,9 @@
 //! real release binary (`target/release/sentry`, or `$SENTRY_BIN`) is driven through
 //! generated configurations; its JSON cycle log lines and `/proc` give the numbers.
 //!
-//! Benchmarks: [`quota`], [`speed`], [`memory`], [`clone`], [`validate`], [`reaction`], and
-//! [`growth`] (full mode only). Each returns its numbers into a [`report::Report`], which
+//! Benchmarks: [`quota`], [`speed`], [`memory`], [`clone`], [`validate`], [`reaction`],
+//! [`growth`] (full mode only), and [`scale`] (against a fake GitHub that enforces GitHub's
+//! secondary limits, [`limited_github`]). Each returns its numbers into a [`report::Report`], which
 //! prints a Markdown table and writes `target/bench/results.json`. A benchmark that fails
 //! is reported as failed and the others still run.
 //!
@@ -29,8 +30,13 @@ mod floor;
 #[allow(unused_imports)]
 #[path = "../tests/it/support/git_http.rs"]
 mod git_http;
+// The integration tests' GraphQL evaluator, for the limit-enforcing fake GitHub.
+#[path = "../tests/it/support/graphql_eval.rs"]
+mod graphql_eval;
 #[path = "suite/growth.rs"]
 mod growth;
+#[path = "suite/limited_github.rs"]
+mod limited_github;
 #[path = "suite/memory.rs"]
 mod memory;
 #[path = "suite/quota.rs"]
@@ -39,6 +45,8 @@ mod quota;
 mod reaction;
 #[path = "suite/report.rs"]
 mod report;
+#[path = "suite/scale.rs"]
+mod scale;
 #[path = "suite/speed.rs"]
 mod speed;
 #[path = "suite/support.rs"]
@@ -74,6 +82,14 @@ pub struct Sizes {
     pub reaction_pushes: usize,
     /// Watched branches of each growth run; empty skips it.
     pub growth: Vec<usize>,
+    /// Watched branches of each scale run (all run at once); empty skips it.
+    pub scale: Vec<usize>,
+    /// The scale runs' polling interval, when moves start, how long they go on, and how
+    /// long each run lasts, in seconds.
+    pub scale_interval: u64,
+    pub scale_moves_start: u64,
+    pub scale_moving: u64,
+    pub scale_run: u64,
 }
 
 impl Sizes {
@@ -93,6 +109,11 @@ impl Sizes {
             reaction_repos: 1000,
             reaction_pushes: 50,
             growth: vec![100, 1000, 5000],
+            scale: vec![1000, 10_000, 50_000],
+            scale_interval: 60,
+            scale_moves_start: 15,
+            scale_moving: 90,
+            scale_run: 175,
         }
     }
 
@@ -112,6 +133,11 @@ impl Sizes {
             reaction_repos: 50,
             reaction_pushes: 5,
             growth: Vec::new(),
+            scale: vec![100],
+            scale_interval: 2,
+            scale_moves_start: 3,
+            scale_moving: 6,
+            scale_run: 14,
         }
     }
 }
@@ -130,7 +156,7 @@ pub fn mean(values: impl Iterator<Item = f64>) -> f64 {
 
 type Bench = fn(&Ctx, &mut Report) -> anyhow::Result<()>;
 
-const BENCHES: [(&str, Bench); 7] = [
+const BENCHES: [(&str, Bench); 8] = [
     ("quota", quota::run),
     ("speed", speed::run),
     ("memory", memory::run),
@@ -138,6 +164,7 @@ const BENCHES: [(&str, Bench); 7] = [
     ("validate", validate::run),
     ("reaction", reaction::run),
     ("growth", run_growth),
+    ("scale", scale::run),
 ];
 
 fn run_growth(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
