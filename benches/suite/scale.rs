@@ -14,7 +14,8 @@
 //! Time is not scaled: the interval is the real 60 s and the limits' windows the real minute,
 //! because Sentry's request budget (branch scale-core) has no window setting yet and a
 //! shorter fake window would make REST-only Sentry look slower than it is. Each run lasts
-//! [`crate::Sizes::scale_run`] seconds; branches move from `scale_moves_start` on, 1 % per minute, for
+//! [`crate::Sizes::scale_run`] seconds; branches move from `scale_moves_start` on, 1 % per
+//! interval (per minute at 60 s), for
 //! `scale_moving` seconds; every run of every size goes at once (each with its own fake), so
 //! the benchmark takes one run's time. Hourly figures are the measured rate × 3,600 s, over
 //! the span between the first and the last completed cycle (the cold first cycle excluded),
@@ -40,7 +41,8 @@ use crate::report::{Report, num};
 use crate::support::{Sentry, tiny_qa_repo};
 
 const TOKEN: &str = "bench-scale-token-not-a-secret";
-const MOVE_PER_MINUTE: f64 = 0.01;
+/// Moved per polling interval: 1 % per minute at the full run's 60 s interval.
+const MOVE_PER_INTERVAL: f64 = 0.01;
 /// Branches per repository; every tenth repository watches `release/*` instead.
 const PER_REPO: usize = 10;
 
@@ -382,7 +384,7 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
                 Ok(())
             }));
         }
-        // The mover: 1 % of each estate's watched branches per minute, from `moves_start` on.
+        // The mover: 1 % of each estate's watched branches per interval, from `moves_start` on.
         std::thread::sleep(moves_start);
         let mut seeds: Vec<u64> = (0..specs.len() as u64)
             .map(|i| 0x9E37_79B9 + i * 7919)
@@ -392,7 +394,8 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
         let moves_end = started + moves_start + moving_for;
         while Instant::now() < moves_end {
             for (i, spec) in specs.iter().enumerate() {
-                owed[i] += spec.branches as f64 * MOVE_PER_MINUTE * tick.as_secs_f64() / 60.0;
+                owed[i] +=
+                    spec.branches as f64 * MOVE_PER_INTERVAL * tick.as_secs_f64() / interval as f64;
                 let now = owed[i].floor() as usize;
                 if now > 0 {
                     owed[i] -= spec.fake.move_some(now, &mut seeds[i]) as f64;
@@ -419,7 +422,7 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
 
     let name = "7 scale";
     let mut table = format!(
-        "Scale against GitHub's limits ({}s interval, 1 %/min moving for {} s, runs of {} s, real time):\n\n\
+        "Scale against GitHub's limits ({} s interval, 1 % moving per interval for {} s, runs of {} s, real time):\n\n\
          | branches | poller | detected | p50 s | p95 s | REST points/h | primary REST/h | GraphQL points/h | requests/h | throttled | max in flight | first cycle s |\n\
          |---|---|---|---|---|---|---|---|---|---|---|---|\n",
         interval,
