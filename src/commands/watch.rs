@@ -434,6 +434,10 @@ fn build(
         Err(e) => tracing::warn!("cannot sweep {}: {e}", config.work_dir.display()),
     }
     let forges = Forges::new(config)?.with_events(metrics.clone());
+    {
+        let forges = forges.clone();
+        metrics.set_budget_source(Arc::new(move || forges.budgets()));
+    }
     let audit = Audit::open(config.audit_log.as_deref()).context("cannot open audit_log")?;
     let reporting = Reporting::start(config, &forges, metrics).context("cannot start reporting")?;
     let mut list: Vec<Arc<dyn RunObserver>> =

@@ -35,6 +35,10 @@ pub struct Config {
     pub audit_log: Option<PathBuf>,
     pub request_timeout: Duration,
     pub max_requests_per_host: usize,
+    /// `rate_limits:` overrides of the request budget, per API host (`host` or `host:port`).
+    pub rate_limits: BTreeMap<String, RateLimitOverride>,
+    /// How often a repository whose webhooks arrive is polled; `polling_interval` unless set.
+    pub webhook_poll_interval: Duration,
     /// Units deploying at once across all groups.
     pub max_concurrent_units: usize,
     pub pending_retry: PendingRetry,
@@ -66,6 +70,15 @@ pub enum GithubLookup {
     Auto,
     Rest,
     Graphql,
+}
+
+/// One host's `rate_limits:` entry; unset fields keep the forge kind's default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateLimitOverride {
+    pub concurrency: Option<usize>,
+    pub rest_points_per_minute: Option<u32>,
+    pub graphql_points_per_minute: Option<u32>,
+    pub window: Option<Duration>,
 }
 
 /// Backoff for units that could not run: `initial`, doubling up to `max`.

@@ -32,6 +32,13 @@ pub struct RawConfig {
     pub request_timeout: Option<RawDuration>,
     /// At most this many requests in flight to one API host. Default 8.
     pub max_requests_per_host: Option<u32>,
+    /// Request budget overrides per API host (`host` or `host:port`, as in `api_url`). The
+    /// defaults are the forge's published limits: GitHub 100 concurrent, 900 REST points
+    /// and 2,000 GraphQL points per minute; GitLab 100 concurrent, 2,000 per minute.
+    pub rate_limits: Option<BTreeMap<String, RawRateLimit>>,
+    /// How often a repository whose push webhooks arrive is still polled (the safety net
+    /// in case a webhook is lost). Default: `polling_interval` (webhooks change nothing).
+    pub webhook_poll_interval: Option<RawDuration>,
     /// At most this many units deploy at once, across all groups. Default 2 × CPUs.
     pub max_concurrent_units: Option<u32>,
     /// When a unit could not run (clone failed, checkout directory, skipped), how soon it
@@ -66,6 +73,21 @@ pub struct RawConfig {
     /// The watched repositories.
     #[allow(dead_code)]
     pub repositories: Option<Vec<RawRepository>>,
+}
+
+/// The request budget of one API host, per token.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct RawRateLimit {
+    /// Requests in flight at once (REST and GraphQL together).
+    pub concurrency: Option<u32>,
+    /// REST points per minute: a GET or HEAD costs 1, a write 5 on GitHub (1 on GitLab).
+    pub rest_points_per_minute: Option<u32>,
+    /// GraphQL points per minute.
+    pub graphql_points_per_minute: Option<u32>,
+    /// The sliding window the per-minute limits apply to. Default `60s`; shorter only for
+    /// tests and benchmarks against a fake forge.
+    pub window: Option<RawDuration>,
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]

@@ -17,14 +17,14 @@ use super::GithubLookup;
 use super::expand::{self, Env, ExpandError};
 use super::raw::{
     RawAuth, RawConfig, RawDeploy, RawDuration, RawExecutor, RawGroup, RawInheritEnv, RawMonitor,
-    RawNotify, RawPendingRetry, RawReport, RawRepository, RawTls,
+    RawNotify, RawPendingRetry, RawRateLimit, RawReport, RawRepository, RawTls,
 };
 use super::schema_keys::{check_unknown_keys, suggest};
 use super::{
     Auth, BranchPattern, BranchSpec, Config, Deploy, DeployScope, Diagnostic, ExecutorKind, Group,
     GroupReport, InheritEnv, KubernetesExecutorConfig, Monitor, NotifyEvent, NotifyKind,
-    NotifyTarget, PendingRetry, RepoType, Report, Repository, ServerConfig, Strategy,
-    WebhookConfig, from_value,
+    NotifyTarget, PendingRetry, RateLimitOverride, RepoType, Report, Repository, ServerConfig,
+    Strategy, WebhookConfig, from_value,
 };
 #[cfg(test)]
 use super::{LeaderElection, StateConfig};
@@ -1047,6 +1047,22 @@ impl Checker<'_> {
             Some(n) => n as usize,
             None => 8,
         };
+        let rate_limits = self.rate_limits(raw.rate_limits.unwrap_or_default(), &repositories);
+        let webhook_poll_interval = self.duration(
+            "webhook_poll_interval",
+            raw.webhook_poll_interval,
+            polling_interval,
+        );
+        if webhook_poll_interval < polling_interval {
+            self.error(
+                "webhook_poll_interval",
+                format!(
+                    "{} is shorter than polling_interval ({}); it is how much less often webhook-covered repositories are polled",
+                    humantime::format_duration(webhook_poll_interval),
+                    humantime::format_duration(polling_interval)
+                ),
+            );
+        }
         let max_concurrent_units = match raw.max_concurrent_units {
             Some(0) => {
                 self.error("max_concurrent_units", "must be at least 1");
@@ -1114,6 +1130,8 @@ impl Checker<'_> {
             audit_log,
             request_timeout,
             max_requests_per_host,
+            rate_limits,
+            webhook_poll_interval,
             max_concurrent_units,
             pending_retry,
             ca_files,
@@ -1135,6 +1153,79 @@ impl Checker<'_> {
             masked_values,
             github_lookup,
         })
+    }
+
+    /// `rate_limits:`: each key must be the API host (`host` or `host:port`) of a
+    /// configured repository, each number at least 1.
+    fn rate_limits(
+        &mut self,
+        raw: BTreeMap<String, RawRateLimit>,
+        repositories: &[Arc<Repository>],
+    ) -> BTreeMap<String, RateLimitOverride> {
+        let hosts: std::collections::BTreeSet<String> = repositories
+            .iter()
+            .filter_map(|r| r.monitor.api_url.as_ref())
+            .filter_map(|u| {
+                let host = u.host_str()?;
+                Some(match u.port() {
+                    Some(port) => format!("{host}:{port}"),
+                    None => host.to_owned(),
+                })
+            })
+            .collect();
+        let mut out = BTreeMap::new();
+        for (host, limit) in raw {
+            let path = format!("rate_limits.{host}");
+            if !hosts.contains(&host) {
+                let known = if hosts.is_empty() {
+                    "no repository has an API host".to_owned()
+                } else {
+                    format!(
+                        "the API hosts of the repositories are: {}",
+                        hosts.iter().cloned().collect::<Vec<_>>().join(", ")
+                    )
+                };
+                self.error(
+                    &path,
+                    format!("\"{host}\" is no repository's API host (write host or host:port as in api_url); {known}"),
+                );
+                continue;
+            }
+            let positive = |cx: &mut Self, key: &str, v: Option<u32>| match v {
+                Some(0) => {
+                    cx.error(format!("{path}.{key}"), "must be at least 1");
+                    None
+                }
+                v => v,
+            };
+            let concurrency = positive(self, "concurrency", limit.concurrency);
+            if let Some(n) = concurrency.filter(|n| *n > 1000) {
+                self.error(
+                    format!("{path}.concurrency"),
+                    format!("{n} is more than the limit of 1000"),
+                );
+            }
+            let rest = positive(self, "rest_points_per_minute", limit.rest_points_per_minute);
+            let graphql = positive(
+                self,
+                "graphql_points_per_minute",
+                limit.graphql_points_per_minute,
+            );
+            let window_path = format!("{path}.window");
+            let window = limit
+                .window
+                .and_then(|w| self.parse_duration(&window_path, w));
+            out.insert(
+                host,
+                RateLimitOverride {
+                    concurrency: concurrency.map(|n| n as usize),
+                    rest_points_per_minute: rest,
+                    graphql_points_per_minute: graphql,
+                    window,
+                },
+            );
+        }
+        out
     }
 
     /// `server.public_url` without a trailing slash, so links join with one `/`.

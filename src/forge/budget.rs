@@ -18,7 +18,6 @@
 //! Budget::observe_primary(remaining, limit, reset)   from x-ratelimit-* headers
 //! Budget::throttled()        a 403/429 secondary-limit answer arrived (should stay 0)
 //! Budget::snapshot() -> BudgetSnapshot   used/limit per kind, in flight, primary quota
-//! Budget::sweep_time(rest_points) -> Duration   least time `rest_points` can be spent in
 //! ```
 //!
 //! The HTTP layer (`http.rs`) owns one budget per (API host, token) — tokens are told
@@ -29,7 +28,8 @@
 //! A cost above its window's whole limit is charged as the whole limit, so it waits for an
 //! empty window instead of forever. The primary (hourly) quota is only observed here: the
 //! forge reports it in headers, `304`s do not spend it, and the HTTP layer pauses a host
-//! whose quota is exhausted; the observed values feed the metrics and the pacing.
+//! whose quota is exhausted; the observed values feed the metrics. The monitor's pacing
+//! (`monitor/pacing.rs`) plans sweeps from the same [`BudgetLimits`].
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -235,19 +235,6 @@ impl Budget {
         self.throttled.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The least time in which `rest_points` can be spent under this budget, counting from
-    /// an empty window: a sweep that needs more than one window's points takes
-    /// `points / limit` windows.
-    pub fn sweep_time(&self, rest_points: u64) -> Duration {
-        let per_window = u64::from(self.limits.rest_points_per_minute);
-        if rest_points <= per_window {
-            return Duration::ZERO;
-        }
-        self.limits
-            .window
-            .mul_f64(rest_points as f64 / per_window as f64)
-    }
-
     pub fn snapshot(&self) -> BudgetSnapshot {
         let now = Instant::now();
         let used = |w: &Mutex<Window>| {
@@ -438,14 +425,6 @@ mod tests {
         drop(first);
         waiting.await.unwrap();
         assert_eq!(budget.snapshot().in_flight, 0);
-    }
-
-    #[test]
-    fn sweep_time_stretches_beyond_one_window() {
-        let budget = Budget::new("h", BudgetLimits::GITHUB);
-        assert_eq!(budget.sweep_time(900), Duration::ZERO);
-        assert_eq!(budget.sweep_time(1800), Duration::from_secs(120));
-        assert_eq!(budget.sweep_time(10_000).as_secs(), 666);
     }
 
     #[test]

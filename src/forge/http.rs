@@ -29,6 +29,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::budget::{Budget, BudgetLimits, BudgetSnapshot, Cost};
+use super::validators::{StoredValue, Validator, Validators, storable};
 use super::{ForgeError, ForgeEvents, ForgeStats, RateLimitInfo, Sha};
 
 /// Tries per call for retryable failures (5xx, timeouts, connection errors).
@@ -91,7 +92,9 @@ pub(crate) struct Http {
     hosts: Mutex<HashMap<String, Arc<Host>>>,
     /// URL → (ETag exactly as received, the value it stood for). Both are cheap to clone
     /// (a shared buffer, an `Arc` or an inline SHA), so a hit allocates nothing.
-    cache: Mutex<HashMap<String, (HeaderValue, Cached)>>,
+    cache: Mutex<HashMap<String, CacheEntry>>,
+    /// Bumped whenever the cache changes in a way worth persisting.
+    cache_generation: AtomicU64,
     requests: AtomicU64,
     not_modified: AtomicU64,
     errors: AtomicU64,
@@ -102,6 +105,16 @@ pub(crate) struct Http {
     /// One budget per (API host, hash of the token's headers); the hash is in memory only.
     budgets: Mutex<HashMap<(String, u64), Arc<Budget>>>,
     token_hasher: std::hash::RandomState,
+}
+
+/// One ETag cache entry.
+struct CacheEntry {
+    /// The repository it was asked for (config name), to prune what is no longer configured.
+    repo: Arc<str>,
+    etag: HeaderValue,
+    value: Cached,
+    /// Asked for or stored since start (or since it was loaded).
+    touched: bool,
 }
 
 /// One API host (or Git host): its concurrency limit and what we know of its rate limit.
@@ -136,6 +149,7 @@ impl Http {
             max_per_host: max_per_host.max(1),
             hosts: Mutex::default(),
             cache: Mutex::default(),
+            cache_generation: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             not_modified: AtomicU64::new(0),
             errors: AtomicU64::new(0),
@@ -281,24 +295,144 @@ impl Http {
     }
 
     /// Stores the value a response's ETag stands for; the next GET of `url` is conditional.
-    pub fn remember(&self, url: &Url, etag: Option<HeaderValue>, value: Cached) {
+    pub fn remember(&self, repo: &str, url: &Url, etag: Option<HeaderValue>, value: Cached) {
         let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
         match etag {
             Some(etag) => {
-                cache.insert(url.as_str().to_owned(), (etag, value));
+                let repo = match cache.get(url.as_str()) {
+                    Some(old) if &*old.repo == repo => old.repo.clone(),
+                    _ => Arc::from(repo),
+                };
+                cache.insert(
+                    url.as_str().to_owned(),
+                    CacheEntry {
+                        repo,
+                        etag,
+                        value,
+                        touched: true,
+                    },
+                );
+                self.cache_generation.fetch_add(1, Ordering::Relaxed);
             }
             None => {
-                cache.remove(url.as_str());
+                if cache.remove(url.as_str()).is_some() {
+                    self.cache_generation.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
     }
 
     fn cached(&self, url: &Url) -> Option<(HeaderValue, Cached)> {
-        self.cache
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(url.as_str())
-            .cloned()
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        let entry = cache.get_mut(url.as_str())?;
+        entry.touched = true;
+        Some((entry.etag.clone(), entry.value.clone()))
+    }
+
+    /// A number that changes whenever the ETag cache changes in a way worth persisting.
+    pub fn validators_generation(&self) -> u64 {
+        self.cache_generation.load(Ordering::Relaxed)
+    }
+
+    /// The ETag cache as it is persisted. An entry no request touched since start is left
+    /// out when other entries of its repository were touched (a branch no longer watched,
+    /// a listing page that no longer exists); a repository not asked at all (backing off)
+    /// keeps its entries.
+    pub fn export_validators(&self) -> Validators {
+        let cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        let touched_repos: std::collections::HashSet<&str> = cache
+            .values()
+            .filter(|e| e.touched)
+            .map(|e| &*e.repo)
+            .collect();
+        let mut entries: Vec<Validator> = cache
+            .iter()
+            .filter(|(_, e)| e.touched || !touched_repos.contains(&*e.repo))
+            .filter_map(|(url, e)| {
+                let parsed = Url::parse(url).ok()?;
+                if !storable(&parsed) {
+                    return None;
+                }
+                let value = match &e.value {
+                    Cached::Sha(sha) => StoredValue::Sha(sha.clone()),
+                    Cached::Page(page) => StoredValue::Page {
+                        branches: page.branches.clone(),
+                        next: match &page.next {
+                            Some(next) if storable(next) => Some(next.as_str().to_owned()),
+                            Some(_) => return None,
+                            None => None,
+                        },
+                    },
+                };
+                Some(Validator {
+                    repo: e.repo.to_string(),
+                    url: url.clone(),
+                    etag: e.etag.to_str().ok()?.to_owned(),
+                    value,
+                })
+            })
+            .collect();
+        entries.sort_by(|a, b| (&a.repo, &a.url).cmp(&(&b.repo, &b.url)));
+        Validators::new(entries)
+    }
+
+    /// Loads persisted validators into the ETag cache, keeping only the entries of
+    /// repositories `configured` accepts; returns how many were dropped. Entries already
+    /// in the cache win.
+    pub fn import_validators(
+        &self,
+        validators: Validators,
+        configured: impl Fn(&str) -> bool,
+    ) -> usize {
+        let mut dropped = 0;
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut names: HashMap<String, Arc<str>> = HashMap::new();
+        for v in validators.entries {
+            let entry = (|| {
+                if !configured(&v.repo) {
+                    return None;
+                }
+                let url = Url::parse(&v.url).ok().filter(storable)?;
+                let etag = HeaderValue::from_str(&v.etag).ok()?;
+                let value = match v.value {
+                    StoredValue::Sha(sha) => Cached::Sha(sha),
+                    StoredValue::Page { branches, next } => {
+                        let next = match next {
+                            Some(next) => Some(
+                                Url::parse(&next)
+                                    .ok()
+                                    .filter(|n| storable(n) && n.origin() == url.origin())?,
+                            ),
+                            None => None,
+                        };
+                        Cached::Page(Arc::new(Page { branches, next }))
+                    }
+                };
+                let repo = names
+                    .entry(v.repo.clone())
+                    .or_insert_with(|| Arc::from(v.repo.as_str()))
+                    .clone();
+                Some((
+                    url.as_str().to_owned(),
+                    CacheEntry {
+                        repo,
+                        etag,
+                        value,
+                        touched: false,
+                    },
+                ))
+            })();
+            match entry {
+                Some((url, entry)) => {
+                    cache.entry(url).or_insert(entry);
+                }
+                None => dropped += 1,
+            }
+        }
+        if dropped > 0 {
+            self.cache_generation.fetch_add(1, Ordering::Relaxed);
+        }
+        dropped
     }
 
     /// One GET with everything the module header lists. Never panics.
@@ -523,6 +657,9 @@ impl Http {
                 let error = self.refused_403_429(host, call, status, &headers, &body);
                 if matches!(error, ForgeError::RateLimited { .. }) {
                     budget.throttled();
+                    if let Some(events) = self.events() {
+                        events.rate_limited(&host.name);
+                    }
                 }
                 Attempt::Done(Err(error))
             }
@@ -1010,6 +1147,84 @@ mod tests {
             Duration::ZERO,
             "hosts are spaced separately"
         );
+    }
+
+    #[test]
+    fn validators_round_trip_and_prune() {
+        let http = Http::new(Duration::from_secs(5), 4, Vec::new()).unwrap();
+        let sha = Sha::parse(&"a".repeat(40)).unwrap();
+        let head = Url::parse("https://api.github.com/repos/o/r/commits/refs/heads/main").unwrap();
+        let page = Url::parse("https://api.github.com/repos/o/r/branches?per_page=100").unwrap();
+        let next = Url::parse("https://api.github.com/repos/o/r/branches?page=2").unwrap();
+        let gone = Url::parse("https://api.github.com/repos/o/gone/commits/refs/heads/x").unwrap();
+        http.remember(
+            "r",
+            &head,
+            Some(HeaderValue::from_static("\"h\"")),
+            Cached::Sha(sha.clone()),
+        );
+        let listed = Arc::new(Page {
+            branches: vec![("rel/1".into(), sha.clone())],
+            next: Some(next.clone()),
+        });
+        http.remember(
+            "r",
+            &page,
+            Some(HeaderValue::from_static("W/\"p\"")),
+            Cached::Page(listed),
+        );
+        http.remember(
+            "gone",
+            &gone,
+            Some(HeaderValue::from_static("\"g\"")),
+            Cached::Sha(sha.clone()),
+        );
+        let saved = http.export_validators();
+        assert_eq!(saved.entries.len(), 3);
+        let text = serde_json::to_string(&saved).unwrap();
+        let loaded: Validators = serde_json::from_str(&text).unwrap();
+
+        let fresh = Http::new(Duration::from_secs(5), 4, Vec::new()).unwrap();
+        assert_eq!(fresh.import_validators(loaded, |repo| repo == "r"), 1);
+        let (etag, value) = fresh.cached(&head).expect("head validator");
+        assert_eq!(etag, "\"h\"");
+        assert!(matches!(value, Cached::Sha(s) if s == sha));
+        let (etag, value) = fresh.cached(&page).expect("page validator");
+        assert_eq!(etag, "W/\"p\"");
+        let Cached::Page(p) = value else {
+            panic!("a page")
+        };
+        assert_eq!(p.next.as_ref(), Some(&next));
+        assert!(fresh.cached(&gone).is_none(), "no longer configured");
+
+        // An entry of a repository that was asked, but not itself, is not saved again.
+        let stale = Url::parse("https://api.github.com/repos/o/r/commits/refs/heads/old").unwrap();
+        let more = Validators::new(vec![Validator {
+            repo: "r".into(),
+            url: stale.as_str().into(),
+            etag: "\"s\"".into(),
+            value: StoredValue::Sha(sha.clone()),
+        }]);
+        fresh.import_validators(more, |_| true);
+        let urls: Vec<String> = fresh
+            .export_validators()
+            .entries
+            .into_iter()
+            .map(|e| e.url)
+            .collect();
+        assert!(!urls.contains(&stale.to_string()), "{urls:?}");
+        assert_eq!(urls.len(), 2);
+
+        // A URL with credentials is never written down.
+        let secret = Url::parse("https://user:pw@api.github.com/repos/o/r/x").unwrap();
+        http.remember(
+            "r",
+            &secret,
+            Some(HeaderValue::from_static("\"x\"")),
+            Cached::Sha(sha),
+        );
+        let text = serde_json::to_string(&http.export_validators()).unwrap();
+        assert!(!text.contains("pw@"), "{text}");
     }
 
     #[test]

@@ -24,6 +24,7 @@ mod gitlab;
 mod http;
 pub mod kind;
 pub(crate) mod tls;
+pub(crate) mod validators;
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
@@ -187,6 +188,9 @@ pub trait ForgeEvents: Send + Sync {
     /// transport failure, or `"ok"` for a Git ls-remote that succeeded.
     fn request(&self, _host: &str, _status: &str) {}
     fn rate_limit(&self, _host: &str, _remaining: Option<u64>, _reset: Option<SystemTime>) {}
+    /// A 403/429 rate-limit answer arrived from `host` (a secondary limit, or the primary
+    /// quota exhausted).
+    fn rate_limited(&self, _host: &str) {}
 }
 
 /// Every forge client behind one cheap-to-clone handle (one per process).
@@ -325,9 +329,38 @@ impl Forges {
         github::graphql::observe(watchers, cancel).await
     }
 
+    /// Loads persisted ETag validators, dropping those of repositories `config` no longer
+    /// has; returns how many were dropped.
+    pub(crate) fn import_validators(
+        &self,
+        validators: validators::Validators,
+        config: &Config,
+    ) -> usize {
+        self.http
+            .import_validators(validators, |repo| config.repository(repo).is_some())
+    }
+
+    /// The ETag validators to persist, and the cache generation they are of.
+    pub(crate) fn export_validators(&self) -> (u64, validators::Validators) {
+        let generation = self.http.validators_generation();
+        (generation, self.http.export_validators())
+    }
+
+    /// Changes whenever the validators would be persisted differently.
+    pub(crate) fn validators_generation(&self) -> u64 {
+        self.http.validators_generation()
+    }
+
     /// What each request budget (API host and token) has spent and knows.
     pub(crate) fn budgets(&self) -> Vec<budget::BudgetSnapshot> {
         self.http.budgets()
+    }
+
+    /// The budget key (`host` or `host:port`) of `repo`'s API host; `None` for plain Git,
+    /// which has no API.
+    pub(crate) fn budget_host(repo: &Repository) -> Option<String> {
+        kind::of(repo.monitor.repo_type).budget?;
+        Some(http::host_key(repo.monitor.api_url.as_ref()?).to_owned())
     }
 
     /// The budget limits of API host `key` (`host` or `host:port`).
@@ -341,7 +374,8 @@ impl Forges {
     }
 }
 
-/// The budget limits of every configured API host: its kind's defaults.
+/// The budget limits of every configured API host: its kind's defaults with the host's
+/// `rate_limits:` entry over them.
 fn budget_limits(config: &Config) -> std::collections::HashMap<String, budget::BudgetLimits> {
     let mut limits = std::collections::HashMap::new();
     for repo in &config.repositories {
@@ -354,6 +388,19 @@ fn budget_limits(config: &Config) -> std::collections::HashMap<String, budget::B
         limits
             .entry(http::host_key(api).to_owned())
             .or_insert(defaults);
+    }
+    for (host, o) in &config.rate_limits {
+        let limit = limits
+            .entry(host.clone())
+            .or_insert(budget::BudgetLimits::GITHUB);
+        limit.concurrency = o.concurrency.unwrap_or(limit.concurrency);
+        limit.rest_points_per_minute = o
+            .rest_points_per_minute
+            .unwrap_or(limit.rest_points_per_minute);
+        limit.graphql_points_per_minute = o
+            .graphql_points_per_minute
+            .unwrap_or(limit.graphql_points_per_minute);
+        limit.window = o.window.unwrap_or(limit.window);
     }
     limits
 }
@@ -665,7 +712,7 @@ async fn fetch_sha(
                     snippet(&body, &secrets_of(headers))
                 ))
             })?;
-            http.remember(&url, etag, Cached::Sha(sha.clone()));
+            http.remember(repo, &url, etag, Cached::Sha(sha.clone()));
             Ok(sha)
         }
         Reply::Cached(Cached::Sha(sha)) => Ok(sha),
@@ -720,7 +767,7 @@ async fn walk_listing(
                 etag,
             } => {
                 let page = Arc::new(parse_page(repo, &url, &first, &body, &headers, format)?);
-                http.remember(&url, etag, Cached::Page(page.clone()));
+                http.remember(repo, &url, etag, Cached::Page(page.clone()));
                 page
             }
             Reply::Cached(Cached::Page(page)) => page,

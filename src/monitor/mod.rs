@@ -7,6 +7,7 @@
 //! record baselines (first sight) and drop vanished pattern branches.
 
 pub mod detect;
+pub(crate) mod pacing;
 pub mod scheduler;
 pub mod state;
 
@@ -58,6 +59,9 @@ pub struct CycleReport {
     pub not_modified: u64,
     /// The lowest remaining API quota across hosts, when a forge reported one.
     pub rate_limit_remaining: Option<u64>,
+    /// Repositories left out because their webhooks arrive and they were polled less
+    /// than `webhook_poll_interval` ago.
+    pub webhook_covered: usize,
 }
 
 /// Liveness and readiness facts the HTTP server reports.
@@ -114,6 +118,19 @@ pub struct Monitor {
     backoff: Mutex<HashMap<String, Backoff>>,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
+    /// The ETag cache generation last persisted (`u64::MAX`: never, save at the first cycle).
+    validators_saved: AtomicU64,
+    /// Pacing: when each repository was last polled, when a webhook for it last arrived,
+    /// and the sweep plan's over-budget hosts as last logged.
+    cadence: Mutex<Cadence>,
+}
+
+#[derive(Debug, Default)]
+struct Cadence {
+    last_polled: HashMap<String, Instant>,
+    webhook_seen: HashMap<String, Instant>,
+    over_budget: Vec<pacing::OverBudget>,
+    effective_interval: Option<Duration>,
 }
 
 impl Monitor {
@@ -137,6 +154,20 @@ impl Monitor {
                 config.github_lookup
             );
         }
+        let mut validators_saved = forges.validators_generation();
+        if let Some(validators) = state.take_validators() {
+            let count = validators.entries.len();
+            let dropped = forges.import_validators(validators, &config);
+            tracing::debug!(
+                "loaded {} saved ETag validators ({dropped} dropped: no longer configured)",
+                count - dropped
+            );
+            if dropped > 0 {
+                validators_saved = u64::MAX;
+            } else {
+                validators_saved = forges.validators_generation();
+            }
+        }
         Monitor {
             config,
             forges,
@@ -147,6 +178,8 @@ impl Monitor {
             backoff: Mutex::new(HashMap::new()),
             health: Arc::new(Health::default()),
             metrics,
+            validators_saved: AtomicU64::new(validators_saved),
+            cadence: Mutex::default(),
         }
     }
 
@@ -188,20 +221,67 @@ impl Monitor {
             .collect()
     }
 
-    /// One cycle: observe, detect, record baselines, submit changes to the scheduler.
+    /// One cycle: observe, detect, record baselines, submit changes to the scheduler. The
+    /// checks start at once (`watch --once`, webhook hints).
     pub async fn poll_once(
         &self,
         scope: Scope,
         trigger: Trigger,
         cancel: &CancellationToken,
     ) -> CycleReport {
+        self.poll(scope, trigger, cancel, false).await
+    }
+
+    /// One sweep of the poll loop: the repositories that are due, their checks spread
+    /// across the interval (see [`pacing`]). Returns the report and the effective interval
+    /// until the next sweep.
+    pub async fn poll_paced(&self, cancel: &CancellationToken) -> (CycleReport, Duration) {
+        let report = self.poll(Scope::All, Trigger::Poll, cancel, true).await;
+        let interval = self
+            .cadence()
+            .effective_interval
+            .unwrap_or(self.config.polling_interval);
+        (report, interval)
+    }
+
+    /// Notes that verified webhooks named `repos`: from now on they are polled every
+    /// `webhook_poll_interval` only.
+    pub fn webhook_seen(&self, repos: &[String]) {
+        let now = Instant::now();
+        let mut cadence = self.cadence();
+        for repo in repos {
+            cadence.webhook_seen.insert(repo.clone(), now);
+        }
+    }
+
+    fn cadence(&self) -> std::sync::MutexGuard<'_, Cadence> {
+        self.cadence.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn poll(
+        &self,
+        scope: Scope,
+        trigger: Trigger,
+        cancel: &CancellationToken,
+        paced: bool,
+    ) -> CycleReport {
         let started = Instant::now();
         let stats_before = self.forges.stats();
-        let (repos, backing_off) = self.select(&scope);
-        let observations = self.observe_all(&repos, cancel).await;
+        let (repos, backing_off, webhook_covered) = self.select(&scope);
+        let offsets = paced.then(|| self.pace(&repos));
+        let observations = self.observe_all(&repos, offsets, cancel).await;
+        {
+            let now = Instant::now();
+            let mut cadence = self.cadence();
+            for (index, _) in &observations {
+                let name = &self.config.repositories[*index].name;
+                cadence.last_polled.insert(name.clone(), now);
+            }
+        }
 
         let mut report = CycleReport {
             backing_off,
+            webhook_covered,
             ..CycleReport::default()
         };
         let mut changes: Vec<Change> = Vec::new();
@@ -239,6 +319,7 @@ impl Monitor {
         if state_changed {
             self.save_state().await;
         }
+        self.save_validators().await;
         self.submit(changes, &current, trigger);
 
         let stats = self.forges.stats();
@@ -252,11 +333,14 @@ impl Monitor {
         report
     }
 
-    /// Indices of the repositories to observe, and how many were skipped for backoff.
-    fn select(&self, scope: &Scope) -> (Vec<usize>, usize) {
+    /// Indices of the repositories to observe, how many were skipped for backoff, and how
+    /// many because webhooks cover them and they are not due yet.
+    fn select(&self, scope: &Scope) -> (Vec<usize>, usize, usize) {
         let now = Instant::now();
         let backoff = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+        let cadence = self.cadence();
         let mut skipped = 0;
+        let mut covered = 0;
         let repos = self
             .config
             .repositories
@@ -267,24 +351,101 @@ impl Monitor {
                 Scope::All => {
                     let waiting = backoff.get(&repo.name).is_some_and(|b| b.until > now);
                     skipped += usize::from(waiting);
-                    !waiting
+                    let due = pacing::due(
+                        now,
+                        cadence.webhook_seen.get(&repo.name).copied(),
+                        cadence.last_polled.get(&repo.name).copied(),
+                        self.config.webhook_poll_interval,
+                    );
+                    covered += usize::from(!waiting && !due);
+                    !waiting && due
                 }
             })
             .map(|(i, _)| i)
             .collect();
-        (repos, skipped)
+        (repos, skipped, covered)
+    }
+
+    /// Plans the sweep of `repos` (indices): their start offsets. Logs when the budget of a
+    /// host cannot cover a sweep in one interval (once, and again when that changes), and
+    /// reports the effective interval.
+    fn pace(&self, repos: &[usize]) -> Vec<Duration> {
+        let demands: Vec<pacing::Demand> = repos
+            .iter()
+            .map(|&i| {
+                let repo = &self.config.repositories[i];
+                let exact = repo.monitor.exact_branches().count();
+                let listing = usize::from(repo.monitor.patterns().next().is_some());
+                pacing::Demand {
+                    // Batched through GraphQL: no REST request (scale-graphql).
+                    host: if self.batched[i] {
+                        None
+                    } else {
+                        Forges::budget_host(repo)
+                    },
+                    requests: (exact + listing) as u64,
+                    branches: exact + listing,
+                }
+            })
+            .collect();
+        let plan = pacing::plan(&demands, self.config.polling_interval, |host| {
+            self.forges.budget_limits(host)
+        });
+        self.metrics
+            .sweep_effective_interval(plan.effective_interval);
+        let mut cadence = self.cadence();
+        if cadence.over_budget != plan.over_budget {
+            for o in &plan.over_budget {
+                tracing::warn!(
+                    host = %o.host,
+                    branches = o.branches,
+                    points = o.points,
+                    effective_interval_s = o.sweep_time.as_secs(),
+                    "the request budget of {} cannot cover a sweep of {} branches ({} points) every {}:                      sweeping every {} instead (raise rate_limits.\"{}\" only if the forge allows more, \
+                     or use webhooks and webhook_poll_interval)",
+                    o.host,
+                    o.branches,
+                    o.points,
+                    humantime::format_duration(self.config.polling_interval),
+                    humantime::format_duration(Duration::from_secs(o.sweep_time.as_secs())),
+                    o.host
+                );
+            }
+            if plan.over_budget.is_empty() && !cadence.over_budget.is_empty() {
+                tracing::info!(
+                    "the request budgets cover a sweep every {} again",
+                    humantime::format_duration(self.config.polling_interval)
+                );
+            }
+            cadence.over_budget = plan.over_budget.clone();
+        }
+        cadence.effective_interval = Some(plan.effective_interval);
+        plan.offsets
     }
 
     /// Observes `repos` (indices), at most [`OBSERVE_CONCURRENCY`] at once, all within the
     /// calling task: every check waits on the network, so a task per repository would only
     /// add wake-ups. A repository whose check panics is logged and left out.
+    ///
+    /// With `offsets` (pacing), repository `repos[i]` starts `offsets[i]` after now; the
+    /// checks are queued in the order they start. Repositories batched through GraphQL are
+    /// asked at once, in as few queries as the batch limits allow (the GraphQL budget paces
+    /// those queries).
     async fn observe_all(
         &self,
         repos: &[usize],
+        offsets: Option<Vec<Duration>>,
         cancel: &CancellationToken,
     ) -> Vec<(usize, Observation)> {
-        let (batched, single): (Vec<usize>, Vec<usize>) =
-            repos.iter().partition(|&&i| self.batched[i]);
+        let offsets = offsets.unwrap_or_else(|| vec![Duration::ZERO; repos.len()]);
+        let (mut batched, mut single) = (Vec::new(), Vec::new());
+        for (&index, offset) in repos.iter().zip(offsets) {
+            if self.batched[index] {
+                batched.push(index);
+            } else {
+                single.push((offset, index));
+            }
+        }
         let (mut answers, batch) = tokio::join!(
             self.observe_each(single, cancel),
             self.observe_batch(batched, cancel)
@@ -304,17 +465,29 @@ impl Monitor {
         results
     }
 
-    /// Observes each of `repos` on its own, at most [`OBSERVE_CONCURRENCY`] at once; `None`
-    /// for a check that panicked.
+    /// Observes each of `repos` on its own, at most [`OBSERVE_CONCURRENCY`] at once, each
+    /// starting at its offset (pacing) after now, queued in the order they start; `None` for
+    /// a check that panicked.
     async fn observe_each(
         &self,
-        repos: Vec<usize>,
+        repos: Vec<(Duration, usize)>,
         cancel: &CancellationToken,
     ) -> Vec<(usize, Option<Observation>)> {
-        let checks = repos.into_iter().map(|index| {
-            AssertUnwindSafe(self.watchers[index].observe(cancel))
-                .catch_unwind()
-                .map(move |result| (index, result.ok()))
+        let start = tokio::time::Instant::now();
+        let mut order = repos;
+        order.sort_by_key(|(offset, _)| *offset);
+        let checks = order.into_iter().map(|(offset, index)| {
+            AssertUnwindSafe(async move {
+                if !offset.is_zero() {
+                    tokio::select! {
+                        () = cancel.cancelled() => {}
+                        () = tokio::time::sleep_until(start + offset) => {}
+                    }
+                }
+                self.watchers[index].observe(cancel).await
+            })
+            .catch_unwind()
+            .map(move |result| (index, result.ok()))
         });
         stream::iter(checks)
             .buffer_unordered(OBSERVE_CONCURRENCY)
@@ -457,6 +630,21 @@ impl Monitor {
         heads
     }
 
+    /// Persists the ETag validators when they changed since the last save, off the async
+    /// threads; a failure is logged (they are a cache: the next save tries again).
+    async fn save_validators(&self) {
+        if self.forges.validators_generation() == self.validators_saved.load(Ordering::Relaxed) {
+            return;
+        }
+        let (generation, validators) = self.forges.export_validators();
+        let state = self.state.clone();
+        match tokio::task::spawn_blocking(move || state.save_validators(&validators)).await {
+            Ok(Ok(())) => self.validators_saved.store(generation, Ordering::Relaxed),
+            Ok(Err(e)) => tracing::warn!("cannot save the ETag validators: {e}"),
+            Err(e) => tracing::warn!("the ETag validators save task failed: {e}"),
+        }
+    }
+
     /// Writes the state file; logs and returns false when it could not be written.
     pub async fn save_state(&self) -> bool {
         self.state.save_async().await
@@ -489,6 +677,7 @@ pub fn open_state_with(
         );
     }
     let state = StateStore::with_loaded(backend, loaded);
+    state.load_validators();
     let claims = state.take_foreign_claims();
     if !claims.is_empty() {
         tracing::warn!(
@@ -559,9 +748,12 @@ pub async fn run(
             _ = shutdown.requested() => break,
             // Before hints: a due poll is never starved by a stream of webhooks.
             _ = tokio::time::sleep_until(next) => {
-                monitor.poll_once(Scope::All, Trigger::Poll, &cancel).await;
+                // The sweep is spread over the interval: the next one is due an (effective)
+                // interval after this one started, never before this one ended.
+                let started = tokio::time::Instant::now();
+                let (_, interval) = monitor.poll_paced(&cancel).await;
                 monitor.health.set_ready(!shutdown.is_requested());
-                next = tokio::time::Instant::now() + next_delay(monitor.config.polling_interval);
+                next = (started + next_delay(interval)).max(tokio::time::Instant::now());
             }
             Some(mut repos) = hints.recv() => {
                 // The hints queued meanwhile become one check.
@@ -570,6 +762,7 @@ pub async fn run(
                 }
                 repos.sort();
                 repos.dedup();
+                monitor.webhook_seen(&repos);
                 monitor.poll_once(Scope::Repositories(repos), Trigger::Webhook, &cancel).await;
             }
         }

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::forge::Sha;
+use crate::forge::validators::{self, Validators};
 pub use crate::telemetry::now_rfc3339;
 
 const FORMAT_VERSION: u32 = 1;
@@ -164,6 +165,15 @@ pub trait StateBackend: Send + Sync + std::fmt::Debug {
     /// Takes the exclusive writer lock, held until the returned guard is dropped; fails at
     /// once (never waits) when another process holds it.
     fn lock(&self) -> Result<WriterLock, StateError>;
+    /// The persisted ETag validators, a document apart from the state; `None` when none
+    /// are stored, or when this backend keeps none (the default). Blocking.
+    fn load_validators(&self) -> Result<Option<Validators>, StateError> {
+        Ok(None)
+    }
+    /// Replaces the stored validators. Blocking. The default keeps none.
+    fn save_validators(&self, _validators: &Validators) -> Result<(), StateError> {
+        Ok(())
+    }
 }
 
 /// Proof of the writer lock; released on drop (or when the process dies).
@@ -191,6 +201,13 @@ impl FileBackend {
     fn lock_path(&self) -> PathBuf {
         let mut name = self.path.as_os_str().to_owned();
         name.push(".lock");
+        PathBuf::from(name)
+    }
+
+    /// `<state_file>.validators.json`: the ETag validators.
+    pub fn validators_path(&self) -> PathBuf {
+        let mut name = self.path.as_os_str().to_owned();
+        name.push(".validators.json");
         PathBuf::from(name)
     }
 }
@@ -265,6 +282,44 @@ impl StateBackend for FileBackend {
         }
         Ok(WriterLock(Box::new(file)))
     }
+
+    fn load_validators(&self) -> Result<Option<Validators>, StateError> {
+        let path = self.validators_path();
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let parsed: Validators =
+                    serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                if parsed.version != validators::FORMAT_VERSION {
+                    return Err(StateError::Corrupt {
+                        path,
+                        reason: format!(
+                            "format version {} is not the supported version {}",
+                            parsed.version,
+                            validators::FORMAT_VERSION
+                        ),
+                    });
+                }
+                Ok(Some(parsed))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StateError::Read { path, source }),
+        }
+    }
+
+    fn save_validators(&self, validators: &Validators) -> Result<(), StateError> {
+        let path = self.validators_path();
+        let write_error = |source| StateError::Write {
+            path: path.clone(),
+            source,
+        };
+        // Compact: 10,000 branches of validators are a few MiB pretty-printed.
+        let bytes =
+            serde_json::to_vec(validators).map_err(|e| write_error(std::io::Error::other(e)))?;
+        write_atomically(&path, &bytes).map_err(write_error)
+    }
 }
 
 /// Removes temp files a killed writer left beside the state file. Only the lock holder
@@ -306,6 +361,8 @@ pub struct StateStore {
     state: Mutex<State>,
     /// Serialises writers so that an older snapshot never lands after a newer one.
     write_lock: Mutex<()>,
+    /// The ETag validators loaded at start, until the forges take them.
+    loaded_validators: Mutex<Option<Validators>>,
 }
 
 impl StateStore {
@@ -333,6 +390,7 @@ impl StateStore {
             fenced: tokio_util::sync::CancellationToken::new(),
             state: Mutex::new(state),
             write_lock: Mutex::new(()),
+            loaded_validators: Mutex::new(None),
         }
     }
 
@@ -365,6 +423,42 @@ impl StateStore {
             }
             found
         })
+    }
+
+    /// Reads the persisted ETag validators from the backend and keeps them until
+    /// [`StateStore::take_validators`]. A missing or unreadable document is no error: the
+    /// validators are a cache (an unreadable one is logged and rewritten later). Blocking.
+    pub fn load_validators(&self) {
+        let loaded = match self.backend.load_validators() {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!("ignoring the saved ETag validators: {e}");
+                None
+            }
+        };
+        *self
+            .loaded_validators
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = loaded;
+    }
+
+    /// The validators [`StateStore::load_validators`] read, once.
+    pub fn take_validators(&self) -> Option<Validators> {
+        self.loaded_validators
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Writes the ETag validators through the backend. Blocking. Nothing is written once
+    /// the state was fenced off.
+    pub fn save_validators(&self, validators: &Validators) -> Result<(), StateError> {
+        if self.fenced.is_cancelled() {
+            return Err(StateError::Fenced {
+                what: self.describe(),
+            });
+        }
+        self.backend.save_validators(validators)
     }
 
     /// The writer lock of the backend; see [`StateBackend::lock`].
@@ -562,6 +656,7 @@ mod tests {
             fenced: tokio_util::sync::CancellationToken::new(),
             state: Mutex::new(sample()),
             write_lock: Mutex::new(()),
+            loaded_validators: Mutex::new(None),
         };
         std::fs::write(dir.path().join("missing-parent-is-a-file"), b"x").unwrap();
         assert!(matches!(blocked.save(), Err(StateError::Write { .. })));

@@ -28,6 +28,15 @@ struct Host {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HostKind {
+    host: String,
+    kind: String,
+}
+
+/// Where the request budgets are read at each scrape (the forge clients).
+pub(crate) type BudgetSource = dyn Fn() -> Vec<crate::forge::budget::BudgetSnapshot> + Send + Sync;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RepoKind {
     repository: String,
     kind: String,
@@ -147,6 +156,12 @@ pub struct Metrics {
     status_posts: Family<ForgeOutcome, Counter>,
     notifications: Family<TypeOutcome, Counter>,
     report_dropped: Family<Queue, Counter>,
+    budget_used: Family<HostKind, Gauge>,
+    budget_remaining: Family<HostKind, Gauge>,
+    budget_in_flight: Family<Host, Gauge>,
+    secondary_rate_limited: Family<Host, Counter>,
+    sweep_effective_interval: FloatGauge,
+    budget_source: std::sync::RwLock<Option<std::sync::Arc<BudgetSource>>>,
 }
 
 impl Default for Metrics {
@@ -179,6 +194,12 @@ impl Metrics {
             status_posts: Family::default(),
             notifications: Family::default(),
             report_dropped: Family::default(),
+            budget_used: Family::default(),
+            budget_remaining: Family::default(),
+            budget_in_flight: Family::default(),
+            secondary_rate_limited: Family::default(),
+            sweep_effective_interval: FloatGauge::default(),
+            budget_source: std::sync::RwLock::new(None),
             registry: Registry::default(),
         };
         registry.register(
@@ -267,6 +288,31 @@ impl Metrics {
             "Commit statuses and notifications dropped because their queue was full, by queue",
             m.report_dropped.clone(),
         );
+        registry.register(
+            "request_budget_used",
+            "Request budget points spent in the current window, by API host and kind (rest, graphql), summed over tokens",
+            m.budget_used.clone(),
+        );
+        registry.register(
+            "request_budget_remaining",
+            "Request budget points left in the current window, by API host and kind (rest, graphql), summed over tokens",
+            m.budget_remaining.clone(),
+        );
+        registry.register(
+            "request_budget_in_flight",
+            "Requests in flight to the API host under its budget",
+            m.budget_in_flight.clone(),
+        );
+        registry.register(
+            "secondary_rate_limited",
+            "Rate-limit answers (403/429) received, by API host; the request budget keeps this at 0",
+            m.secondary_rate_limited.clone(),
+        );
+        registry.register(
+            "sweep_effective_interval_seconds",
+            "Time between the starts of two sweeps: polling_interval, or longer when a request budget cannot cover a sweep in it",
+            m.sweep_effective_interval.clone(),
+        );
         // A gauge fixed at 1 rather than an OpenMetrics `info` family: the same
         // `sentry_build_info` sample, and a family classic parsers (promtool) accept.
         let build_info: Family<BuildLabels, Gauge> = Family::default();
@@ -284,8 +330,58 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
+    /// Reads the request budgets from `source` at every scrape.
+    pub(crate) fn set_budget_source(&self, source: std::sync::Arc<BudgetSource>) {
+        *self
+            .budget_source
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(source);
+    }
+
+    /// Sets the budget gauges from the budgets' snapshots (several tokens of one host add up).
+    fn refresh_budgets(&self) {
+        let source = self
+            .budget_source
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let Some(source) = source else { return };
+        let mut sums: std::collections::BTreeMap<(String, &str), (i64, i64)> =
+            std::collections::BTreeMap::new();
+        let mut in_flight: std::collections::BTreeMap<String, i64> =
+            std::collections::BTreeMap::new();
+        for b in source() {
+            let rest = sums.entry((b.host.clone(), "rest")).or_default();
+            rest.0 += i64::from(b.rest_used);
+            rest.1 += i64::from(b.limits.rest_points_per_minute);
+            let graphql = sums.entry((b.host.clone(), "graphql")).or_default();
+            graphql.0 += i64::from(b.graphql_used);
+            graphql.1 += i64::from(b.limits.graphql_points_per_minute);
+            *in_flight.entry(b.host).or_default() += i64::try_from(b.in_flight).unwrap_or(0);
+        }
+        for ((host, kind), (used, limit)) in sums {
+            let key = HostKind {
+                host,
+                kind: kind.to_owned(),
+            };
+            self.budget_used.get_or_create(&key).set(used);
+            self.budget_remaining
+                .get_or_create(&key)
+                .set((limit - used).max(0));
+        }
+        for (host, n) in in_flight {
+            self.budget_in_flight.get_or_create(&Host { host }).set(n);
+        }
+    }
+
+    /// The effective interval of the sweep just planned.
+    pub fn sweep_effective_interval(&self, interval: Duration) {
+        self.sweep_effective_interval.set(interval.as_secs_f64());
+    }
+
     /// The registry in the OpenMetrics text format (what Prometheus asks for in `Accept`).
     pub fn encode(&self) -> String {
+        self.refresh_budgets();
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
@@ -471,6 +567,14 @@ impl crate::forge::ForgeEvents for Metrics {
     fn rate_limit(&self, host: &str, remaining: Option<u64>, reset: Option<SystemTime>) {
         Metrics::rate_limit(self, host, remaining, reset);
     }
+
+    fn rate_limited(&self, host: &str) {
+        self.secondary_rate_limited
+            .get_or_create(&Host {
+                host: host.to_owned(),
+            })
+            .inc();
+    }
 }
 
 fn group_label(group: &str) -> Group {
@@ -537,8 +641,22 @@ mod tests {
         m.status_post("github", "created");
         m.notification("slack", "sent");
         m.report_dropped("notify");
+        crate::forge::ForgeEvents::rate_limited(&m, "api.github.com");
+        m.sweep_effective_interval(Duration::from_secs(133));
+        m.set_budget_source(std::sync::Arc::new(|| {
+            use crate::forge::budget::{Budget, BudgetLimits, Cost};
+            let budget = Budget::new("api.github.com", BudgetLimits::GITHUB);
+            futures_util::FutureExt::now_or_never(budget.acquire(Cost::Rest { points: 5 }));
+            vec![budget.snapshot(), budget.snapshot()]
+        }));
         let text = m.encode();
         for name in [
+            "sentry_request_budget_used{host=\"api.github.com\",kind=\"rest\"} 10",
+            "sentry_request_budget_remaining{host=\"api.github.com\",kind=\"rest\"} 1790",
+            "sentry_request_budget_remaining{host=\"api.github.com\",kind=\"graphql\"} 4000",
+            "sentry_request_budget_in_flight{host=\"api.github.com\"} 0",
+            "sentry_secondary_rate_limited_total{host=\"api.github.com\"} 1",
+            "sentry_sweep_effective_interval_seconds 133",
             "sentry_poll_cycles_total 1",
             "sentry_poll_cycle_duration_seconds_bucket",
             "sentry_forge_requests_total{host=\"api.github.com\",status=\"304\"} 1",

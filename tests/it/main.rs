@@ -22,6 +22,7 @@ mod monitor;
 mod output;
 mod promise;
 mod report;
+mod scale;
 mod secrets;
 mod security;
 mod server;

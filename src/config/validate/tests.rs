@@ -675,3 +675,55 @@ fn github_lookup_defaults_to_auto_and_refuses_unknown_words() {
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert!(errors[0].contains("auto, rest or graphql"), "{errors:?}");
 }
+
+#[test]
+fn rate_limits_override_known_api_hosts_only() {
+    let yaml = format!(
+        "rate_limits:\n  api.github.com: {{concurrency: 20, rest_points_per_minute: 300, window: 10s}}\n{SEED}"
+    );
+    let loaded = load_str(&yaml, &seed_env());
+    assert!(loaded.diagnostics.is_empty(), "{:?}", loaded.diagnostics);
+    let config = loaded.config.unwrap();
+    assert_eq!(
+        config.rate_limits.get("api.github.com"),
+        Some(&crate::config::RateLimitOverride {
+            concurrency: Some(20),
+            rest_points_per_minute: Some(300),
+            graphql_points_per_minute: None,
+            window: Some(Duration::from_secs(10)),
+        })
+    );
+
+    let yaml = format!("rate_limits:\n  ghe.example.com: {{concurrency: 5}}\n{SEED}");
+    let errors = errors_at(&yaml, "rate_limits.ghe.example.com");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].contains("api.github.com"), "{errors:?}");
+
+    let yaml = format!(
+        "rate_limits:\n  api.github.com: {{rest_points_per_minute: 0, window: 0s}}\n{SEED}"
+    );
+    assert_eq!(
+        errors_at(&yaml, "rate_limits.api.github.com.rest_points_per_minute"),
+        ["must be at least 1"]
+    );
+    assert_eq!(
+        errors_at(&yaml, "rate_limits.api.github.com.window"),
+        ["must be greater than zero"]
+    );
+}
+
+#[test]
+fn webhook_poll_interval_defaults_to_the_polling_interval_and_is_not_shorter() {
+    let config = load_str(SEED, &seed_env()).config.unwrap();
+    assert_eq!(config.webhook_poll_interval, config.polling_interval);
+    let yaml = format!("polling_interval: 1m\nwebhook_poll_interval: 30m\n{SEED}");
+    let config = load_str(&yaml, &seed_env()).config.unwrap();
+    assert_eq!(config.webhook_poll_interval, Duration::from_secs(1800));
+    let yaml = format!("polling_interval: 1m\nwebhook_poll_interval: 30s\n{SEED}");
+    let errors = errors_at(&yaml, "webhook_poll_interval");
+    assert_eq!(errors.len(), 1);
+    assert!(
+        errors[0].contains("shorter than polling_interval"),
+        "{errors:?}"
+    );
+}
