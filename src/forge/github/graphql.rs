@@ -354,7 +354,7 @@ fn build(batch: &[Ask], owners: &[(&str, &str)]) -> Query {
 struct Answer {
     exact: Vec<(String, Result<Sha, ForgeError>)>,
     /// The page's branches and the cursor of the next page, if any.
-    listing: Option<Result<(Vec<(String, Sha)>, Option<String>), ForgeError>>,
+    listing: Option<PageRead>,
 }
 
 impl Answer {
