@@ -102,6 +102,8 @@ pub fn sentry_yaml(repos: &[RepoSpec], o: &ConfigOptions<'_>) -> String {
     let _ = writeln!(y, "work_dir: {}", q(&path_text(&o.dir.join("work"))));
     let _ = writeln!(y, "request_timeout: 30s");
     let _ = writeln!(y, "max_requests_per_host: 8");
+    // These benchmarks measure REST polling with ETags (the scale benchmark measures GraphQL).
+    let _ = writeln!(y, "github_lookup: rest");
     let _ = writeln!(y, "server: {{enabled: {}}}", o.server);
     if let Some(secret) = o.webhook_secret {
         let _ = writeln!(y, "webhooks: {{github_secret: {}}}", q(secret));

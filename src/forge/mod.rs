@@ -321,12 +321,15 @@ impl Forges {
 
     /// Current heads of every watched branch of `watchers` (those [`Forges::batched`]
     /// chose), through as few GraphQL queries as the batch limits allow; in their order.
+    /// With `fallback`, a repository whose API host has no GraphQL API is asked through REST
+    /// and flagged `true` (ask it through REST from now on).
     pub async fn observe_batched(
         &self,
         watchers: &[Watcher],
+        fallback: bool,
         cancel: &CancellationToken,
-    ) -> Vec<Observation> {
-        github::graphql::observe(watchers, cancel).await
+    ) -> Vec<(Observation, bool)> {
+        github::graphql::observe(watchers, fallback, cancel).await
     }
 
     /// Loads persisted ETag validators, dropping those of repositories `config` no longer

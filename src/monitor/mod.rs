@@ -111,8 +111,9 @@ pub struct Monitor {
     forges: Forges,
     /// One prepared forge client per repository, in `config.repositories` order.
     watchers: Vec<Watcher>,
-    /// Per repository: asked through batched GitHub GraphQL queries (`github_lookup`).
-    batched: Vec<bool>,
+    /// Per repository: asked through batched GitHub GraphQL queries (`github_lookup`);
+    /// cleared under `auto` when its API host turns out to have no GraphQL API.
+    batched: Vec<AtomicBool>,
     state: Arc<StateStore>,
     scheduler: Scheduler,
     backoff: Mutex<HashMap<String, Backoff>>,
@@ -146,8 +147,12 @@ impl Monitor {
             .iter()
             .map(|r| forges.watcher(r))
             .collect();
-        let batched = forges.batched(&config, &watchers);
-        let count = batched.iter().filter(|b| **b).count();
+        let batched: Vec<AtomicBool> = forges
+            .batched(&config, &watchers)
+            .into_iter()
+            .map(AtomicBool::new)
+            .collect();
+        let count = batched.iter().filter(|b| b.load(Ordering::Relaxed)).count();
         if count > 0 {
             tracing::info!(
                 "GitHub heads of {count} repositories are asked through batched GraphQL queries (github_lookup: {:?})",
@@ -378,7 +383,7 @@ impl Monitor {
                 let listing = usize::from(repo.monitor.patterns().next().is_some());
                 pacing::Demand {
                     // Batched through GraphQL: no REST request (scale-graphql).
-                    host: if self.batched[i] {
+                    host: if self.batched[i].load(Ordering::Relaxed) {
                         None
                     } else {
                         Forges::budget_host(repo)
@@ -440,7 +445,7 @@ impl Monitor {
         let offsets = offsets.unwrap_or_else(|| vec![Duration::ZERO; repos.len()]);
         let (mut batched, mut single) = (Vec::new(), Vec::new());
         for (&index, offset) in repos.iter().zip(offsets) {
-            if self.batched[index] {
+            if self.batched[index].load(Ordering::Relaxed) {
                 batched.push(index);
             } else {
                 single.push((offset, index));
@@ -505,13 +510,20 @@ impl Monitor {
             return Vec::new();
         }
         let watchers: Vec<Watcher> = repos.iter().map(|&i| self.watchers[i].clone()).collect();
-        let answer = AssertUnwindSafe(self.forges.observe_batched(&watchers, cancel))
+        let fallback = self.config.github_lookup == crate::config::GithubLookup::Auto;
+        let answer = AssertUnwindSafe(self.forges.observe_batched(&watchers, fallback, cancel))
             .catch_unwind()
             .await;
         match answer {
             Ok(observations) => repos
                 .into_iter()
-                .zip(observations.into_iter().map(Some))
+                .zip(observations)
+                .map(|(index, (observation, rest_from_now))| {
+                    if rest_from_now {
+                        self.batched[index].store(false, Ordering::Relaxed);
+                    }
+                    (index, Some(observation))
+                })
                 .collect(),
             Err(_) => repos.into_iter().map(|i| (i, None)).collect(),
         }

@@ -17,7 +17,7 @@ fn sha(n: u32) -> String {
 /// deployments append `repo branch sha` to `dir/deployed.txt`.
 fn config(dir: &Path, api: &str, lookup: &str, repos: &[(&str, &str, &str)]) -> String {
     let mut yaml = format!(
-        "polling_interval: 5s\nrequest_timeout: 10s\ngithub_lookup: {lookup}\n\
+        "polling_interval: 1s\nrequest_timeout: 10s\ngithub_lookup: {lookup}\n\
          state_file: {d}/state.json\nwork_dir: {d}/work\nserver: {{enabled: false}}\n\
          groups: {{g: {{execution_strategy: parallel}}}}\nrepositories:\n",
         d = dir.display()
@@ -213,4 +213,44 @@ fn a_failing_repository_inside_a_batch_fails_alone() {
         "{}",
         out.all()
     );
+}
+
+#[test]
+fn auto_falls_back_to_rest_where_there_is_no_graphql_api() {
+    let branches: BTreeMap<String, String> = (0..10).map(|i| (format!("b{i}"), sha(i))).collect();
+    let mut model = Model {
+        no_graphql: true,
+        ..Model::default()
+    };
+    model
+        .repos
+        .insert("acme/many".into(), (Visibility::Visible, branches));
+    let fake = FakeGitHubApi::start(model);
+    let dir = tempdir();
+    // 10 branches every second: 600 REST points a minute, so `auto` tries GraphQL first.
+    let repos = [(
+        "many",
+        "acme/many",
+        "[b0, b1, b2, b3, b4, b5, b6, b7, b8, b9]",
+    )];
+    setup(dir.path(), &fake.uri(), "auto", &repos);
+    let out = watch_once(dir.path());
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    assert!(out.all().contains("has no GraphQL API"), "{}", out.all());
+    let (rest, graphql) = fake.counts();
+    assert_eq!((rest, graphql), (10, 1), "{}", out.all());
+    let state = std::fs::read_to_string(dir.path().join("state.json")).unwrap();
+    let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+    assert_eq!(
+        state["repositories"]["many"]["branches"]["b9"]["sha"],
+        sha(9),
+        "{state}"
+    );
+
+    // `graphql` never falls back: the repository fails, saying what to change.
+    let dir = tempdir();
+    setup(dir.path(), &fake.uri(), "graphql", &repos);
+    let out = watch_once(dir.path());
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert!(out.all().contains("github_lookup: rest"), "{}", out.all());
 }

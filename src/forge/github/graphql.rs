@@ -115,7 +115,8 @@ pub(crate) fn plan(config: &Config, watchers: &[Watcher]) -> Vec<bool> {
                 .iter()
                 .map(|api| {
                     api.as_deref()
-                        .is_some_and(|a| points[a] > AUTO_REST_POINTS_PER_MINUTE)
+                        .and_then(|a| points.get(a))
+                        .is_some_and(|p| *p > AUTO_REST_POINTS_PER_MINUTE)
                 })
                 .collect()
         }
@@ -130,7 +131,16 @@ fn rest_requests(w: &Watcher) -> usize {
 
 /// Heads of every watched branch of `watchers` (all GitHub clients, see [`plan`]), in their
 /// order. Repositories that share an endpoint and a token are batched together.
-pub(crate) async fn observe(watchers: &[Watcher], cancel: &CancellationToken) -> Vec<Observation> {
+///
+/// Where the endpoint answers `404` (no GraphQL API: an old or restricted GitHub Enterprise
+/// Server, a proxy), `fallback` (`github_lookup: auto`) asks those repositories through REST
+/// instead and flags them `true`, so that the caller stops batching them; without it
+/// (`github_lookup: graphql`) they fail with a message saying what to change.
+pub(crate) async fn observe(
+    watchers: &[Watcher],
+    fallback: bool,
+    cancel: &CancellationToken,
+) -> Vec<(Observation, bool)> {
     let mut groups: HashMap<(String, Vec<u8>), Vec<usize>> = HashMap::new();
     let mut clients = Vec::with_capacity(watchers.len());
     for (i, w) in watchers.iter().enumerate() {
@@ -149,13 +159,41 @@ pub(crate) async fn observe(watchers: &[Watcher], cancel: &CancellationToken) ->
             _ => clients.push(None),
         }
     }
-    let mut answers: Vec<Option<Observation>> = vec![None; watchers.len()];
+    let mut answers: Vec<Option<(Observation, bool)>> = vec![None; watchers.len()];
     let lookups = groups.into_values().map(|members| {
         let group: Vec<(&Watcher, &GitHub)> = members
             .iter()
             .filter_map(|&i| Some((&watchers[i], clients[i]?)))
             .collect();
-        async move { (members, lookup(&group, cancel).await) }
+        async move {
+            let observed = match lookup(&group, cancel).await {
+                Ok(observed) => observed.into_iter().map(|o| (o, false)).collect(),
+                Err(missing) if fallback => {
+                    if let Some((_, gh)) = group.first() {
+                        tracing::warn!(
+                            "{} has no GraphQL API at {}: asking its {} repositories through REST",
+                            gh.host,
+                            gh.graphql.path(),
+                            group.len()
+                        );
+                    }
+                    let _ = missing;
+                    join_all(group.iter().map(|(w, _)| w.observe(cancel)))
+                        .await
+                        .into_iter()
+                        .map(|o| (o, true))
+                        .collect()
+                }
+                Err(missing) => group
+                    .iter()
+                    .map(|(w, _)| {
+                        let obs = crate::forge::everything_failed(&w.0.repo.monitor, &missing);
+                        (obs, false)
+                    })
+                    .collect::<Vec<_>>(),
+            };
+            (members, observed)
+        }
     });
     for (members, observed) in join_all(lookups).await {
         for (i, obs) in members.into_iter().zip(observed) {
@@ -167,12 +205,13 @@ pub(crate) async fn observe(watchers: &[Watcher], cancel: &CancellationToken) ->
         .zip(watchers)
         .map(|(obs, w)| {
             obs.unwrap_or_else(|| {
-                crate::forge::everything_failed(
-                    &w.0.repo.monitor,
-                    &ForgeError::Malformed(format!(
-                        "{}: not a GitHub repository; cannot ask GraphQL",
-                        w.0.repo.name
-                    )),
+                let error = ForgeError::Malformed(format!(
+                    "{}: not a GitHub repository; cannot ask GraphQL",
+                    w.0.repo.name
+                ));
+                (
+                    crate::forge::everything_failed(&w.0.repo.monitor, &error),
+                    false,
                 )
             })
         })
@@ -197,7 +236,11 @@ struct Gathered {
 }
 
 /// Every head of a group of repositories on one endpoint with one token.
-async fn lookup(group: &[(&Watcher, &GitHub)], cancel: &CancellationToken) -> Vec<Observation> {
+/// `Err` when the endpoint has no GraphQL API (`404` to the first round of queries).
+async fn lookup(
+    group: &[(&Watcher, &GitHub)],
+    cancel: &CancellationToken,
+) -> Result<Vec<Observation>, ForgeError> {
     let mut gathered: Vec<Gathered> = Vec::with_capacity(group.len());
     let mut asks = Vec::new();
     for (i, (w, _)) in group.iter().enumerate() {
@@ -222,14 +265,19 @@ async fn lookup(group: &[(&Watcher, &GitHub)], cancel: &CancellationToken) -> Ve
         }
     }
     let Some((_, first)) = group.first() else {
-        return Vec::new();
+        return Ok(Vec::new());
     };
+    let mut round = 0;
     while !asks.is_empty() {
+        round += 1;
         let batches = pack(std::mem::take(&mut asks));
         let sent = batches
             .iter()
             .map(|batch| send(first, group, batch, cancel));
-        for (batch, answers) in batches.iter().zip(join_all(sent).await) {
+        for (batch, (answers, missing)) in batches.iter().zip(join_all(sent).await) {
+            if let Some(missing) = missing.filter(|_| round == 1) {
+                return Err(missing);
+            }
             for (ask, answer) in batch.iter().zip(answers) {
                 let g = &mut gathered[ask.repo];
                 g.exact.extend(answer.exact);
@@ -260,7 +308,7 @@ async fn lookup(group: &[(&Watcher, &GitHub)], cancel: &CancellationToken) -> Ve
             }
         }
     }
-    gathered
+    Ok(gathered
         .into_iter()
         .zip(group)
         .map(|(g, (w, _))| {
@@ -274,7 +322,7 @@ async fn lookup(group: &[(&Watcher, &GitHub)], cancel: &CancellationToken) -> Ve
             });
             assemble(g.exact, listing)
         })
-        .collect()
+        .collect())
 }
 
 /// Packs asks into queries within the batch limits, in order.
@@ -370,13 +418,14 @@ impl Answer {
     }
 }
 
-/// Sends one query and reads each repository's part of the answer.
+/// Sends one query and reads each repository's part of the answer; with the error, when the
+/// endpoint has no GraphQL API (`404`).
 async fn send(
     client: &GitHub,
     group: &[(&Watcher, &GitHub)],
     batch: &[Ask],
     cancel: &CancellationToken,
-) -> Vec<Answer> {
+) -> (Vec<Answer>, Option<ForgeError>) {
     let owners: Vec<(&str, &str)> = group
         .iter()
         .map(|(w, _)| {
@@ -394,7 +443,8 @@ async fn send(
         has_token: client.repo.monitor.auth.token.is_some(),
         cancel,
     };
-    let whole = |e: ForgeError| batch.iter().map(|a| Answer::failed(a, &e)).collect();
+    let whole =
+        |e: ForgeError| -> Vec<Answer> { batch.iter().map(|a| Answer::failed(a, &e)).collect() };
     debug_assert!(query.nodes <= MAX_NODES);
     tracing::debug!(
         repositories = batch.len(),
@@ -408,9 +458,9 @@ async fn send(
     };
     let reply = match client.http.post_costed(call, body.as_bytes(), cost).await {
         Ok(reply) => reply,
-        Err(e) => return whole(e),
+        Err(e) => return (whole(e), None),
     };
-    match reply {
+    let answers = match reply {
         Reply::Fresh { body, .. } => match serde_json::from_slice::<Value>(&body) {
             Ok(doc) => read(&doc, batch, group, &client.host),
             Err(e) => whole(ForgeError::Malformed(format!(
@@ -419,13 +469,14 @@ async fn send(
             ))),
         },
         Reply::Refused { status, .. } if status == reqwest::StatusCode::NOT_FOUND => {
-            whole(ForgeError::NotFound(format!(
+            let missing = ForgeError::NotFound(format!(
                 "{}: no GraphQL API at {} — for GitHub Enterprise Server set api_url to \
                  https://HOST/api/v3 (GraphQL is then https://HOST/api/graphql), or set \
                  github_lookup: rest",
                 client.host,
                 client.graphql.path()
-            )))
+            ));
+            return (whole(missing.clone()), Some(missing));
         }
         Reply::Refused { status, .. } => whole(ForgeError::Transient(format!(
             "{}: unexpected answer {status} to a GraphQL query",
@@ -435,7 +486,8 @@ async fn send(
             "{}: a GraphQL query was answered from the ETag cache",
             client.host
         ))),
-    }
+    };
+    (answers, None)
 }
 
 /// A forge's error message, printable and short.
@@ -620,6 +672,46 @@ mod tests {
             branches: branches.iter().map(|b| (*b).to_owned()).collect(),
             listing: listing.map(|l| l.map(str::to_owned)),
         }
+    }
+
+    fn plan_for(lookup: &str, interval: &str) -> Vec<bool> {
+        let repo = |name: &str, token: bool, branches: &str| {
+            format!(
+                "  - name: {name}\n    group: g\n    monitor:\n      repo_url: https://github.com/o/{name}\n      \
+                 repo_type: github\n      branches: {branches}\n{}    deploy: {{qa_repo_url: /tmp/qa, \
+                 qa_repo_branch: main, commands: [\"true\"]}}\n",
+                if token {
+                    "      auth: {token: t}\n"
+                } else {
+                    ""
+                }
+            )
+        };
+        let yaml = format!(
+            "polling_interval: {interval}\ngithub_lookup: {lookup}\ngroups: {{g: }}\nrepositories:\n{}{}{}",
+            repo("a", true, "[b0, b1, b2, b3]"),
+            repo("b", true, "[b0, b1, b2, \"release/*\"]"),
+            repo("c", false, "[b0, b1, b2, b3]"),
+        );
+        let env = crate::config::Env::fixed::<[(&str, &str); 0], _, _>([]);
+        let config = crate::config::load_str(&yaml, &env).config.expect("config");
+        let forges = crate::forge::Forges::new(&config).expect("forges");
+        let watchers: Vec<Watcher> = config
+            .repositories
+            .iter()
+            .map(|r| forges.watcher(r))
+            .collect();
+        plan(&config, &watchers)
+    }
+
+    #[test]
+    fn plan_follows_github_lookup_and_never_batches_without_a_token() {
+        assert_eq!(plan_for("rest", "1s"), [false, false, false]);
+        assert_eq!(plan_for("graphql", "1h"), [true, true, false]);
+        // 8 REST requests a cycle: 8 a minute at 60 s stays REST; 480 a minute at 1 s (more
+        // than 450 on api.github.com) switches the host to GraphQL.
+        assert_eq!(plan_for("auto", "60s"), [false, false, false]);
+        assert_eq!(plan_for("auto", "1s"), [true, true, false]);
     }
 
     #[test]

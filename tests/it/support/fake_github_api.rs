@@ -30,6 +30,8 @@ pub struct Model {
     /// GraphQL queries answered, and the points they cost by GitHub's formula.
     pub graphql_queries: u64,
     pub graphql_points: u64,
+    /// Answer `404` to `/graphql`, as a server without a GraphQL API does.
+    pub no_graphql: bool,
 }
 
 pub struct FakeGitHubApi {
@@ -77,6 +79,9 @@ fn answer(model: &Mutex<Model>, request: &FakeRequest) -> FakeReply {
         .split_once('?')
         .unwrap_or((request.target.as_str(), ""));
     if request.method == "POST" && path == "/graphql" {
+        if model.no_graphql {
+            return FakeReply::status(404, "application/json", r#"{"message":"Not Found"}"#);
+        }
         if request.header("authorization").is_none() {
             return FakeReply::status(
                 401,
