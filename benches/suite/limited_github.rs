@@ -270,6 +270,18 @@ impl LimitedGitHub {
             .map(|(_, at)| *at)
     }
 
+    /// When `repo`'s `branch` was moved (each branch moves at most once a run).
+    pub fn moved_at_any(&self, repo: &str, branch: &str) -> Option<SystemTime> {
+        let moves = self
+            .shared
+            .moves
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        moves
+            .get(&(repo.to_owned(), branch.to_owned()))
+            .map(|(_, at)| *at)
+    }
+
     /// Every move so far.
     pub fn moves(&self) -> usize {
         self.shared

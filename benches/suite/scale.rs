@@ -21,10 +21,12 @@
 //! the span between the first and the last completed cycle (the cold first cycle excluded),
 //! or over the whole run when fewer than two cycles completed.
 //!
-//! Detection latency is move → deploy command started (its own `date +%s%N`) for Sentry,
-//! move → the answer that showed the new SHA for the naive poller (it deploys nothing).
-//! Moves not detected by the end of the run count as undetected; a percentile that falls on
-//! them is reported as "not detected".
+//! Latency is measured twice for Sentry: move → its "change:" log line read by the suite
+//! (detection) and move → deploy command started (its own `date +%s%N`, after the QA
+//! clone and the group's queue); for the naive poller, move → the answer that showed the
+//! new SHA (it deploys nothing).
+//! Moves not seen (or not deployed) by the end of the run count as +∞; a percentile that
+//! falls on them is reported as "not reached".
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -38,7 +40,7 @@ use serde_json::json;
 use crate::Ctx;
 use crate::limited_github::{LimitedGitHub, Limits, Meter, Repo};
 use crate::report::{Report, num};
-use crate::support::{Sentry, tiny_qa_repo};
+use crate::support::{Event, Sentry, tiny_qa_repo};
 
 const TOKEN: &str = "bench-scale-token-not-a-secret";
 /// Moved per polling interval: 1 % per minute at the full run's 60 s interval.
@@ -121,7 +123,10 @@ fn yaml(
 /// What one poller did in one run.
 #[derive(Debug, Default, Clone)]
 struct Outcome {
+    /// Move → deploy command started (Sentry), or → the answer showing it (naive).
     latencies: Vec<f64>,
+    /// Move → Sentry logged the change (Sentry only).
+    detections: Vec<f64>,
     moves: usize,
     /// (when, meter) at each completed cycle.
     cycles: Vec<(Instant, Meter)>,
@@ -145,9 +150,9 @@ impl Outcome {
         (to.1.since(&from.1), span, steady)
     }
 
-    /// (p50, p95) with undetected moves as +∞.
-    fn percentiles(&self) -> (f64, f64) {
-        let mut all = self.latencies.clone();
+    /// (p50, p95) of `values` with the moves missing from them as +∞.
+    fn percentiles(&self, values: &[f64]) -> (f64, f64) {
+        let mut all = values.to_vec();
         all.resize(self.moves.max(all.len()), f64::INFINITY);
         all.sort_by(f64::total_cmp);
         let at = |p: f64| {
@@ -184,18 +189,26 @@ fn run_sentry(
         if left.is_zero() {
             break;
         }
-        match sentry.next_cycle(left) {
-            Ok(_) => {
+        match sentry.next_any(left) {
+            Ok(Event::Cycle(_)) => {
                 let now = Instant::now();
                 if out.first_cycle_s.is_none() {
                     out.first_cycle_s = Some(now.duration_since(started).as_secs_f64());
                 }
                 out.cycles.push((now, fake.meter()));
             }
-            Err(e) if Instant::now() >= deadline => {
-                let _ = e;
-                break;
+            Ok(Event::Change {
+                repository,
+                branch,
+                at,
+            }) => {
+                let repo = repository.replacen('-', "/", 1);
+                if let Some(moved) = fake.moved_at_any(&repo, &branch) {
+                    out.detections.push(epoch_secs(at) - epoch_secs(moved));
+                }
             }
+            Ok(Event::Listening(_)) => {}
+            Err(_) if Instant::now() >= deadline => break,
             Err(e) => return Err(e),
         }
     }
@@ -423,8 +436,8 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     let name = "7 scale";
     let mut table = format!(
         "Scale against GitHub's limits ({} s interval, 1 % moving per interval for {} s, runs of {} s, real time):\n\n\
-         | branches | poller | detected | p50 s | p95 s | REST points/h | primary REST/h | GraphQL points/h | requests/h | throttled | max in flight | first cycle s |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
+         | branches | poller | change seen | p50 s | p95 s | deploy started | p50 s | p95 s | REST points/h | primary REST/h | GraphQL points/h | requests/h | throttled | max in flight | first cycle s |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         interval,
         moving_for.as_secs(),
         run_for.as_secs()
@@ -433,7 +446,21 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     for (spec, outcome) in specs.iter().zip(&outcomes) {
         let mut o = outcome.lock().unwrap().clone();
         o.moves = spec.fake.moves();
-        let (p50, p95) = o.percentiles();
+        let (p50, p95) = o.percentiles(&o.latencies);
+        // The naive poller's answer is its detection; it deploys nothing.
+        let naive = spec.poller == "naive poller";
+        let seen = if naive { &o.latencies } else { &o.detections };
+        let (d50, d95) = o.percentiles(seen);
+        let deployed = if naive {
+            "–".to_owned()
+        } else {
+            format!("{}/{}", o.latencies.len(), o.moves)
+        };
+        let (p50, p95) = if naive {
+            (f64::NAN, f64::NAN)
+        } else {
+            (p50, p95)
+        };
         let (m, span, steady) = o.hourly();
         let per_hour = |v: u64| {
             if span > 0.0 {
@@ -444,18 +471,23 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
         };
         let total = spec.fake.meter();
         let secs = |v: f64| {
-            if v.is_finite() {
-                num(v)
+            if v.is_nan() {
+                "–".to_owned()
+            } else if v.is_infinite() {
+                "not reached".to_owned()
             } else {
-                "not detected".into()
+                num(v)
             }
         };
         table.push_str(&format!(
-            "| {} | {} | {}/{} | {} | {} | {} | {} | {} | {}{} | {} | {} | {} |\n",
+            "| {} | {} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {} | {}{} | {} | {} | {} |\n",
             num(spec.branches as f64),
             spec.poller,
-            o.latencies.len(),
+            seen.len(),
             o.moves,
+            secs(d50),
+            secs(d95),
+            deployed,
             secs(p50),
             secs(p95),
             num(per_hour(m.rest_points)),
@@ -477,6 +509,24 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
                 total.throttled().to_string(),
                 "0",
                 total.throttled() == 0,
+            );
+            report.info(
+                name,
+                format!(
+                    "{} branches: move → change seen / deploy started, p50 and p95",
+                    num(spec.branches as f64)
+                ),
+                format!(
+                    "seen {} / {} s ({}/{}), deploy {} / {} s ({}/{})",
+                    secs(d50),
+                    secs(d95),
+                    seen.len(),
+                    o.moves,
+                    secs(p50),
+                    secs(p95),
+                    o.latencies.len(),
+                    o.moves
+                ),
             );
             if spec.branches == 10_000 {
                 report.judged(
@@ -506,7 +556,10 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
             "branches": spec.branches,
             "poller": spec.poller,
             "moves": o.moves,
-            "detected": o.latencies.len(),
+            "seen": seen.len(),
+            "seen_p50_s": d50.is_finite().then_some(d50),
+            "seen_p95_s": d95.is_finite().then_some(d95),
+            "deployed": o.latencies.len(),
             "p50_s": p50.is_finite().then_some(p50),
             "p95_s": p95.is_finite().then_some(p95),
             "span_s": span,
