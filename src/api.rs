@@ -96,6 +96,29 @@ pub struct StatusView {
     pub groups: Vec<GroupView>,
     pub repositories: Vec<RepoView>,
     pub rate_limits: Vec<RateLimitView>,
+    /// The request budget of each API host and token (issue #20).
+    #[serde(default)]
+    pub budgets: Vec<BudgetView>,
+    /// Seconds between the starts of two sweeps: `polling_interval`, or longer when a
+    /// request budget cannot cover a sweep in it; `None` before the first sweep.
+    #[serde(default)]
+    pub effective_interval_secs: Option<f64>,
+}
+
+/// One request budget (API host and token; the token is never shown).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BudgetView {
+    pub host: String,
+    pub concurrency: usize,
+    pub in_flight: usize,
+    /// Points spent in the current window, and the window's limit.
+    pub rest_used: u32,
+    pub rest_limit: u32,
+    pub graphql_used: u32,
+    pub graphql_limit: u32,
+    pub window_secs: f64,
+    /// Rate-limit answers (403/429) received since start.
+    pub throttled: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -198,6 +221,26 @@ pub fn status_view(live: &Live) -> StatusView {
                 paused_until: l.paused_until.map(rfc3339),
             })
             .collect(),
+        budgets: monitor
+            .forges()
+            .budgets()
+            .into_iter()
+            .map(|b| BudgetView {
+                host: b.host,
+                concurrency: b.limits.concurrency,
+                in_flight: b.in_flight,
+                rest_used: b.rest_used,
+                rest_limit: b.limits.rest_points_per_minute,
+                graphql_used: b.graphql_used,
+                graphql_limit: b.limits.graphql_points_per_minute,
+                window_secs: b.limits.window.as_secs_f64(),
+                throttled: b.throttled,
+            })
+            .collect(),
+        effective_interval_secs: monitor
+            .health()
+            .effective_interval()
+            .map(|d| d.as_secs_f64()),
     }
 }
 

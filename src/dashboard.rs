@@ -499,6 +499,8 @@ mod tests {
                 })
                 .collect(),
             rate_limits: Vec::new(),
+            budgets: Vec::new(),
+            effective_interval_secs: None,
         }
     }
 

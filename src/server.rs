@@ -252,11 +252,18 @@ async fn accept_loop(
     let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
 }
 
-/// 503 once the last completed cycle is older than 3 polling intervals plus the request
-/// timeout: the loop has stalled and the pod should be restarted.
+/// 503 once the last completed cycle is older than 3 polling intervals (effective ones,
+/// when the request budget stretches the sweep) plus the request timeout: the loop has
+/// stalled and the pod should be restarted.
 async fn healthz(State(s): State<S>) -> Response {
     let s = &s.app;
-    let limit = s.config.polling_interval * 3 + s.config.request_timeout;
+    let interval = s
+        .health
+        .effective_interval()
+        .map_or(s.config.polling_interval, |e| {
+            e.max(s.config.polling_interval)
+        });
+    let limit = interval * 3 + s.config.request_timeout;
     let (healthy, last, age) = match s.health.last_cycle_end() {
         Some(last) => {
             let age = SystemTime::now().duration_since(last).unwrap_or_default();
@@ -623,6 +630,25 @@ mod tests {
         // 3 × 10 s + 5 s = 35 s; a cycle 40 s ago means the loop stalled.
         let stalled = Health::default();
         stalled.cycle_completed_at(SystemTime::now() - Duration::from_secs(40));
+        assert_eq!(
+            healthz(State(shared(state(stalled)))).await.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+
+    #[tokio::test]
+    async fn healthz_allows_a_sweep_the_budget_stretched() {
+        // The budget stretched the 10 s interval to 60 s: 3 × 60 s + 5 s before it is a stall.
+        let stretched = Health::default();
+        stretched.set_effective_interval(Duration::from_secs(60));
+        stretched.cycle_completed_at(SystemTime::now() - Duration::from_secs(120));
+        assert_eq!(
+            healthz(State(shared(state(stretched)))).await.status(),
+            StatusCode::OK
+        );
+        let stalled = Health::default();
+        stalled.set_effective_interval(Duration::from_secs(60));
+        stalled.cycle_completed_at(SystemTime::now() - Duration::from_secs(200));
         assert_eq!(
             healthz(State(shared(state(stalled)))).await.status(),
             StatusCode::SERVICE_UNAVAILABLE

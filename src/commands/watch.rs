@@ -205,6 +205,7 @@ async fn lead(
         );
     }
     monitor.scheduler().wait_idle().await;
+    monitor.save_validators_now().await;
     monitor.save_state().await
 }
 

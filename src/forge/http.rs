@@ -1227,6 +1227,26 @@ mod tests {
         assert!(!text.contains("pw@"), "{text}");
     }
 
+    /// 10,000 branches of validators: a few MiB at most (a ConfigMap shard holds 900 KiB;
+    /// the state backend shards up to 16 of them).
+    #[test]
+    fn ten_thousand_validators_fit() {
+        let http = Http::new(Duration::from_secs(5), 4, Vec::new()).unwrap();
+        for i in 0..10_000 {
+            let url = Url::parse(&format!(
+                "https://api.github.com/repos/example-org/repository-{:03}/commits/refs/heads/feature/branch-{i:05}",
+                i / 100
+            ))
+            .unwrap();
+            let etag = HeaderValue::from_str(&format!("W/\"{:064x}\"", i)).unwrap();
+            let sha = Sha::parse(&format!("{i:040x}")).unwrap();
+            http.remember("repository", &url, Some(etag), Cached::Sha(sha));
+        }
+        let bytes = serde_json::to_vec(&http.export_validators()).unwrap();
+        println!("10,000 validators: {} bytes", bytes.len());
+        assert!(bytes.len() < 3 * 1024 * 1024, "{}", bytes.len());
+    }
+
     #[test]
     fn host_key_keeps_ports() {
         let url = Url::parse("http://127.0.0.1:8080/x").unwrap();

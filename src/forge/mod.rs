@@ -503,6 +503,28 @@ impl Watcher {
         }
     }
 
+    /// How many requests one check is expected to send, for pacing: one per exact branch,
+    /// and the pages of the last listing (one before the first listing). Plain Git: one
+    /// ls-remote.
+    pub fn expected_requests(&self) -> u64 {
+        let inner = &*self.0;
+        if matches!(inner.client, Ok(Client::Git)) {
+            return 1;
+        }
+        let exact = inner.repo.monitor.exact_branches().count() as u64;
+        let listing = if inner.patterns.is_empty() {
+            0
+        } else {
+            inner
+                .matches
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref()
+                .map_or(1, |m| m.pages.len().max(1) as u64)
+        };
+        exact + listing
+    }
+
     /// Checks the exact branches and the listing concurrently, within this task: the
     /// per-host semaphore bounds the requests, so nothing is gained by a task per branch.
     async fn observe_api<F: Forge>(&self, forge: &F, cancel: &CancellationToken) -> Observation {

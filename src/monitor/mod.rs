@@ -36,6 +36,9 @@ use state::{
 /// How many repositories are observed at once (the forges bound requests per host too).
 const OBSERVE_CONCURRENCY: usize = 64;
 
+/// The least time between two saves of the ETag validators by the poll loop.
+const VALIDATORS_SAVE_SPACING: Duration = Duration::from_secs(60);
+
 /// Which repositories a cycle checks.
 #[derive(Debug, Clone)]
 pub enum Scope {
@@ -70,6 +73,8 @@ pub struct Health {
     /// Unix seconds of the last completed cycle; 0 before the first.
     last_cycle_end: AtomicU64,
     ready: AtomicBool,
+    /// The effective interval of the current sweep in milliseconds; 0 before the first.
+    effective_interval_ms: AtomicU64,
 }
 
 impl Health {
@@ -78,6 +83,22 @@ impl Health {
             0 => None,
             secs => Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs)),
         }
+    }
+
+    /// The time between two sweeps: `polling_interval`, or longer when a request budget
+    /// cannot cover a sweep in it; `None` before the first sweep was planned.
+    pub fn effective_interval(&self) -> Option<Duration> {
+        match self.effective_interval_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    pub fn set_effective_interval(&self, interval: Duration) {
+        let ms = u64::try_from(interval.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        self.effective_interval_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Ready once the first cycle has completed, until shutdown begins.
@@ -132,6 +153,7 @@ struct Cadence {
     webhook_seen: HashMap<String, Instant>,
     over_budget: Vec<pacing::OverBudget>,
     effective_interval: Option<Duration>,
+    validators_saved_at: Option<Instant>,
 }
 
 impl Monitor {
@@ -324,7 +346,7 @@ impl Monitor {
         if state_changed {
             self.save_state().await;
         }
-        self.save_validators().await;
+        self.save_validators(paced).await;
         self.submit(changes, &current, trigger);
 
         let stats = self.forges.stats();
@@ -375,7 +397,7 @@ impl Monitor {
     /// host cannot cover a sweep in one interval (once, and again when that changes), and
     /// reports the effective interval.
     fn pace(&self, repos: &[usize]) -> Vec<Duration> {
-        let demands: Vec<pacing::Demand> = repos
+        let mut demands: Vec<pacing::Demand> = repos
             .iter()
             .map(|&i| {
                 let repo = &self.config.repositories[i];
@@ -393,11 +415,16 @@ impl Monitor {
                 }
             })
             .collect();
+        // A listing costs one request per page: as many as the last one had.
+        for (demand, &i) in demands.iter_mut().zip(repos) {
+            demand.requests = self.watchers[i].expected_requests();
+        }
         let plan = pacing::plan(&demands, self.config.polling_interval, |host| {
             self.forges.budget_limits(host)
         });
         self.metrics
             .sweep_effective_interval(plan.effective_interval);
+        self.health.set_effective_interval(plan.effective_interval);
         let mut cadence = self.cadence();
         if cadence.over_budget != plan.over_budget {
             for o in &plan.over_budget {
@@ -406,7 +433,7 @@ impl Monitor {
                     branches = o.branches,
                     points = o.points,
                     effective_interval_s = o.sweep_time.as_secs(),
-                    "the request budget of {} cannot cover a sweep of {} branches ({} points) every {}:                      sweeping every {} instead (raise rate_limits.\"{}\" only if the forge allows more, \
+                    "the request budget of {} cannot cover a sweep of {} branches ({} points) every {}: sweeping every {} instead (raise rate_limits.\"{}\" only if the forge allows more, \
                      or use webhooks and webhook_poll_interval)",
                     o.host,
                     o.branches,
@@ -644,9 +671,27 @@ impl Monitor {
 
     /// Persists the ETag validators when they changed since the last save, off the async
     /// threads; a failure is logged (they are a cache: the next save tries again).
-    async fn save_validators(&self) {
-        if self.forges.validators_generation() == self.validators_saved.load(Ordering::Relaxed) {
+    ///
+    /// In the poll loop (`spaced`) they are written at most every
+    /// [`VALIDATORS_SAVE_SPACING`]: at 10,000 branches they are a few MiB, and what a crash
+    /// loses is only a few full answers after the restart.
+    async fn save_validators(&self, spaced: bool) {
+        if self.forges.validators_generation() == self.validators_saved.load(Ordering::Relaxed)
+            || self.state.fenced().is_cancelled()
+        {
             return;
+        }
+        {
+            let mut cadence = self.cadence();
+            let now = Instant::now();
+            if spaced
+                && cadence
+                    .validators_saved_at
+                    .is_some_and(|at| now.duration_since(at) < VALIDATORS_SAVE_SPACING)
+            {
+                return;
+            }
+            cadence.validators_saved_at = Some(now);
         }
         let (generation, validators) = self.forges.export_validators();
         let state = self.state.clone();
@@ -655,6 +700,12 @@ impl Monitor {
             Ok(Err(e)) => tracing::warn!("cannot save the ETag validators: {e}"),
             Err(e) => tracing::warn!("the ETag validators save task failed: {e}"),
         }
+    }
+
+    /// Persists the ETag validators if they changed, however recently they were saved (at
+    /// the end of `watch`).
+    pub async fn save_validators_now(&self) {
+        self.save_validators(false).await;
     }
 
     /// Writes the state file; logs and returns false when it could not be written.
@@ -723,7 +774,7 @@ fn log_cycle(r: &CycleReport) {
         requests = r.requests,
         not_modified = r.not_modified,
         duration_ms = r.duration.as_millis() as u64,
-        "cycle: {} branches checked in {} ms, {} changes, {} errors, {} requests ({} not modified), rate limit remaining {remaining}{}",
+        "cycle: {} branches checked in {} ms, {} changes, {} errors, {} requests ({} not modified), rate limit remaining {remaining}{}{}",
         r.branches_checked,
         r.duration.as_millis(),
         r.changes,
@@ -732,6 +783,14 @@ fn log_cycle(r: &CycleReport) {
         r.not_modified,
         if r.backing_off > 0 {
             format!(", {} repositories backing off", r.backing_off)
+        } else {
+            String::new()
+        },
+        if r.webhook_covered > 0 {
+            format!(
+                ", {} repositories covered by webhooks not due",
+                r.webhook_covered
+            )
         } else {
             String::new()
         },

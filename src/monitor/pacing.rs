@@ -23,7 +23,8 @@ const SPREAD: f64 = 0.9;
 pub(crate) struct Demand {
     /// The budget key of its API host (`host` or `host:port`); `None` for plain Git.
     pub host: Option<String>,
-    /// REST requests one check needs (an estimate: one per exact branch, one per listing).
+    /// REST requests one check needs (an estimate: one per exact branch, plus the pages
+    /// of the repository's last listing).
     pub requests: u64,
     pub branches: usize,
 }

@@ -391,7 +391,11 @@ async fn unchanged_listing_costs_only_304s_and_follows_cached_links() {
         mock.respond_with(response).mount(&server).await;
     }
     let (forges, repo) = github(&server, "", &["release/*"]);
-    let first = observe(&forges, &repo).await;
+    // Pacing's estimate: one listing page before the first listing, then as many as it had.
+    let watcher = forges.watcher(&Arc::new(repo.clone()));
+    assert_eq!(watcher.expected_requests(), 1);
+    let first = watcher.observe(&CancellationToken::new()).await;
+    assert_eq!(watcher.expected_requests(), 3);
     assert_eq!(
         heads(&first),
         [
@@ -660,6 +664,8 @@ async fn secondary_rate_limit_without_headers_pauses_at_least_a_minute() {
         .mount(&server)
         .await;
     let (forges, repo) = github(&server, "", &["main"]);
+    let recorder = Arc::new(Recorder::default());
+    let forges = forges.with_events(recorder.clone());
     let now = SystemTime::now();
     match only_failure(&observe(&forges, &repo).await, Some("main")) {
         ForgeError::RateLimited { until, .. } => {
@@ -669,6 +675,12 @@ async fn secondary_rate_limit_without_headers_pauses_at_least_a_minute() {
     }
     observe(&forges, &repo).await;
     assert_eq!(received(&server).await.len(), 1);
+    // Counted once (the metric `sentry_secondary_rate_limited_total`): the paused check
+    // sent nothing.
+    assert_eq!(
+        *recorder.throttled.lock().unwrap(),
+        [server.address().to_string()]
+    );
 }
 
 #[tokio::test]
@@ -942,6 +954,7 @@ async fn cancel_returns_promptly_with_transient_failures() {
 struct Recorder {
     requests: Mutex<Vec<(String, String)>>,
     limits: Mutex<Vec<(String, Option<u64>)>>,
+    throttled: Mutex<Vec<String>>,
 }
 
 impl ForgeEvents for Recorder {
@@ -956,6 +969,9 @@ impl ForgeEvents for Recorder {
             .lock()
             .unwrap()
             .push((host.to_owned(), remaining));
+    }
+    fn rate_limited(&self, host: &str) {
+        self.throttled.lock().unwrap().push(host.to_owned());
     }
 }
 

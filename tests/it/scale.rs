@@ -2,8 +2,14 @@
 //! unchanged branches costs no primary quota; the state files hold no token.
 
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use crate::support::{FakeForge, FakeReply, qa_repo, run, sentry, tempdir, write};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::support::{
+    Background, FakeForge, FakeReply, http, qa_repo, run, sentry, tempdir, wait_until, write,
+};
 
 const TOKEN: &str = "ghp_SCALECANARY_7d3e1f0b9a";
 const REPOS: usize = 6;
@@ -119,6 +125,11 @@ fn second_watch_once_on_600_unchanged_branches_costs_no_primary_quota() {
     assert_eq!(second.code, Some(0), "{}", second.all());
     let asked = forge.count() - after_first;
     assert_eq!(asked, REPOS * BRANCHES, "every branch is still checked");
+    eprintln!(
+        "first watch --once: {after_first} requests, {} counted; second: {asked} requests, {} counted",
+        counted(&forge, &now, 0),
+        counted(&forge, &now, after_first)
+    );
     assert_eq!(
         counted(&forge, &now, after_first),
         0,
@@ -188,4 +199,245 @@ fn validators_of_a_repository_no_longer_configured_are_dropped() {
     let text = std::fs::read_to_string(&validators).expect("validators");
     assert!(text.contains("\"r00\""), "{text}");
     assert!(!text.contains("\"r01\""), "r01 is pruned: {text}");
+}
+
+/// A `watch` config of `repos` repositories × `branches` exact branches on `forge`, with
+/// the server on a free port and a GitHub webhook secret; `extra` goes at the top.
+fn watch_config(
+    root: &std::path::Path,
+    forge: &FakeForge,
+    repos: usize,
+    branches: usize,
+    extra: &str,
+) -> std::path::PathBuf {
+    qa_repo(&root.join("qa"), "#!/bin/sh\ntrue\n");
+    let mut yaml = format!(
+        "{extra}polling_interval: 1s\nstate_file: {root}/state.json\nwork_dir: {root}/work\nserver: {{listen: \"127.0.0.1:0\"}}\nwebhooks: {{github_secret: \"{WEBHOOK_SECRET}\"}}\ngroups:\n  g: {{}}\nrepositories:\n",
+        root = root.display()
+    );
+    let names: Vec<String> = (0..branches).map(|b| format!("b{b:03}")).collect();
+    for r in 0..repos {
+        yaml.push_str(&format!(
+            "  - name: r{r:02}\n    group: g\n    monitor: {{repo_url: \"https://github.com/octo/r{r:02}\", repo_type: github, api_url: \"{}\", branches: [{}], auth: {{token: \"${{FORGE_TOKEN}}\"}}}}\n    deploy: {{qa_repo_url: \"file://{root}/qa\", qa_repo_branch: main, commands: [\"true\"]}}\n",
+            forge.uri(),
+            names.join(", "),
+            root = root.display()
+        ));
+    }
+    write(root, "sentry.yaml", &yaml)
+}
+
+const WEBHOOK_SECRET: &str = "scale-webhook-secret";
+
+fn metric(port: u16, name: &str) -> Option<f64> {
+    let (_, body) = http("GET", port, "/metrics", &[], b"");
+    body.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn a_sweep_beyond_the_budget_is_paced_and_the_interval_stretches() {
+    let dir = tempdir();
+    let root = dir.path();
+    let forge = fake_github(Arc::new(Mutex::new(vec![1u32; REPOS * BRANCHES])));
+    let host = forge.uri().trim_start_matches("http://").to_owned();
+    // 30 branches, 10 points per 2 s window: a sweep needs 6 s, not the 1 s interval.
+    let config = watch_config(
+        root,
+        &forge,
+        1,
+        30,
+        &format!("rate_limits:\n  \"{host}\": {{rest_points_per_minute: 10, window: 2s}}\n"),
+    );
+    let watch = Background::spawn(
+        sentry(root)
+            .env("FORGE_TOKEN", TOKEN)
+            .arg("-c")
+            .arg(&config)
+            .arg("watch"),
+    );
+    let port = watch.http_port();
+    let warned = watch.wait_for_line("cannot cover a sweep", Duration::from_secs(30));
+    assert!(
+        warned.contains("30 branches (30 points) every 1s: sweeping every 6s instead"),
+        "{warned}"
+    );
+    // Three sweeps' worth of requests.
+    wait_until(Duration::from_secs(60), || {
+        (forge.count() >= 75).then_some(())
+    })
+    .unwrap_or_else(|| panic!("too few requests: {}\n{}", forge.count(), watch.log()));
+    assert_eq!(
+        metric(port, "sentry_sweep_effective_interval_seconds"),
+        Some(6.0)
+    );
+    let times: Vec<Instant> = forge.requests().iter().map(|r| r.at).collect();
+    for (i, start) in times.iter().enumerate() {
+        let in_window = times[i..]
+            .iter()
+            .take_while(|t| t.duration_since(*start) < Duration::from_millis(1900))
+            .count();
+        assert!(
+            in_window <= 10,
+            "{in_window} requests within one 2 s window"
+        );
+    }
+    assert_eq!(
+        watch.log().matches("cannot cover a sweep").count(),
+        1,
+        "logged once"
+    );
+    assert!(
+        metric(port, "sentry_request_budget_remaining{host=").is_some(),
+        "budget metrics exposed"
+    );
+    assert_eq!(
+        metric(port, "sentry_secondary_rate_limited_total"),
+        None,
+        "never throttled"
+    ); // The status API shows the budget and the effective interval too.
+    let (_, body) = http("GET", port, "/api/v1/status", &[], b"");
+    let status: serde_json::Value = serde_json::from_str(&body).expect("status JSON");
+    assert_eq!(status["effective_interval_secs"], 6.0, "{status}");
+    let budget = &status["budgets"][0];
+    assert_eq!(budget["host"], host.as_str(), "{status}");
+    assert_eq!(
+        (
+            &budget["rest_limit"],
+            &budget["window_secs"],
+            &budget["throttled"]
+        ),
+        (
+            &serde_json::json!(10),
+            &serde_json::json!(2.0),
+            &serde_json::json!(0)
+        )
+    );
+    assert!(!body.contains(TOKEN));
+}
+
+#[test]
+fn webhook_covered_repositories_are_polled_less_often() {
+    let dir = tempdir();
+    let root = dir.path();
+    let forge = fake_github(Arc::new(Mutex::new(vec![1u32; REPOS * BRANCHES])));
+    let config = watch_config(root, &forge, 2, 5, "webhook_poll_interval: 1h\n");
+    let watch = Background::spawn(
+        sentry(root)
+            .env("FORGE_TOKEN", TOKEN)
+            .arg("-c")
+            .arg(&config)
+            .arg("watch"),
+    );
+    let port = watch.http_port();
+    watch.wait_for_line("cycle:", Duration::from_secs(30));
+    let body = serde_json::json!({
+        "ref": "refs/heads/b000",
+        "before": "0".repeat(40),
+        "after": sha_of(0, 0, 1),
+        "created": false,
+        "deleted": false,
+        "repository": {"full_name": "octo/r00", "clone_url": "https://github.com/octo/r00.git"},
+    })
+    .to_string();
+    let mut mac = Hmac::<Sha256>::new_from_slice(WEBHOOK_SECRET.as_bytes()).unwrap();
+    mac.update(body.as_bytes());
+    let signature = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+    let (code, answer) = http(
+        "POST",
+        port,
+        "/webhooks/github",
+        &[
+            ("X-GitHub-Event", "push"),
+            ("X-GitHub-Delivery", "scale-1"),
+            ("X-Hub-Signature-256", &signature),
+            ("Content-Type", "application/json"),
+        ],
+        body.as_bytes(),
+    );
+    assert!((200..300).contains(&code), "{code} {answer}");
+    let of = |repo: &str| {
+        forge
+            .requests()
+            .iter()
+            .filter(|r| r.target.starts_with(&format!("/repos/octo/{repo}/")))
+            .count()
+    };
+    // The hint's own check of r00 comes first; then r00 waits an hour, r01 does not.
+    std::thread::sleep(Duration::from_secs(2));
+    let (r00, r01) = (of("r00"), of("r01"));
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        of("r00"),
+        r00,
+        "r00 is covered by webhooks:\n{}",
+        watch.log()
+    );
+    assert!(
+        of("r01") >= r01 + 3 * 5,
+        "r01 is still polled every second: {} then {}",
+        r01,
+        of("r01")
+    );
+}
+
+/// With `state.backend: kubernetes`, the validators live in ConfigMap
+/// `<configmap>-validators`: the next leader's first sweep of 600 unchanged branches costs
+/// no primary quota either.
+#[test]
+fn validators_in_configmaps_survive_a_failover() {
+    use crate::support::fake_kube::FakeKube;
+    let dir = tempdir();
+    let root = dir.path();
+    let versions = Arc::new(Mutex::new(vec![1u32; REPOS * BRANCHES]));
+    let forge = fake_github(versions.clone());
+    let host = forge.uri().trim_start_matches("http://").to_owned();
+    // A budget that covers a sweep a second, so that sweeps are not spread over 40 s.
+    let config = watch_config(
+        root,
+        &forge,
+        REPOS,
+        BRANCHES,
+        &format!(
+            "rate_limits: {{\"{host}\": {{rest_points_per_minute: 100000}}}}\n{}",
+            "leader_election: {enabled: true, lease_name: sentry-leader, lease_duration: 3s, renew_deadline: 2s, retry_period: 500ms}\nstate: {backend: kubernetes, configmap: sentry-state}\n"
+        ),
+    );
+    let kube = FakeKube::start(root, &["r1", "r2"]);
+    let replica = |pod: &str| {
+        Background::spawn(
+            sentry(root)
+                .env("FORGE_TOKEN", TOKEN)
+                .env("POD_NAME", pod)
+                .env("KUBECONFIG", kube.kubeconfig(pod))
+                .env_remove("KUBERNETES_SERVICE_HOST")
+                .arg("-c")
+                .arg(&config)
+                .arg("watch"),
+        )
+    };
+    let mut r1 = replica("r1");
+    let validators = wait_until(Duration::from_secs(60), || {
+        let cm = kube.object("configmaps", "sentry-state-validators")?;
+        let text = cm["data"]["state.json"].as_str()?.to_owned();
+        let doc: serde_json::Value = serde_json::from_str(&text).ok()?;
+        (doc["entries"].as_array()?.len() == REPOS * BRANCHES).then_some(text)
+    })
+    .unwrap_or_else(|| panic!("no validators ConfigMap:\n{}", r1.log()));
+    assert!(!validators.contains(TOKEN));
+    r1.signal(nix::sys::signal::Signal::SIGKILL);
+    r1.wait_exit(Duration::from_secs(5));
+    let before = forge.count();
+    let r2 = replica("r2");
+    r2.wait_for_line("cycle:", Duration::from_secs(60));
+    let now = versions.lock().expect("versions").clone();
+    assert!(forge.count() - before >= REPOS * BRANCHES, "r2 swept");
+    assert_eq!(
+        counted(&forge, &now, before),
+        0,
+        "the new leader's first sweep costs no primary quota:\n{}",
+        r2.log()
+    );
 }

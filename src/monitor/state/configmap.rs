@@ -11,6 +11,10 @@
 //! Every part is written with its own `resourceVersion` precondition (all parts are read
 //! at load), so a deposed leader cannot overwrite the parts of the current one either.
 //!
+//! The ETag validators are a document of their own with the same layout under
+//! `<name>-validators` (sharded as `<name>-validators-a-0`, …), so that the state stays
+//! small and 10,000 branches of validators (a few MiB) fit.
+//!
 //! The writer lock is the Lease: only the leader opens this backend, so [`lock`] has
 //! nothing more to take. The [`StateBackend`] calls are blocking (the store calls them
 //! from `spawn_blocking`); each one runs its requests on the runtime and waits for them.
@@ -27,7 +31,7 @@ use kube::Api;
 use kube::api::PostParams;
 use tokio::runtime::Handle;
 
-use super::{State, StateBackend, StateError, WriterLock, parse};
+use super::{State, StateBackend, StateError, Validators, WriterLock, parse};
 use crate::cluster;
 
 /// The key of an unsharded state in the ConfigMap's `data`.
@@ -50,6 +54,8 @@ pub struct ConfigMapBackend {
     what: String,
     runtime: Handle,
     seen: Mutex<Seen>,
+    /// The backend of the validators document (`<name>-validators`), made on first use.
+    validators: std::sync::OnceLock<Box<ConfigMapBackend>>,
 }
 
 /// What this replica last read or wrote: the `resourceVersion` of every object (absent
@@ -112,7 +118,86 @@ impl ConfigMapBackend {
             what: format!("ConfigMap {namespace}/{name}"),
             runtime: Handle::current(),
             seen: Mutex::default(),
+            validators: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The backend of the validators document, beside this one.
+    fn validators_backend(&self) -> &ConfigMapBackend {
+        self.validators.get_or_init(|| {
+            let name = format!("{}-validators", self.name);
+            Box::new(ConfigMapBackend {
+                api: self.api.clone(),
+                what: format!("{} (ETag validators)", self.what.replace(&self.name, &name)),
+                name,
+                runtime: self.runtime.clone(),
+                seen: Mutex::default(),
+                validators: std::sync::OnceLock::new(),
+            })
+        })
+    }
+
+    /// The stored document's JSON, whole or sharded; `None` when nothing is stored.
+    fn load_text(&self) -> Result<Option<String>, StateError> {
+        self.read_all_parts()?;
+        let Some(head) = self.read(&self.name)? else {
+            return Ok(None);
+        };
+        let data = head.data.unwrap_or_default();
+        let text = match (
+            data.get(KEY),
+            data.get(SLOT_KEY).and_then(|s| Slot::parse(s)),
+        ) {
+            (Some(text), _) => text.clone(),
+            (None, Some(slot)) => {
+                let parts = data
+                    .get(PARTS_KEY)
+                    .and_then(|p| p.parse().ok())
+                    .filter(|&p| p <= MAX_PARTS)
+                    .ok_or_else(|| self.error("read", "the number of parts is not valid"))?;
+                self.seen().slot = Some(slot);
+                self.load_parts(slot, parts)?
+            }
+            (None, None) => return Ok(None),
+        };
+        Ok(Some(text))
+    }
+
+    /// Replaces the stored document with `text`: in the head object when it fits, else in
+    /// the slot not in use, then the head switched to it.
+    fn save_text(&self, text: &str) -> Result<(), StateError> {
+        if text.len() <= OBJECT_BYTES {
+            self.write(
+                &self.name,
+                BTreeMap::from([(KEY.to_owned(), text.to_owned())]),
+            )?;
+            self.seen().slot = None;
+            return Ok(());
+        }
+        let parts = split(text, OBJECT_BYTES);
+        if parts.len() > MAX_PARTS {
+            return Err(self.error(
+                "write",
+                format!(
+                    "{} bytes need more than {MAX_PARTS} ConfigMaps of {OBJECT_BYTES} bytes",
+                    text.len()
+                ),
+            ));
+        }
+        let current = self.seen().slot;
+        let slot = current.map_or(Slot::A, Slot::other);
+        for (index, part) in parts.iter().enumerate() {
+            let data = BTreeMap::from([(PART_KEY.to_owned(), (*part).to_owned())]);
+            self.write(&self.part_name(slot, index), data)?;
+        }
+        // The commit: readers follow the head to the new slot.
+        let head = BTreeMap::from([
+            (SLOT_KEY.to_owned(), slot.as_str().to_owned()),
+            (PARTS_KEY.to_owned(), parts.len().to_string()),
+        ]);
+        self.write(&self.name, head)?;
+        self.seen().slot = Some(slot);
+        Ok(())
     }
 
     fn error(&self, action: &'static str, reason: impl ToString) -> StateError {
@@ -239,26 +324,8 @@ impl StateBackend for ConfigMapBackend {
     }
 
     fn load(&self) -> Result<Option<State>, StateError> {
-        self.read_all_parts()?;
-        let Some(head) = self.read(&self.name)? else {
+        let Some(text) = self.load_text()? else {
             return Ok(None);
-        };
-        let data = head.data.unwrap_or_default();
-        let text = match (
-            data.get(KEY),
-            data.get(SLOT_KEY).and_then(|s| Slot::parse(s)),
-        ) {
-            (Some(text), _) => text.clone(),
-            (None, Some(slot)) => {
-                let parts = data
-                    .get(PARTS_KEY)
-                    .and_then(|p| p.parse().ok())
-                    .filter(|&p| p <= MAX_PARTS)
-                    .ok_or_else(|| self.error("read", "the number of parts is not valid"))?;
-                self.seen().slot = Some(slot);
-                self.load_parts(slot, parts)?
-            }
-            (None, None) => return Ok(None),
         };
         parse(text.as_bytes()).map(Some).map_err(|reason| {
             self.error(
@@ -270,35 +337,33 @@ impl StateBackend for ConfigMapBackend {
 
     fn save(&self, state: &State) -> Result<(), StateError> {
         let text = serde_json::to_string(state).map_err(|e| self.error("write", e))?;
-        if text.len() <= OBJECT_BYTES {
-            self.write(&self.name, BTreeMap::from([(KEY.to_owned(), text)]))?;
-            self.seen().slot = None;
-            return Ok(());
-        }
-        let parts = split(&text, OBJECT_BYTES);
-        if parts.len() > MAX_PARTS {
-            return Err(self.error(
-                "write",
-                format!(
-                    "{} bytes need more than {MAX_PARTS} ConfigMaps of {OBJECT_BYTES} bytes",
-                    text.len()
-                ),
+        self.save_text(&text)
+    }
+
+    fn load_validators(&self) -> Result<Option<Validators>, StateError> {
+        let backend = self.validators_backend();
+        let Some(text) = backend.load_text()? else {
+            return Ok(None);
+        };
+        let validators: Validators = serde_json::from_str(&text).map_err(|e| {
+            backend.error(
+                "parse",
+                format!("it is corrupt ({e}); it is rewritten at the next save"),
+            )
+        })?;
+        if validators.version != crate::forge::validators::FORMAT_VERSION {
+            return Err(backend.error(
+                "parse",
+                format!("format version {} is not supported", validators.version),
             ));
         }
-        let current = self.seen().slot;
-        let slot = current.map_or(Slot::A, Slot::other);
-        for (index, part) in parts.iter().enumerate() {
-            let data = BTreeMap::from([(PART_KEY.to_owned(), (*part).to_owned())]);
-            self.write(&self.part_name(slot, index), data)?;
-        }
-        // The commit: readers follow the head to the new slot.
-        let head = BTreeMap::from([
-            (SLOT_KEY.to_owned(), slot.as_str().to_owned()),
-            (PARTS_KEY.to_owned(), parts.len().to_string()),
-        ]);
-        self.write(&self.name, head)?;
-        self.seen().slot = Some(slot);
-        Ok(())
+        Ok(Some(validators))
+    }
+
+    fn save_validators(&self, validators: &Validators) -> Result<(), StateError> {
+        let backend = self.validators_backend();
+        let text = serde_json::to_string(validators).map_err(|e| backend.error("write", e))?;
+        backend.save_text(&text)
     }
 
     fn lock(&self) -> Result<WriterLock, StateError> {
