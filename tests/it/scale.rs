@@ -211,8 +211,9 @@ fn watch_config(
     extra: &str,
 ) -> std::path::PathBuf {
     qa_repo(&root.join("qa"), "#!/bin/sh\ntrue\n");
+    // REST pacing is what these measure (`auto` would try GraphQL at these rates first).
     let mut yaml = format!(
-        "{extra}polling_interval: 1s\nstate_file: {root}/state.json\nwork_dir: {root}/work\nserver: {{listen: \"127.0.0.1:0\"}}\nwebhooks: {{github_secret: \"{WEBHOOK_SECRET}\"}}\ngroups:\n  g: {{}}\nrepositories:\n",
+        "{extra}polling_interval: 1s\ngithub_lookup: rest\nstate_file: {root}/state.json\nwork_dir: {root}/work\nserver: {{listen: \"127.0.0.1:0\"}}\nwebhooks: {{github_secret: \"{WEBHOOK_SECRET}\"}}\ngroups:\n  g: {{}}\nrepositories:\n",
         root = root.display()
     );
     let names: Vec<String> = (0..branches).map(|b| format!("b{b:03}")).collect();
