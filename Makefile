@@ -146,7 +146,7 @@ clean: ## Remove build output (target/, dist/) and the packaging tools (.tools/)
 
 .PHONY: bench bench-smoke
 
-bench: ## Benchmark suite in release (Markdown table, target/bench/results.json), about 7 min
+bench: ## Benchmark suite in release (Markdown table, target/bench/results.json), about 10 min
 	$(CARGO) build --release --locked
 	$(CARGO) bench --locked --bench suite
 

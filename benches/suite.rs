@@ -7,8 +7,9 @@
 //! generated configurations; its JSON cycle log lines and `/proc` give the numbers.
 //!
 //! Benchmarks: [`quota`], [`speed`], [`memory`], [`clone`], [`validate`], [`reaction`],
-//! [`jobs`] (the kubernetes executor on the tests' fake kubelet), and [`growth`] (full mode
-//! only). Each returns its numbers into a [`report::Report`], which
+//! [`jobs`] (the kubernetes executor on the tests' fake kubelet), [`growth`] (full mode only), and
+//! [`scale`] (against a fake GitHub that enforces GitHub's secondary limits, [`limited_github`]).
+//! Each returns its numbers into a [`report::Report`], which
 //! prints a Markdown table and writes `target/bench/results.json`. A benchmark that fails
 //! is reported as failed and the others still run.
 //!
@@ -30,6 +31,9 @@ mod floor;
 #[allow(unused_imports)]
 #[path = "../tests/it/support/git_http.rs"]
 mod git_http;
+// The integration tests' GraphQL evaluator, for the limit-enforcing fake GitHub.
+#[path = "../tests/it/support/graphql_eval.rs"]
+mod graphql_eval;
 #[path = "suite/growth.rs"]
 mod growth;
 #[path = "suite/jobs.rs"]
@@ -41,6 +45,8 @@ mod fake_kube;
 #[allow(dead_code)]
 #[path = "../tests/it/support/fake_kube_tls.rs"]
 mod fake_kube_tls;
+#[path = "suite/limited_github.rs"]
+mod limited_github;
 #[path = "suite/memory.rs"]
 mod memory;
 #[path = "suite/quota.rs"]
@@ -49,6 +55,8 @@ mod quota;
 mod reaction;
 #[path = "suite/report.rs"]
 mod report;
+#[path = "suite/scale.rs"]
+mod scale;
 #[path = "suite/speed.rs"]
 mod speed;
 #[path = "suite/support.rs"]
@@ -87,6 +95,14 @@ pub struct Sizes {
     /// Units of the group run on the local and the kubernetes executor, and runs of each.
     pub jobs_units: usize,
     pub jobs_runs: usize,
+    /// Watched branches of each scale run (all run at once); empty skips it.
+    pub scale: Vec<usize>,
+    /// The scale runs' polling interval, when moves start, how long they go on, and how
+    /// long each run lasts, in seconds.
+    pub scale_interval: u64,
+    pub scale_moves_start: u64,
+    pub scale_moving: u64,
+    pub scale_run: u64,
 }
 
 impl Sizes {
@@ -108,6 +124,11 @@ impl Sizes {
             growth: vec![100, 1000, 5000],
             jobs_units: 20,
             jobs_runs: 3,
+            scale: vec![1000, 10_000, 50_000],
+            scale_interval: 60,
+            scale_moves_start: 15,
+            scale_moving: 90,
+            scale_run: 175,
         }
     }
 
@@ -129,6 +150,11 @@ impl Sizes {
             growth: Vec::new(),
             jobs_units: 4,
             jobs_runs: 1,
+            scale: vec![100],
+            scale_interval: 2,
+            scale_moves_start: 3,
+            scale_moving: 6,
+            scale_run: 14,
         }
     }
 }
@@ -147,7 +173,7 @@ pub fn mean(values: impl Iterator<Item = f64>) -> f64 {
 
 type Bench = fn(&Ctx, &mut Report) -> anyhow::Result<()>;
 
-const BENCHES: [(&str, Bench); 8] = [
+const BENCHES: [(&str, Bench); 9] = [
     ("quota", quota::run),
     ("speed", speed::run),
     ("memory", memory::run),
@@ -156,6 +182,7 @@ const BENCHES: [(&str, Bench); 8] = [
     ("reaction", reaction::run),
     ("jobs", jobs::run),
     ("growth", run_growth),
+    ("scale", scale::run),
 ];
 
 fn run_growth(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {

@@ -85,6 +85,12 @@ pub struct Cycle {
 pub enum Event {
     Cycle(Cycle),
     Listening(SocketAddr),
+    /// A "change:" line: a branch moved, read by the suite at `at`.
+    Change {
+        repository: String,
+        branch: String,
+        at: std::time::SystemTime,
+    },
 }
 
 /// A running `sentry watch`; SIGTERM, then SIGKILL, when dropped (panics included).
@@ -131,7 +137,7 @@ impl Sentry {
         loop {
             match self.next_event(deadline)? {
                 Event::Cycle(cycle) => return Ok(cycle),
-                Event::Listening(_) => {}
+                Event::Listening(_) | Event::Change { .. } => {}
             }
         }
     }
@@ -144,6 +150,11 @@ impl Sentry {
                 return Ok(addr);
             }
         }
+    }
+
+    /// The next event of any kind, or an error with the log's tail after `timeout`.
+    pub fn next_any(&mut self, timeout: Duration) -> Result<Event> {
+        self.next_event(Instant::now() + timeout)
     }
 
     fn next_event(&mut self, deadline: Instant) -> Result<Event> {
@@ -222,6 +233,14 @@ fn parse_line(line: &str, pid: u32) -> Option<Event> {
     let message = fields.get("message")?.as_str()?;
     if let Some(addr) = message.strip_prefix("http server listening on ") {
         return addr.trim().parse().ok().map(Event::Listening);
+    }
+    if message.starts_with("change:") {
+        let text = |key: &str| fields.get(key).and_then(serde_json::Value::as_str);
+        return Some(Event::Change {
+            repository: text("repository")?.to_owned(),
+            branch: text("branch")?.to_owned(),
+            at: std::time::SystemTime::now(),
+        });
     }
     if !message.starts_with("cycle:") {
         return None;

@@ -60,6 +60,20 @@ pub struct Config {
     /// Values masked in command output besides tokens and `deploy.env` secrets: every value
     /// the env file supplied, and the values of the variables named in `secret_env`.
     pub masked_values: Vec<SecretString>,
+    /// How the heads of GitHub branches are asked for (`github_lookup`).
+    pub github_lookup: GithubLookup,
+}
+
+/// `github_lookup:` — one REST request per branch, or GraphQL queries that batch many
+/// repositories and branches (see `forge::github::graphql`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GithubLookup {
+    /// GraphQL for an API host whose REST polling would use more than half of GitHub's
+    /// secondary REST limit (900 points a minute); REST otherwise.
+    #[default]
+    Auto,
+    Rest,
+    Graphql,
 }
 
 /// A forward proxy for the API client, ls-remote and clones (`proxy:`).

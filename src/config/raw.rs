@@ -50,6 +50,11 @@ pub struct RawConfig {
     /// Names of environment variables (for example the keys of a Kubernetes Secret passed
     /// with `envFrom`) whose values are masked in command output like tokens.
     pub secret_env: Option<Vec<String>>,
+    /// How GitHub heads are asked for: `rest` (one request per branch, conditional),
+    /// `graphql` (batched queries, many repositories and branches each) or `auto` (GraphQL
+    /// for an API host whose REST polling would use more than half of GitHub's secondary
+    /// limit of 900 REST points a minute). Default `auto`.
+    pub github_lookup: Option<String>,
     /// Trust for HTTPS: extra certificate authorities for the forge APIs, ls-remote and clones.
     pub tls: Option<RawTls>,
     /// SSH remotes: the known host keys.

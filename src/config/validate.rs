@@ -13,6 +13,7 @@ use std::time::Duration;
 use secrecy::SecretString;
 use serde_yaml::Value as Yaml;
 
+use super::GithubLookup;
 use super::expand::{self, Env, ExpandError};
 use super::raw::{
     RawAuth, RawConfig, RawDeploy, RawDuration, RawExecutor, RawGithubApp, RawGroup, RawInheritEnv,
@@ -1367,6 +1368,21 @@ impl Checker<'_> {
         env
     }
 
+    fn github_lookup(&mut self, raw: Option<String>) -> GithubLookup {
+        match self.optional_text("github_lookup", raw).as_deref() {
+            None | Some("auto") => GithubLookup::Auto,
+            Some("rest") => GithubLookup::Rest,
+            Some("graphql") => GithubLookup::Graphql,
+            Some(other) => {
+                self.error(
+                    "github_lookup",
+                    format!("{other:?} is not a lookup; use auto, rest or graphql"),
+                );
+                GithubLookup::Auto
+            }
+        }
+    }
+
     fn top_level(
         &mut self,
         raw: RawConfig,
@@ -1486,6 +1502,7 @@ impl Checker<'_> {
         let leader_election = self.leader_election(raw.leader_election.unwrap_or_default());
         let state = self.state_config(raw.state.unwrap_or_default(), &leader_election);
         let read_token = secret(self, "server.read_token", server.read_token);
+        let github_lookup = self.github_lookup(raw.github_lookup);
         if self.errors() > 0 {
             return None;
         }
@@ -1519,6 +1536,7 @@ impl Checker<'_> {
             groups,
             repositories,
             masked_values,
+            github_lookup,
         })
     }
 

@@ -10,9 +10,13 @@
 //! Every request is conditional once an ETag is known, so an unchanged repository costs no
 //! quota (GitHub does not count authenticated 304s).
 //!
+//! Many repositories at once: `graphql` (batched `POST {api}/graphql`, see `github_lookup`).
+//!
 //! - Commit status: `POST {api}/repos/{owner}/{repo}/statuses/{sha}` with `state`
 //!   (`pending|success|failure|error`), `context`, `description` (at most 140 characters:
 //!   GitHub answers 422 to longer ones) and `target_url` → `201`.
+
+pub(crate) mod graphql;
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -88,6 +92,8 @@ pub(crate) struct GitHub {
     /// sixth of a quiet poll cycle's CPU).
     repo_api: Url,
     host: String,
+    /// The GraphQL endpoint (`{api}/graphql`; GitHub Enterprise Server: `/api/graphql`).
+    graphql: Url,
     /// Request headers for a bare SHA and for JSON, token included, built once.
     sha_headers: Arc<HeaderMap>,
     json_headers: Arc<HeaderMap>,
@@ -100,6 +106,7 @@ impl GitHub {
         let repo_api = parse_url(&repo, &format!("{base}/repos/{}", path.join("/")))?;
         let host = repo_api.host_str().unwrap_or_default().to_owned();
         Ok(GitHub {
+            graphql: graphql::endpoint_url(&repo)?,
             sha_headers: Arc::new(headers(&repo, ACCEPT_SHA)?),
             json_headers: Arc::new(headers(&repo, ACCEPT_JSON)?),
             http,

@@ -4,7 +4,8 @@
 //! limits and rate-limit pauses, and the ETag cache. It never decides what a change is:
 //! it reports what the forge said ([`Observation`]), and the monitor compares.
 //!
-//! Where things are: `github` and `gitlab` build the REST requests and read the answers;
+//! Where things are: `github` and `gitlab` build the REST requests and read the answers
+//! (`github::graphql` batches GitHub lookups into GraphQL queries);
 //! `git` runs ls-remote through libgit2; `http` is the shared client (per-host semaphore,
 //! rate-limit pauses, retries, ETag cache). This file holds the types, the [`Forges`] facade,
 //! the orchestration of one check (exact branches and the listing concurrently), and the
@@ -366,6 +367,25 @@ impl Forges {
                 repo.name
             ))),
         }
+    }
+
+    /// For each of `watchers`, whether its heads are asked through batched GitHub GraphQL
+    /// queries rather than REST (`github_lookup`; see `github::graphql::plan`).
+    pub fn batched(&self, config: &Config, watchers: &[Watcher]) -> Vec<bool> {
+        github::graphql::plan(config, watchers)
+    }
+
+    /// Current heads of every watched branch of `watchers` (those [`Forges::batched`]
+    /// chose), through as few GraphQL queries as the batch limits allow; in their order.
+    /// With `fallback`, a repository whose API host has no GraphQL API is asked through REST
+    /// and flagged `true` (ask it through REST from now on).
+    pub async fn observe_batched(
+        &self,
+        watchers: &[Watcher],
+        fallback: bool,
+        cancel: &CancellationToken,
+    ) -> Vec<(Observation, bool)> {
+        github::graphql::observe(watchers, fallback, cancel).await
     }
 
     /// Loads persisted ETag validators, dropping those of repositories `config` no longer

@@ -132,6 +132,9 @@ pub struct Monitor {
     forges: Forges,
     /// One prepared forge client per repository, in `config.repositories` order.
     watchers: Vec<Watcher>,
+    /// Per repository: asked through batched GitHub GraphQL queries (`github_lookup`);
+    /// cleared under `auto` when its API host turns out to have no GraphQL API.
+    batched: Vec<AtomicBool>,
     state: Arc<StateStore>,
     scheduler: Scheduler,
     backoff: Mutex<HashMap<String, Backoff>>,
@@ -161,11 +164,23 @@ impl Monitor {
         scheduler: Scheduler,
         metrics: Arc<Metrics>,
     ) -> Monitor {
-        let watchers = config
+        let watchers: Vec<Watcher> = config
             .repositories
             .iter()
             .map(|r| forges.watcher(r))
             .collect();
+        let batched: Vec<AtomicBool> = forges
+            .batched(&config, &watchers)
+            .into_iter()
+            .map(AtomicBool::new)
+            .collect();
+        let count = batched.iter().filter(|b| b.load(Ordering::Relaxed)).count();
+        if count > 0 {
+            tracing::info!(
+                "GitHub heads of {count} repositories are asked through batched GraphQL queries (github_lookup: {:?})",
+                config.github_lookup
+            );
+        }
         let mut validators_saved = forges.validators_generation();
         if let Some(validators) = state.take_validators() {
             let count = validators.entries.len();
@@ -184,6 +199,7 @@ impl Monitor {
             config,
             forges,
             watchers,
+            batched,
             state,
             scheduler,
             backoff: Mutex::new(HashMap::new()),
@@ -388,7 +404,12 @@ impl Monitor {
                 let exact = repo.monitor.exact_branches().count();
                 let listing = usize::from(repo.monitor.patterns().next().is_some());
                 pacing::Demand {
-                    host: Forges::budget_host(repo),
+                    // Batched through GraphQL: no REST request (scale-graphql).
+                    host: if self.batched[i].load(Ordering::Relaxed) {
+                        None
+                    } else {
+                        Forges::budget_host(repo)
+                    },
                     requests: (exact + listing) as u64,
                     branches: exact + listing,
                 }
@@ -439,18 +460,53 @@ impl Monitor {
     /// add wake-ups. A repository whose check panics is logged and left out.
     ///
     /// With `offsets` (pacing), repository `repos[i]` starts `offsets[i]` after now; the
-    /// checks are queued in the order they start.
+    /// checks are queued in the order they start. Repositories batched through GraphQL are
+    /// asked at once, in as few queries as the batch limits allow (the GraphQL budget paces
+    /// those queries).
     async fn observe_all(
         &self,
         repos: &[usize],
         offsets: Option<Vec<Duration>>,
         cancel: &CancellationToken,
     ) -> Vec<(usize, Observation)> {
+        let offsets = offsets.unwrap_or_else(|| vec![Duration::ZERO; repos.len()]);
+        let (mut batched, mut single) = (Vec::new(), Vec::new());
+        for (&index, offset) in repos.iter().zip(offsets) {
+            if self.batched[index].load(Ordering::Relaxed) {
+                batched.push(index);
+            } else {
+                single.push((offset, index));
+            }
+        }
+        let (mut answers, batch) = tokio::join!(
+            self.observe_each(single, cancel),
+            self.observe_batch(batched, cancel)
+        );
+        answers.extend(batch);
+        let mut results = Vec::with_capacity(answers.len());
+        for (index, answer) in answers {
+            match answer {
+                Some(observation) => results.push((index, observation)),
+                None => tracing::error!(
+                    "observing {} failed unexpectedly (a bug: please report it)",
+                    self.config.repositories[index].name
+                ),
+            }
+        }
+        results.sort_by_key(|(i, _)| *i);
+        results
+    }
+
+    /// Observes each of `repos` on its own, at most [`OBSERVE_CONCURRENCY`] at once, each
+    /// starting at its offset (pacing) after now, queued in the order they start; `None` for
+    /// a check that panicked.
+    async fn observe_each(
+        &self,
+        repos: Vec<(Duration, usize)>,
+        cancel: &CancellationToken,
+    ) -> Vec<(usize, Option<Observation>)> {
         let start = tokio::time::Instant::now();
-        let mut order: Vec<(Duration, usize)> = match offsets {
-            Some(offsets) => offsets.into_iter().zip(repos.iter().copied()).collect(),
-            None => repos.iter().map(|&i| (Duration::ZERO, i)).collect(),
-        };
+        let mut order = repos;
         order.sort_by_key(|(offset, _)| *offset);
         let checks = order.into_iter().map(|(offset, index)| {
             AssertUnwindSafe(async move {
@@ -463,24 +519,41 @@ impl Monitor {
                 self.watchers[index].observe(cancel).await
             })
             .catch_unwind()
-            .map(move |result| (index, result))
+            .map(move |result| (index, result.ok()))
         });
-        let answers: Vec<_> = stream::iter(checks)
+        stream::iter(checks)
             .buffer_unordered(OBSERVE_CONCURRENCY)
             .collect()
-            .await;
-        let mut results = Vec::with_capacity(answers.len());
-        for (index, answer) in answers {
-            match answer {
-                Ok(observation) => results.push((index, observation)),
-                Err(_) => tracing::error!(
-                    "observing {} failed unexpectedly (a bug: please report it)",
-                    self.config.repositories[index].name
-                ),
-            }
+            .await
+    }
+
+    /// Observes `repos` through batched GraphQL queries; `None` for each if that panicked.
+    async fn observe_batch(
+        &self,
+        repos: Vec<usize>,
+        cancel: &CancellationToken,
+    ) -> Vec<(usize, Option<Observation>)> {
+        if repos.is_empty() {
+            return Vec::new();
         }
-        results.sort_by_key(|(i, _)| *i);
-        results
+        let watchers: Vec<Watcher> = repos.iter().map(|&i| self.watchers[i].clone()).collect();
+        let fallback = self.config.github_lookup == crate::config::GithubLookup::Auto;
+        let answer = AssertUnwindSafe(self.forges.observe_batched(&watchers, fallback, cancel))
+            .catch_unwind()
+            .await;
+        match answer {
+            Ok(observations) => repos
+                .into_iter()
+                .zip(observations)
+                .map(|(index, (observation, rest_from_now))| {
+                    if rest_from_now {
+                        self.batched[index].store(false, Ordering::Relaxed);
+                    }
+                    (index, Some(observation))
+                })
+                .collect(),
+            Err(_) => repos.into_iter().map(|i| (i, None)).collect(),
+        }
     }
 
     fn note_failures(&self, repo: &Repository, observation: &Observation) {

@@ -14,6 +14,7 @@ mod enterprise;
 mod faults;
 mod forge;
 mod ghapp;
+mod graphql;
 mod ha;
 mod hostile;
 mod jobs;

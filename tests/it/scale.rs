@@ -87,7 +87,8 @@ fn second_watch_once_on_600_unchanged_branches_costs_no_primary_quota() {
     let forge = fake_github(versions.clone());
     qa_repo(&root.join("qa"), "#!/bin/sh\ntrue\n");
     let mut yaml = format!(
-        "polling_interval: 60s\nstate_file: {root}/state.json\nwork_dir: {root}/work\nserver: {{enabled: false}}\ngroups:\n  g: {{}}\nrepositories:\n",
+        // REST polling is what this measures (600 branches a minute would make `auto` try GraphQL).
+        "polling_interval: 60s\ngithub_lookup: rest\nstate_file: {root}/state.json\nwork_dir: {root}/work\nserver: {{enabled: false}}\ngroups:\n  g: {{}}\nrepositories:\n",
         root = root.display()
     );
     let branches: Vec<String> = (0..BRANCHES).map(|b| format!("b{b:03}")).collect();
@@ -210,8 +211,9 @@ fn watch_config(
     extra: &str,
 ) -> std::path::PathBuf {
     qa_repo(&root.join("qa"), "#!/bin/sh\ntrue\n");
+    // REST pacing is what these measure (`auto` would try GraphQL at these rates first).
     let mut yaml = format!(
-        "{extra}polling_interval: 1s\nstate_file: {root}/state.json\nwork_dir: {root}/work\nserver: {{listen: \"127.0.0.1:0\"}}\nwebhooks: {{github_secret: \"{WEBHOOK_SECRET}\"}}\ngroups:\n  g: {{}}\nrepositories:\n",
+        "{extra}polling_interval: 1s\ngithub_lookup: rest\nstate_file: {root}/state.json\nwork_dir: {root}/work\nserver: {{listen: \"127.0.0.1:0\"}}\nwebhooks: {{github_secret: \"{WEBHOOK_SECRET}\"}}\ngroups:\n  g: {{}}\nrepositories:\n",
         root = root.display()
     );
     let names: Vec<String> = (0..branches).map(|b| format!("b{b:03}")).collect();

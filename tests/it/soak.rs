@@ -161,7 +161,7 @@ fn soak_2000_branches_no_growth_every_move_deployed_once() {
     };
 
     let mut yaml = format!(
-        "polling_interval: 1s\nrequest_timeout: 10s\nmax_requests_per_host: {MAX_REQUESTS_PER_HOST}\nstate_file: {root}/state.json\nwork_dir: {root}/work\nshutdown_grace: 5s\nserver: {{enabled: false}}\ngroups:\n",
+        "polling_interval: 1s\ngithub_lookup: rest\nrequest_timeout: 10s\nmax_requests_per_host: {MAX_REQUESTS_PER_HOST}\nstate_file: {root}/state.json\nwork_dir: {root}/work\nshutdown_grace: 5s\nserver: {{enabled: false}}\ngroups:\n",
         root = root.display()
     );
     for i in 0..REPOS {

@@ -910,6 +910,19 @@ fn proxy_urls_are_checked_and_passwords_come_from_the_environment() {
 }
 
 #[test]
+fn github_lookup_defaults_to_auto_and_refuses_unknown_words() {
+    let config = load_str(SEED, &seed_env()).config.unwrap();
+    assert_eq!(config.github_lookup, GithubLookup::Auto);
+    let ok = format!("{SEED}\ngithub_lookup: graphql\n");
+    let config = load_str(&ok, &seed_env()).config.unwrap();
+    assert_eq!(config.github_lookup, GithubLookup::Graphql);
+    let bad = format!("{SEED}\ngithub_lookup: batched\n");
+    let errors = errors_at(&bad, "github_lookup");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].contains("auto, rest or graphql"), "{errors:?}");
+}
+
+#[test]
 fn rate_limits_override_known_api_hosts_only() {
     let yaml = format!(
         "rate_limits:\n  api.github.com: {{concurrency: 20, rest_points_per_minute: 300, window: 10s}}\n{SEED}"

@@ -4,10 +4,12 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod fake_github_api;
 pub mod fake_github_app;
 pub mod fake_kube;
 pub mod fake_kube_tls;
 pub mod git_http;
+pub mod graphql_eval;
 pub mod sshd;
 pub mod status_forge;
 pub mod tinyproxy;
