@@ -451,7 +451,14 @@ impl Monitor {
             }
             cadence.over_budget = plan.over_budget.clone();
         }
+        // The first sweep after a start is not spread: the baseline (and readiness) should
+        // not wait most of an interval — with `polling_interval: 1h`, 54 minutes. The
+        // request budget still paces its requests.
+        let first = cadence.effective_interval.is_none();
         cadence.effective_interval = Some(plan.effective_interval);
+        if first {
+            return vec![Duration::ZERO; plan.offsets.len()];
+        }
         plan.offsets
     }
 

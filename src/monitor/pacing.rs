@@ -68,7 +68,7 @@ pub(crate) fn plan(
     for (host, &(points, branches)) in &hosts {
         let l = limits(host);
         let per_window = u64::from(l.rest_points_per_minute.max(1));
-        let sweep_time = l.window.mul_f64(points as f64 / per_window as f64);
+        let sweep_time = l.hold().mul_f64(points as f64 / per_window as f64);
         if sweep_time > interval {
             over_budget.push(OverBudget {
                 host: (*host).to_owned(),
@@ -153,10 +153,11 @@ mod tests {
 
     #[test]
     fn a_sweep_beyond_budget_stretches_the_interval() {
-        // 2,000 branches at 900 points a minute: 133 s, not 60.
+        // 2,000 branches at 900 points per 63 s (a minute and the budget's margin): 140 s,
+        // not 60.
         let repos: Vec<Demand> = (0..20).map(|_| demand("gh", 100)).collect();
         let plan = plan(&repos, Duration::from_secs(60), |_| BudgetLimits::GITHUB);
-        assert_eq!(plan.effective_interval.as_secs(), 133);
+        assert_eq!(plan.effective_interval.as_secs(), 140);
         assert_eq!(
             plan.over_budget,
             [OverBudget {
@@ -166,8 +167,8 @@ mod tests {
                 sweep_time: plan.effective_interval,
             }]
         );
-        // Spread evenly over the whole stretched sweep: 100 requests every 6.67 s is the
-        // budget's own rate (900 a minute), not a burst the budget would have to hold back.
+        // Spread evenly over the whole stretched sweep: 100 requests every 7 s is the
+        // budget's own rate (900 per 63 s), not a burst the budget would have to hold back.
         let step = plan.effective_interval.as_secs_f64() / 20.0;
         for (i, offset) in plan.offsets.iter().enumerate() {
             let expected = step * i as f64;
@@ -176,7 +177,7 @@ mod tests {
                 "{i}: {offset:?}"
             );
         }
-        assert_eq!(plan.offsets.last().unwrap().as_secs(), 126);
+        assert_eq!(plan.offsets.last().unwrap().as_secs(), 133);
     }
 
     #[test]
