@@ -2,11 +2,15 @@
 //!
 //! `sentry watch` watches the 2,000-branch estate on the fake GitHub with a one-hour
 //! polling interval, so only the webhook can find a change. For each push the suite moves
-//! `bench/r0000` `main` on the fake, takes the time, and POSTs a push payload signed with
+//! `main` of the next exact repository (`bench/r0001`, `bench/r0002`, …) on the fake,
+//! takes the time, and POSTs a push payload signed with
 //! `X-Hub-Signature-256`; the deploy command (`date +%s%N >> FILE`) writes when it started.
 //! The reaction is that stamp minus the time before the POST: verification, the forge
 //! check, the scheduler, the QA checkout (a local repository) and the process start.
-//! Pushes are 300 ms apart so that each group run has ended. Target: p50 ≤ 100 ms.
+//! Pushes are 300 ms apart so that each group run has ended, each for another repository:
+//! the server asks for at most one check per repository every `HINT_MIN_GAP` (5 s), so
+//! pushes to one repository 300 ms apart would measure that gap, not the reaction.
+//! Target: p50 ≤ 100 ms.
 
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -24,7 +28,6 @@ use crate::workload::{self, ConfigOptions, estate};
 
 const MAX_P50_MS: f64 = 100.0;
 const SECRET: &str = "bench-webhook-secret";
-const REPO: &str = "bench/r0000";
 const GAP: Duration = Duration::from_millis(300);
 const STAMP_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -59,9 +62,16 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     let client = reqwest::Client::new();
 
     let mut reactions = Vec::new();
+    let targets: Vec<&str> = repos
+        .iter()
+        .filter(|r| !r.pattern && r.watched.iter().any(|b| b == "main"))
+        .map(|r| r.path.as_str())
+        .collect();
+    ensure!(!targets.is_empty(), "no repository watches main");
     for push in 0..ctx.sizes.reaction_pushes {
-        let sha = fake.move_branch(REPO, "main").context("no such branch")?;
-        let body = payload(&sha);
+        let repo = targets[push % targets.len()];
+        let sha = fake.move_branch(repo, "main").context("no such branch")?;
+        let body = payload(repo, &sha);
         let signature = sign(&body);
         let sent = now_ns();
         let status = ctx.rt.block_on(
@@ -100,7 +110,7 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     Ok(())
 }
 
-fn payload(sha: &str) -> Vec<u8> {
+fn payload(repo: &str, sha: &str) -> Vec<u8> {
     json!({
         "ref": "refs/heads/main",
         "before": "0".repeat(40),
@@ -108,8 +118,8 @@ fn payload(sha: &str) -> Vec<u8> {
         "created": false,
         "deleted": false,
         "repository": {
-            "full_name": REPO,
-            "clone_url": format!("https://github.com/{REPO}.git"),
+            "full_name": repo,
+            "clone_url": format!("https://github.com/{repo}.git"),
         },
     })
     .to_string()
