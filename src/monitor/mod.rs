@@ -145,6 +145,10 @@ pub struct Monitor {
     /// Pacing: when each repository was last polled, when a webhook for it last arrived,
     /// and the sweep plan's over-budget hosts as last logged.
     cadence: Mutex<Cadence>,
+    /// Held from detection to submission, so that a webhook's check and a paced sweep
+    /// (which run side by side) detect one at a time; per repository, when the poll whose
+    /// observation was applied last started — an older observation is stale and dropped.
+    applied: tokio::sync::Mutex<HashMap<String, Instant>>,
 }
 
 #[derive(Debug, Default)]
@@ -207,6 +211,7 @@ impl Monitor {
             metrics,
             validators_saved: AtomicU64::new(validators_saved),
             cadence: Mutex::default(),
+            applied: tokio::sync::Mutex::default(),
         }
     }
 
@@ -314,8 +319,16 @@ impl Monitor {
         let mut changes: Vec<Change> = Vec::new();
         let mut current: HashMap<&str, BTreeMap<String, Sha>> = HashMap::new();
         let mut state_changed = false;
+        let mut applied = self.applied.lock().await;
         for (index, observation) in observations {
             let repo = &self.config.repositories[index];
+            // A webhook's check that started after this poll has already been applied: this
+            // observation may be older than the head it saw, and must not undo it.
+            if applied.get(&repo.name).is_some_and(|at| *at > started) {
+                tracing::debug!(repository = %repo.name, "a newer check was applied meanwhile; dropping this one");
+                continue;
+            }
+            applied.insert(repo.name.clone(), started);
             report.branches_checked += observation.heads.len();
             report.errors += observation.failures.len();
             self.note_failures(repo, &observation);
@@ -348,6 +361,7 @@ impl Monitor {
         }
         self.save_validators(paced).await;
         self.submit(changes, &current, trigger);
+        drop(applied);
 
         let stats = self.forges.stats();
         report.requests = stats.requests.saturating_sub(stats_before.requests);
@@ -811,8 +825,10 @@ fn next_delay(interval: Duration) -> Duration {
     interval + max_jitter.mul_f64(rand::random::<f64>())
 }
 
-/// The watch loop: a cycle every interval, and right away for each webhook hint, until
-/// shutdown. Cycles never overlap; a hint that arrives during a cycle is served after it.
+/// The watch loop: a sweep every interval, and right away for each webhook hint, until
+/// shutdown. A paced sweep spreads over most of the interval, so it runs as a task of its
+/// own and hints are served meanwhile (detection is serialized, see [`Monitor::poll`]);
+/// sweeps never overlap each other.
 pub async fn run(
     monitor: Arc<Monitor>,
     shutdown: Shutdown,
@@ -820,18 +836,29 @@ pub async fn run(
 ) {
     let cancel = shutdown.token().clone();
     let mut next = tokio::time::Instant::now();
+    let mut sweep: Option<(tokio::time::Instant, tokio::task::JoinHandle<Duration>)> = None;
     loop {
         tokio::select! {
             biased;
             _ = shutdown.requested() => break,
-            // Before hints: a due poll is never starved by a stream of webhooks.
-            _ = tokio::time::sleep_until(next) => {
-                // The sweep is spread over the interval: the next one is due an (effective)
-                // interval after this one started, never before this one ended.
-                let started = tokio::time::Instant::now();
-                let (_, interval) = monitor.poll_paced(&cancel).await;
+            ended = async {
+                match sweep.as_mut() {
+                    Some((_, handle)) => handle.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                // The next sweep is due an (effective) interval after this one started,
+                // never before this one ended.
+                let started = sweep.take().map_or_else(tokio::time::Instant::now, |(at, _)| at);
+                let interval = ended.unwrap_or(monitor.config.polling_interval);
                 monitor.health.set_ready(!shutdown.is_requested());
                 next = (started + next_delay(interval)).max(tokio::time::Instant::now());
+            }
+            // Before hints: a due poll is never starved by a stream of webhooks.
+            _ = tokio::time::sleep_until(next), if sweep.is_none() => {
+                let (monitor, cancel) = (monitor.clone(), cancel.clone());
+                let handle = tokio::spawn(async move { monitor.poll_paced(&cancel).await.1 });
+                sweep = Some((tokio::time::Instant::now(), handle));
             }
             Some(mut repos) = hints.recv() => {
                 // The hints queued meanwhile become one check.
@@ -844,6 +871,10 @@ pub async fn run(
                 monitor.poll_once(Scope::Repositories(repos), Trigger::Webhook, &cancel).await;
             }
         }
+    }
+    // The sweep sees the cancellation and ends at its next step.
+    if let Some((_, handle)) = sweep {
+        let _ = handle.await;
     }
     monitor.health.set_ready(false);
 }

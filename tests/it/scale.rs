@@ -446,3 +446,79 @@ fn validators_in_configmaps_survive_a_failover() {
         r2.log()
     );
 }
+
+/// A paced sweep spreads over most of the interval; a webhook that arrives meanwhile is
+/// checked at once, not after the sweep (which would take 15 s more here).
+#[test]
+fn a_webhook_during_a_paced_sweep_is_checked_at_once() {
+    let dir = tempdir();
+    let root = dir.path();
+    let versions = Arc::new(Mutex::new(vec![1u32; REPOS * BRANCHES]));
+    let forge = fake_github(versions.clone());
+    let config = watch_config(root, &forge, REPOS, 50, "");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("polling_interval: 1s", "polling_interval: 20s");
+    std::fs::write(&config, text).unwrap();
+    let watch = Background::spawn(
+        sentry(root)
+            .env("FORGE_TOKEN", TOKEN)
+            .arg("-c")
+            .arg(&config)
+            .arg("watch"),
+    );
+    let port = watch.http_port();
+    watch.wait_for_line("cycle:", Duration::from_secs(30));
+    let of = |repo: &str| {
+        forge
+            .requests()
+            .iter()
+            .filter(|r| r.target.starts_with(&format!("/repos/octo/{repo}/")))
+            .count()
+    };
+    // The second sweep has begun (r00 goes first); the last repository's turn is ~15 s away.
+    let first = of("r00");
+    wait_until(Duration::from_secs(40), || {
+        (of("r00") > first).then_some(())
+    })
+    .unwrap_or_else(|| panic!("no second sweep\n{}", watch.log()));
+    let last = format!("r{:02}", REPOS - 1);
+    versions.lock().unwrap()[(REPOS - 1) * BRANCHES] = 2;
+    let body = serde_json::json!({
+        "ref": "refs/heads/b000",
+        "before": "0".repeat(40),
+        "after": sha_of(REPOS - 1, 0, 2),
+        "created": false,
+        "deleted": false,
+        "repository": {"full_name": format!("octo/{last}"), "clone_url": format!("https://github.com/octo/{last}.git")},
+    })
+    .to_string();
+    let mut mac = Hmac::<Sha256>::new_from_slice(WEBHOOK_SECRET.as_bytes()).unwrap();
+    mac.update(body.as_bytes());
+    let signature = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+    let sent = Instant::now();
+    let (code, answer) = http(
+        "POST",
+        port,
+        "/webhooks/github",
+        &[
+            ("X-GitHub-Event", "push"),
+            ("X-GitHub-Delivery", "scale-paced-1"),
+            ("X-Hub-Signature-256", &signature),
+            ("Content-Type", "application/json"),
+        ],
+        body.as_bytes(),
+    );
+    assert!((200..300).contains(&code), "{code} {answer}");
+    let needle = format!("change: {last} b000");
+    wait_until(Duration::from_secs(30), || {
+        watch.log().contains(&needle).then_some(())
+    })
+    .unwrap_or_else(|| panic!("the move was never seen\n{}", watch.log()));
+    let waited = sent.elapsed();
+    assert!(
+        waited < Duration::from_secs(8),
+        "the webhook's check waited {waited:?} for the sweep\n{}",
+        watch.log()
+    );
+}
