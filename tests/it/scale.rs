@@ -230,6 +230,35 @@ fn watch_config(
 
 const WEBHOOK_SECRET: &str = "scale-webhook-secret";
 
+/// Posts a signed GitHub push webhook for `octo/{repo}` `branch` → `after`; the HTTP status.
+fn push_webhook(port: u16, repo: &str, branch: &str, after: &str, delivery: &str) -> u16 {
+    let body = serde_json::json!({
+        "ref": format!("refs/heads/{branch}"),
+        "before": "0".repeat(40),
+        "after": after,
+        "created": false,
+        "deleted": false,
+        "repository": {"full_name": format!("octo/{repo}"), "clone_url": format!("https://github.com/octo/{repo}.git")},
+    })
+    .to_string();
+    let mut mac = Hmac::<Sha256>::new_from_slice(WEBHOOK_SECRET.as_bytes()).unwrap();
+    mac.update(body.as_bytes());
+    let signature = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+    let (code, _) = http(
+        "POST",
+        port,
+        "/webhooks/github",
+        &[
+            ("X-GitHub-Event", "push"),
+            ("X-GitHub-Delivery", delivery),
+            ("X-Hub-Signature-256", &signature),
+            ("Content-Type", "application/json"),
+        ],
+        body.as_bytes(),
+    );
+    code
+}
+
 fn metric(port: u16, name: &str) -> Option<f64> {
     let (_, body) = http("GET", port, "/metrics", &[], b"");
     body.lines()
@@ -338,31 +367,8 @@ fn webhook_covered_repositories_are_polled_less_often() {
     );
     let port = watch.http_port();
     watch.wait_for_line("cycle:", Duration::from_secs(30));
-    let body = serde_json::json!({
-        "ref": "refs/heads/b000",
-        "before": "0".repeat(40),
-        "after": sha_of(0, 0, 1),
-        "created": false,
-        "deleted": false,
-        "repository": {"full_name": "octo/r00", "clone_url": "https://github.com/octo/r00.git"},
-    })
-    .to_string();
-    let mut mac = Hmac::<Sha256>::new_from_slice(WEBHOOK_SECRET.as_bytes()).unwrap();
-    mac.update(body.as_bytes());
-    let signature = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
-    let (code, answer) = http(
-        "POST",
-        port,
-        "/webhooks/github",
-        &[
-            ("X-GitHub-Event", "push"),
-            ("X-GitHub-Delivery", "scale-1"),
-            ("X-Hub-Signature-256", &signature),
-            ("Content-Type", "application/json"),
-        ],
-        body.as_bytes(),
-    );
-    assert!((200..300).contains(&code), "{code} {answer}");
+    let code = push_webhook(port, "r00", "b000", &sha_of(0, 0, 1), "scale-1");
+    assert!((200..300).contains(&code), "{code}");
     let of = |repo: &str| {
         forge
             .requests()
@@ -484,32 +490,15 @@ fn a_webhook_during_a_paced_sweep_is_checked_at_once() {
     .unwrap_or_else(|| panic!("no second sweep\n{}", watch.log()));
     let last = format!("r{:02}", REPOS - 1);
     versions.lock().unwrap()[(REPOS - 1) * BRANCHES] = 2;
-    let body = serde_json::json!({
-        "ref": "refs/heads/b000",
-        "before": "0".repeat(40),
-        "after": sha_of(REPOS - 1, 0, 2),
-        "created": false,
-        "deleted": false,
-        "repository": {"full_name": format!("octo/{last}"), "clone_url": format!("https://github.com/octo/{last}.git")},
-    })
-    .to_string();
-    let mut mac = Hmac::<Sha256>::new_from_slice(WEBHOOK_SECRET.as_bytes()).unwrap();
-    mac.update(body.as_bytes());
-    let signature = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
     let sent = Instant::now();
-    let (code, answer) = http(
-        "POST",
+    let code = push_webhook(
         port,
-        "/webhooks/github",
-        &[
-            ("X-GitHub-Event", "push"),
-            ("X-GitHub-Delivery", "scale-paced-1"),
-            ("X-Hub-Signature-256", &signature),
-            ("Content-Type", "application/json"),
-        ],
-        body.as_bytes(),
+        &last,
+        "b000",
+        &sha_of(REPOS - 1, 0, 2),
+        "scale-paced-1",
     );
-    assert!((200..300).contains(&code), "{code} {answer}");
+    assert!((200..300).contains(&code), "{code}");
     let needle = format!("change: {last} b000");
     wait_until(Duration::from_secs(30), || {
         watch.log().contains(&needle).then_some(())
