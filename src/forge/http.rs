@@ -744,7 +744,17 @@ impl Http {
         if signals.remaining.is_none() && signals.reset.is_none() {
             return;
         }
-        host.limits().observe(&signals);
+        let paused = host.limits().observe(&signals);
+        if let Some(until) = paused.filter(|until| *until > SystemTime::now()) {
+            tracing::warn!(
+                host = %host.name,
+                "{}: the primary rate limit is spent; no request until it resets in {}",
+                host.name,
+                humantime::format_duration(Duration::from_secs(
+                    until.duration_since(SystemTime::now()).unwrap_or_default().as_secs()
+                ))
+            );
+        }
         if let Some(events) = self.events() {
             events.rate_limit(&host.name, signals.remaining, signals.reset);
         }
@@ -893,12 +903,22 @@ impl Limits {
         self.paused_until.filter(|until| *until > now)
     }
 
-    pub fn observe(&mut self, signals: &RateSignals) {
+    /// Remembers what a response said; returns the end of a new pause when the primary
+    /// quota is spent (`remaining: 0` with a reset time): no request goes out until the
+    /// reset, rather than one that is answered 403.
+    pub fn observe(&mut self, signals: &RateSignals) -> Option<SystemTime> {
         if signals.remaining.is_some() {
             self.remaining = signals.remaining;
         }
         if signals.reset.is_some() {
             self.reset = signals.reset;
+        }
+        match (signals.remaining, signals.reset) {
+            (Some(0), Some(reset)) if self.paused_until.is_none_or(|until| until < reset) => {
+                self.paused_until = Some(reset);
+                Some(reset)
+            }
+            _ => None,
         }
     }
 
@@ -1108,6 +1128,28 @@ mod tests {
         assert_eq!(limits.pause(at(0), &signals, false), Some((at(500), true)));
         assert!(limits.paused(at(499)).is_some());
         assert!(limits.paused(at(500)).is_none());
+    }
+
+    #[test]
+    fn a_spent_quota_pauses_before_any_403() {
+        let mut limits = Limits::default();
+        let last = RateSignals {
+            remaining: Some(0),
+            reset: Some(at(500)),
+            retry_after: None,
+        };
+        assert_eq!(limits.observe(&last), Some(at(500)));
+        assert!(limits.paused(at(499)).is_some());
+        assert!(limits.paused(at(500)).is_none());
+        // Quota left: no pause.
+        let mut limits = Limits::default();
+        let some = RateSignals {
+            remaining: Some(3),
+            reset: Some(at(500)),
+            retry_after: None,
+        };
+        assert_eq!(limits.observe(&some), None);
+        assert!(limits.paused(at(1)).is_none());
     }
 
     #[test]

@@ -553,6 +553,36 @@ async fn gitlab_missing_branch_and_missing_project_are_not_found() {
 // ---------------------------------------------------------------------------------------
 // Rate limits
 
+/// Issue #20: a `200` that reports the primary quota spent pauses the host until the
+/// reset, so the next request is not one GitHub answers 403.
+#[tokio::test]
+async fn a_success_that_spends_the_quota_pauses_before_any_403() {
+    let server = MockServer::start().await;
+    let reset = epoch_secs(SystemTime::now()) + 3600;
+    Mock::given(method("GET"))
+        .and(path("/repos/octo/app/commits/refs/heads/main"))
+        .respond_with(
+            github_sha(SHA_A)
+                .insert_header("x-ratelimit-remaining", "0")
+                .insert_header("x-ratelimit-reset", reset.to_string().as_str()),
+        )
+        .mount(&server)
+        .await;
+    let (forges, repo) = github(&server, "", &["main"]);
+    let first = observe(&forges, &repo).await;
+    assert_eq!(heads(&first), [("main", SHA_A)]);
+    let second = observe(&forges, &repo).await;
+    match only_failure(&second, Some("main")) {
+        ForgeError::RateLimited { until, .. } => assert_eq!(epoch_secs(until), reset),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        received(&server).await.len(),
+        1,
+        "no request once the quota is spent"
+    );
+}
+
 #[tokio::test]
 async fn remaining_zero_pauses_the_host_until_reset() {
     let server = MockServer::start().await;
